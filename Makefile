@@ -1,0 +1,41 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test lint bench schemas clean
+
+# Create .venv and install the pinned requirements (again only when they change).
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+# Serve the chat server on http://$(HOST):$(PORT).
+run: install
+	$(PY) -m backend --host $(HOST) --port $(PORT)
+
+# Run the whole test suite.
+test: install
+	$(PY) -m pytest -q
+
+# Lint, format check and type check.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Measure latency and throughput against the fake model server; see docs/benchmarks.md.
+bench: install
+	$(PY) -m bench.run
+
+# Rewrite schemas/*.schema.json from the models in schemas/frames.py.
+schemas: install
+	$(PY) -m schemas.export
+
+# Remove the virtualenv and caches.
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

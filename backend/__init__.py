@@ -1,0 +1,1 @@
+"""Streaming chat server: a LangChain chain behind a WebSocket and HTTP streams."""

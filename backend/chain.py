@@ -1,0 +1,52 @@
+"""The LCEL chain: prompt (system, history, question) piped into a streaming `ChatOpenAI`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+from langchain_core.messages import BaseMessage
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import Runnable
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+
+from backend.config import Settings
+
+ChatChain = Runnable[dict[str, Any], BaseMessage]
+
+# Local OpenAI-compatible servers ignore the key, but the client insists on having one.
+PLACEHOLDER_KEY = "not-needed"
+
+
+def build_model(settings: Settings, http_client: openai.DefaultAsyncHttpxClient) -> ChatOpenAI:
+    """A `ChatOpenAI` pointed at the configured upstream, streaming, with bounded waits.
+
+    The HTTP client is the app's own (not LangChain's process-wide cached one), so its
+    connections live and die with the app's event loop.
+    """
+    key = settings.openai_api_key or SecretStr(PLACEHOLDER_KEY)
+    return ChatOpenAI(
+        model=settings.chat_model,
+        temperature=settings.chat_temperature,
+        api_key=key,
+        base_url=settings.upstream_url,
+        streaming=True,
+        # Retrying is ours to decide (once, and only before the first token): see reply.py.
+        max_retries=0,
+        timeout=settings.chat_timeout,
+        stream_chunk_timeout=settings.chat_timeout,
+        http_async_client=http_client,
+    )
+
+
+def build_chain(settings: Settings, http_client: openai.DefaultAsyncHttpxClient) -> ChatChain:
+    """The chain every reply runs: `{"history": [...], "question": str}` in, a message out."""
+    prompt = ChatPromptTemplate.from_messages(
+        [
+            ("system", "{system_prompt}"),
+            MessagesPlaceholder("history"),
+            ("human", "{question}"),
+        ]
+    ).partial(system_prompt=settings.chat_system_prompt)
+    return prompt | build_model(settings, http_client)

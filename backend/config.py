@@ -1,0 +1,70 @@
+"""Settings, read once from the environment (and an optional `.env`) and passed in."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+OPENAI_URL = "https://api.openai.com/v1"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer clearly and concisely. "
+    "If you do not know something, say so."
+)
+
+Mode = Literal["openai", "remote", "none"]
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; each field is an environment variable of the same name."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    chat_model: str = "gpt-4o-mini"
+    chat_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    chat_system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Tokens of earlier turns sent with each question; oldest turns go first.
+    chat_history_tokens: int = Field(default=3000, ge=0)
+    chat_max_question_chars: int = Field(default=16_000, ge=1)
+    chat_max_frame_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Seconds to wait on the model server: to connect, and between two chunks of a reply.
+    chat_timeout: float = Field(default=60.0, gt=0)
+    # Seconds before the single retry of a request that failed before its first token.
+    chat_retry_delay: float = Field(default=0.25, ge=0)
+    chat_allowed_origins: Annotated[list[str], NoDecode] = []
+
+    @field_validator("chat_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("openai_base_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def mode(self) -> Mode:
+        """Which upstream the chain talks to."""
+        if self.openai_base_url:
+            return "remote"
+        if self.openai_api_key is not None and self.openai_api_key.get_secret_value():
+            return "openai"
+        return "none"
+
+    @property
+    def upstream_url(self) -> str:
+        """Base URL of the OpenAI-compatible server in use."""
+        return (self.openai_base_url or OPENAI_URL).rstrip("/")
+
+    @property
+    def ws_max_size(self) -> int:
+        """Frames this far beyond the limit are refused by the server itself (close code 1009)."""
+        return 4 * self.chat_max_frame_bytes

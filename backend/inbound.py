@@ -1,0 +1,75 @@
+"""Reading what a client sends: every frame becomes a message or a `bad_request` error."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from backend.errors import ChatError
+from schemas import CLIENT_MESSAGE, CLIENT_TYPES, Question, Reset, Stop
+
+ClientMessage = Question | Stop | Reset
+EXPECTED_TYPES = ", ".join(CLIENT_TYPES)
+HOW_TO_ASK = 'Send a question as plain text or as {"type": "question", "message": "..."}.'
+
+
+def bad_request(message: str) -> ChatError:
+    """A `bad_request` error with `message`."""
+    return ChatError("bad_request", message)
+
+
+def check_question(text: str, max_chars: int) -> str:
+    """Return `text` if it is a question we can send on, else raise `ChatError`."""
+    if not text.strip():
+        raise bad_request(f"The question is empty. {HOW_TO_ASK}")
+    if len(text) > max_chars:
+        raise bad_request(
+            f"The question is {len(text):,} characters long; the limit is {max_chars:,}."
+        )
+    return text
+
+
+def _from_object(data: dict[str, Any], max_chars: int) -> ClientMessage:
+    kind = data.get("type")
+    if kind is None:
+        raise bad_request(f"The message has no 'type'; expected one of: {EXPECTED_TYPES}.")
+    if kind not in CLIENT_TYPES:
+        raise bad_request(f"Unknown message type {kind!r}; expected one of: {EXPECTED_TYPES}.")
+    if kind == "question" and not isinstance(data.get("message"), str):
+        raise bad_request(f"A question needs a 'message' string. {HOW_TO_ASK}")
+    try:
+        message = CLIENT_MESSAGE.validate_python(data)
+    except ValidationError as exc:
+        raise bad_request(f"Invalid {kind!r} message: {exc.errors()[0]['msg']}.") from exc
+    if isinstance(message, Question):
+        check_question(message.message, max_chars)
+    return message
+
+
+def parse_client_frame(
+    frame: Mapping[str, Any], *, max_frame_bytes: int, max_question_chars: int
+) -> ClientMessage:
+    """Parse one `websocket.receive` event into a client message.
+
+    A text frame holding a JSON object is a typed message; any other text is a question, so
+    clients that send plain text keep working.
+    """
+    text = frame.get("text")
+    if text is None:
+        raise bad_request("Binary frames are not supported. " + HOW_TO_ASK)
+    size = len(text.encode("utf-8"))
+    if size > max_frame_bytes:
+        raise bad_request(f"The frame is {size:,} bytes; the limit is {max_frame_bytes:,} bytes.")
+    if not text:
+        raise bad_request("The frame is empty. " + HOW_TO_ASK)
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            return _from_object(data, max_question_chars)
+    return Question(type="question", message=check_question(text, max_question_chars))

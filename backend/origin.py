@@ -1,0 +1,30 @@
+"""Which browser origins may open a socket: the page's own, and those listed in settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:
+    """Whether a handshake with this `Origin` header, sent to this `Host`, may proceed.
+
+    No `Origin` means no browser is involved (a CLI or a script): nothing to guard against.
+    A browser page may connect when it was served by this host, or its origin is listed.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in {entry.lower() for entry in allowed}:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in {"http", "https"} or not parts.netloc or host is None:
+        return False
+    return _with_port(parts.netloc, parts.scheme) == _with_port(host.strip().lower(), parts.scheme)
+
+
+def _with_port(netloc: str, scheme: str) -> str:
+    """`netloc` with its port spelled out, so `example.com` equals `example.com:443` on https."""
+    if netloc.endswith("]") or ":" not in netloc:
+        return f"{netloc}:{443 if scheme == 'https' else 80}"
+    return netloc

@@ -1,0 +1,126 @@
+"""Answering one question: run the chain, stream its frames to a sink, record the turn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.runnables import RunnableConfig
+
+from backend.callbacks import ProgressHandler, StreamingHandler
+from backend.chain import ChatChain
+from backend.config import Settings
+from backend.errors import ChatError, ClientGone, describe_upstream, is_retryable
+from backend.history import History
+from schemas import ChatResponse, EndStatus
+from schemas.frames import FrameType
+
+log = logging.getLogger(__name__)
+
+NOT_CONFIGURED = ChatError(
+    "not_configured",
+    "No model is configured. Set OPENAI_API_KEY to use OpenAI, or OPENAI_BASE_URL to use "
+    "an OpenAI-compatible server (vLLM, Ollama, llama.cpp).",
+)
+
+
+class FrameSink(Protocol):
+    """Where a reply's frames go. Both methods raise `ClientGone` once nobody is listening."""
+
+    def send(self, frame: ChatResponse) -> None:
+        """Queue one frame."""
+
+    def token(self, text: str) -> None:
+        """Queue a piece of the reply's text (a `stream` frame from the bot)."""
+
+
+def bot_frame(
+    type_: FrameType, message: str = "", *, status: EndStatus | None = None
+) -> ChatResponse:
+    """A frame from the bot."""
+    return ChatResponse.model_validate(
+        {"sender": "bot", "message": message, "type": type_, "status": status}
+    )
+
+
+def error_frame(error: ChatError) -> ChatResponse:
+    """The `error` frame that reports `error`."""
+    return ChatResponse(sender="bot", message=error.message, type="error", code=error.code)
+
+
+class Replier:
+    """Answers questions with one chain; shared by every connection of an app."""
+
+    def __init__(self, settings: Settings, chain: ChatChain | None) -> None:
+        self.settings = settings
+        self.chain = chain
+
+    async def answer(self, question: str, history: History, sink: FrameSink) -> EndStatus:
+        """Stream the reply to `question` into `sink`, from `start` to exactly one `end`.
+
+        Cancelling the task that runs this is how a reply is stopped: the upstream request is
+        closed, the text streamed so far is kept in `history`, and `end` says `interrupted`.
+        """
+        parts: list[str] = []
+
+        def on_token(text: str) -> None:
+            sink.token(text)
+            parts.append(text)
+
+        status: EndStatus = "error"
+        sink.send(bot_frame("start"))
+        try:
+            await self._generate(question, history, on_token, sink, parts)
+            status = "completed"
+        except (asyncio.CancelledError, ClientGone):
+            status = "interrupted"
+            raise
+        except Exception as exc:
+            error = describe_upstream(exc, self.settings.upstream_url, streamed=bool(parts))
+            if error.code == "internal":
+                log.exception("reply failed")
+            else:
+                log.warning("reply failed: %s (%r)", error.message, exc)
+            sink.send(error_frame(error))
+        finally:
+            if status == "completed" or parts:
+                history.add_turn(question, "".join(parts))
+            with contextlib.suppress(ClientGone):
+                sink.send(bot_frame("end", status=status))
+        return status
+
+    async def _generate(
+        self,
+        question: str,
+        history: History,
+        on_token: Callable[[str], None],
+        sink: FrameSink,
+        parts: list[str],
+    ) -> None:
+        """Run the chain, retrying once, quickly, if it failed before its first token."""
+        if self.chain is None:
+            raise NOT_CONFIGURED
+        callbacks: list[BaseCallbackHandler] = [
+            StreamingHandler(on_token),
+            ProgressHandler(
+                lambda text: sink.send(bot_frame("info", text)), self.settings.chat_model
+            ),
+        ]
+        inputs = {"history": history.messages, "question": question}
+        for attempt in (1, 2):
+            try:
+                await self.chain.ainvoke(inputs, RunnableConfig(callbacks=callbacks))
+                return
+            except ClientGone:
+                raise
+            except Exception as exc:
+                if parts or attempt == 2 or not is_retryable(exc):
+                    raise
+                reason = describe_upstream(exc, self.settings.upstream_url, streamed=False)
+                log.info("retrying once after: %s", reason.message)
+                sink.send(bot_frame("info", f"Retrying once: {reason.message}"))
+                await asyncio.sleep(self.settings.chat_retry_delay)

@@ -1,0 +1,90 @@
+"""One WebSocket conversation: read client messages, run each reply as a cancellable task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from backend.config import Settings
+from backend.errors import ChatError, ClientGone
+from backend.history import History
+from backend.inbound import parse_client_frame
+from backend.outbox import Outbox
+from backend.reply import Replier, bot_frame, error_frame
+from schemas import ChatResponse, Question, Reset, Stop
+
+log = logging.getLogger(__name__)
+
+
+class ChatSession:
+    """Owns one socket, its conversation history and at most one reply in progress.
+
+    The receive loop never awaits the chain: a question starts a reply task and the loop goes
+    back to reading, so a stop, a reset or the next question can cancel that task at once.
+    """
+
+    def __init__(self, websocket: WebSocket, replier: Replier, settings: Settings) -> None:
+        self.websocket = websocket
+        self.replier = replier
+        self.settings = settings
+        self.history = History(settings.chat_history_tokens)
+        self.outbox = Outbox(websocket.send_text)
+        self.reply: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Serve the socket until the client leaves; then stop whatever is still running."""
+        writer = asyncio.create_task(self.outbox.run(), name="chat-writer")
+        try:
+            while not writer.done():
+                event = await self.websocket.receive()
+                if event["type"] == "websocket.disconnect":
+                    break
+                await self.handle(event)
+        finally:
+            await self.interrupt()
+            writer.cancel()
+            await asyncio.wait([writer])
+
+    async def handle(self, event: Mapping[str, Any]) -> None:
+        """Act on one frame from the client."""
+        try:
+            message = parse_client_frame(
+                event,
+                max_frame_bytes=self.settings.chat_max_frame_bytes,
+                max_question_chars=self.settings.chat_max_question_chars,
+            )
+        except ChatError as error:
+            self.outbox.send(error_frame(error))
+            return
+        match message:
+            case Question(message=text):
+                await self.interrupt()
+                self.outbox.send(ChatResponse(sender="you", message=text, type="stream"))
+                self.reply = asyncio.create_task(self.answer(text), name="chat-reply")
+            case Stop():
+                if not await self.interrupt():
+                    self.outbox.send(bot_frame("info", "No reply is in progress; nothing to stop."))
+            case Reset():
+                await self.interrupt()
+                self.history.clear()
+                self.outbox.send(bot_frame("info", "Conversation cleared."))
+
+    async def answer(self, question: str) -> None:
+        """Run one reply; a client that left mid-reply simply ends it."""
+        try:
+            await self.replier.answer(question, self.history, self.outbox)
+        except ClientGone:
+            log.info("client left during a reply; generation stopped")
+
+    async def interrupt(self) -> bool:
+        """Cancel the reply in progress and wait for its `end` frame; False if there was none."""
+        reply, self.reply = self.reply, None
+        if reply is None or reply.done():
+            return False
+        reply.cancel()
+        await asyncio.wait([reply])
+        return True

@@ -1,0 +1,23 @@
+"""Wire frames of the chat protocol and their exported JSON Schema."""
+
+from schemas.frames import (
+    CLIENT_MESSAGE,
+    CLIENT_TYPES,
+    ChatResponse,
+    EndStatus,
+    ErrorCode,
+    Question,
+    Reset,
+    Stop,
+)
+
+__all__ = [
+    "CLIENT_MESSAGE",
+    "CLIENT_TYPES",
+    "ChatResponse",
+    "EndStatus",
+    "ErrorCode",
+    "Question",
+    "Reset",
+    "Stop",
+]

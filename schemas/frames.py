@@ -1,0 +1,68 @@
+"""The wire protocol of `/chat`: the frames the server sends and the messages it reads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Sender = Literal["bot", "you"]
+FrameType = Literal["start", "stream", "end", "error", "info"]
+EndStatus = Literal["completed", "interrupted", "error"]
+ErrorCode = Literal[
+    "bad_request",
+    "not_configured",
+    "upstream_auth",
+    "upstream_rate_limited",
+    "upstream_unavailable",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_dropped",
+    "upstream_rejected",
+    "internal",
+]
+
+
+class ChatResponse(BaseModel):
+    """One frame from server to client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sender: Sender
+    message: str
+    type: FrameType
+    status: EndStatus | None = Field(
+        default=None, description="Only on `end` frames: how the reply ended."
+    )
+    code: ErrorCode | None = Field(
+        default=None, description="Only on `error` frames: what kind of failure it was."
+    )
+
+    def to_json(self) -> str:
+        """Serialise without the fields that do not apply to this frame type."""
+        return self.model_dump_json(exclude_none=True)
+
+
+class Question(BaseModel):
+    """Ask the bot something; pre-empts a reply in progress."""
+
+    type: Literal["question"]
+    message: str
+
+
+class Stop(BaseModel):
+    """Interrupt the reply in progress."""
+
+    type: Literal["stop"]
+
+
+class Reset(BaseModel):
+    """Interrupt the reply in progress, if any, and forget the conversation."""
+
+    type: Literal["reset"]
+
+
+ClientMessage = Annotated[Question | Stop | Reset, Field(discriminator="type")]
+CLIENT_MESSAGE: TypeAdapter[Question | Stop | Reset] = TypeAdapter(ClientMessage)
+CLIENT_TYPES: tuple[str, ...] = ("question", "stop", "reset")
+CHAT_RESPONSE: TypeAdapter[ChatResponse] = TypeAdapter(ChatResponse)

@@ -1,0 +1,297 @@
+"""A fake OpenAI-compatible model server for tests and benchmarks.
+
+It speaks just enough HTTP/1.1 for the openai client: `POST .../chat/completions` answered with
+real `chat.completion.chunk` Server-Sent Events over chunked transfer encoding, keep-alive
+included. Each request follows a `Behaviour` (tokens, delays, failures); each is recorded with
+the messages it carried and whether the client hung up before the reply was complete.
+
+It runs on its own event loop in a background thread, so it keeps streaming whatever the code
+under test does with its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def echo_tokens(question: str) -> list[str]:
+    """The default reply: the question said back, one word per token."""
+    words = f"You said: {question}".split(" ")
+    return [words[0], *(f" {word}" for word in words[1:])]
+
+
+@dataclass
+class Behaviour:
+    """How the fake answers one request."""
+
+    tokens: list[str] | None = None  # None: echo the last user message
+    delay: float = 0.0  # seconds before each token
+    first_delay: float = 0.0  # extra seconds before the first token
+    status: int = 200  # anything else: fail with this status and an OpenAI-style error body
+    error_message: str = "fake failure"
+    drop_after: int | None = None  # abort the connection after this many tokens
+    hang: bool = False  # send the headers, then nothing until the client gives up
+    repeat: int = 1  # repeat the token list this many times
+
+
+@dataclass
+class Recorded:
+    """One request as the fake saw it."""
+
+    path: str
+    body: dict[str, Any]
+    started: float
+    tokens_sent: int = 0
+    completed: bool = False
+    dropped: bool = False  # the fake broke the connection on purpose
+    hung_up_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat messages of the request."""
+        return list(self.body.get("messages", []))
+
+    @property
+    def hung_up(self) -> bool:
+        """The client closed the connection before the reply was complete."""
+        return self.hung_up_at is not None
+
+
+class FakeUpstream:
+    """The server. `start()` it, point `OPENAI_BASE_URL` at `url`, `stop()` it."""
+
+    def __init__(self) -> None:
+        self.default = Behaviour()
+        self.queued: deque[Behaviour] = deque()
+        self.requests: list[Recorded] = []
+        self.chooser: Callable[[dict[str, Any]], Behaviour | None] | None = None
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL to give an OpenAI client."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- control, from any thread ------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the recorded requests and go back to the default behaviour."""
+        with self._lock:
+            self.default = Behaviour()
+            self.queued.clear()
+            self.requests.clear()
+            self.chooser = None
+
+    def then(self, *behaviours: Behaviour) -> None:
+        """Use these for the next requests, in order, then the default again."""
+        with self._lock:
+            self.queued.extend(behaviours)
+
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[Recorded]:
+        """Block until at least `count` requests have arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.requests) >= count:
+                    return list(self.requests)
+            time.sleep(0.005)
+        raise AssertionError(f"expected {count} upstream requests, got {len(self.requests)}")
+
+    def start(self) -> FakeUpstream:
+        """Serve on a free loopback port in a background thread."""
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        ready.wait(5)
+        return self
+
+    def stop(self) -> None:
+        """Close every connection and the listening socket."""
+        loop, server = self._loop, self._server
+        if loop is None or server is None:
+            return
+
+        async def shutdown() -> None:
+            server.close()
+            for writer in list(self._connections):
+                writer.transport.abort()
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # -- the server side -------------------------------------------------------------------------
+
+    def _next_behaviour(self, body: dict[str, Any]) -> Behaviour:
+        with self._lock:
+            if self.chooser is not None:
+                chosen = self.chooser(body)
+                if chosen is not None:
+                    return chosen
+            return self.queued.popleft() if self.queued else self.default
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._connections.discard(writer)
+            writer.transport.abort()
+
+    async def _one_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer one request; False when the connection is finished."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines[1:] if line)
+        }
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+        if method == "GET" and path.endswith("/models"):
+            await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake-model"}]})
+            return True
+        if method != "POST" or not path.endswith("/chat/completions"):
+            await self._send_json(writer, 404, {"error": {"message": f"no route {path}"}})
+            return True
+        body = json.loads(raw or b"{}")
+        record = Recorded(path=path, body=body, started=time.monotonic())
+        with self._lock:
+            self.requests.append(record)
+        behaviour = self._next_behaviour(body)
+        try:
+            return await self._answer(reader, writer, body, behaviour, record)
+        finally:
+            record.done.set()
+
+    async def _send_json(self, writer: asyncio.StreamWriter, status: int, data: object) -> None:
+        payload = json.dumps(data).encode()
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+
+    async def _answer(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: Behaviour,
+        record: Recorded,
+    ) -> bool:
+        if behaviour.status != 200:
+            error = {"message": behaviour.error_message, "type": "fake_error", "code": None}
+            await self._send_json(writer, behaviour.status, {"error": error})
+            return True
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        await writer.drain()
+        # Anything the client sends now, or its EOF, means it is gone: it never sends a body
+        # while a response streams.
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            finished = await self._stream(writer, body, behaviour, record, hangup)
+        except ConnectionError:
+            finished = False
+        if not finished:
+            if not record.dropped:
+                record.hung_up_at = time.monotonic()
+            return False
+        hangup.cancel()
+        return True
+
+    async def _stream(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: Behaviour,
+        record: Recorded,
+        hangup: asyncio.Future[bytes],
+    ) -> bool:
+        """Stream the reply; False if the client hung up first."""
+
+        async def pause(seconds: float) -> bool:
+            """Wait, or return False as soon as the client hangs up."""
+            if seconds <= 0:
+                return not hangup.done()
+            done, _ = await asyncio.wait([hangup], timeout=seconds)
+            return not done
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            event = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": body.get("model", "fake-model"),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        if behaviour.hang:
+            await hangup
+            return False
+        question = next(
+            (m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"),
+            "",
+        )
+        tokens = (behaviour.tokens or echo_tokens(str(question))) * behaviour.repeat
+        writer.write(chunk({"role": "assistant", "content": ""}))
+        if not await pause(behaviour.first_delay):
+            return False
+        for index, token in enumerate(tokens):
+            if behaviour.drop_after is not None and index >= behaviour.drop_after:
+                record.dropped = True
+                writer.transport.abort()
+                return False
+            if not await pause(behaviour.delay):
+                return False
+            writer.write(chunk({"content": token}))
+            record.tokens_sent += 1
+            if behaviour.delay > 0 or index % 64 == 0:
+                await writer.drain()
+        writer.write(chunk({}, "stop"))
+        data = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+        await writer.drain()
+        record.completed = True
+        return True

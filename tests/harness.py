@@ -1,0 +1,131 @@
+"""Running the real app on a loopback port, and talking to it like a client would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+from websockets.asyncio.client import ClientConnection
+
+from backend.app import create_app
+from backend.config import Settings
+from backend.server import bind, uvicorn_config
+
+# Every wait in the tests is a multiple of this, so a slow machine needs one change.
+UNIT = 2.0
+
+Frame = dict[str, Any]
+
+
+class IsolatedSettings(Settings):
+    """Settings from keyword arguments only: the environment and `.env` are ignored."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class LiveServer:
+    """The app under uvicorn in a thread of its own, on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sock = bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn_config(create_app(settings), settings, "127.0.0.1", self.port)
+        config.log_level = "warning"
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name="app-server", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/chat"
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = UNIT * 5
+        waited = 0.0
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the app server failed to start")
+            threading.Event().wait(0.01)
+            waited += 0.01
+            if waited > deadline:
+                raise RuntimeError("the app server did not start in time")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(UNIT * 5)
+        self.sock.close()
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    """Serve `settings`' app for the duration of the block."""
+    server = LiveServer(settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def recv(ws: ClientConnection, within: float = UNIT) -> Frame:
+    """The next frame, parsed; fails the test rather than hang."""
+    async with asyncio.timeout(within):
+        raw = await ws.recv()
+    frame = json.loads(raw)
+    assert isinstance(frame, dict), raw
+    return frame
+
+
+async def until_end(ws: ClientConnection, within: float = UNIT * 5) -> list[Frame]:
+    """Frames up to and including the next bot `end`."""
+    frames: list[Frame] = []
+    async with asyncio.timeout(within):
+        while True:
+            frame = await recv(ws, within)
+            frames.append(frame)
+            if frame["type"] == "end":
+                return frames
+
+
+async def ask(ws: ClientConnection, question: str) -> list[Frame]:
+    """Send a question and collect its frames, echo to `end`."""
+    await ws.send(json.dumps({"type": "question", "message": question}))
+    return await until_end(ws)
+
+
+def text_of(frames: list[Frame]) -> str:
+    """The bot text streamed in `frames`."""
+    return "".join(f["message"] for f in frames if f["type"] == "stream" and f["sender"] == "bot")
+
+
+def kinds(frames: list[Frame]) -> list[str]:
+    """Frame types in order, with consecutive bot `stream` frames folded into one."""
+    out: list[str] = []
+    for frame in frames:
+        kind = frame["type"] if frame["sender"] == "bot" else f"you:{frame['type']}"
+        if not (kind == "stream" and out and out[-1] == "stream"):
+            out.append(kind)
+    return out

@@ -1,0 +1,40 @@
+"""A question over the socket: frame order, text, history across turns."""
+
+from __future__ import annotations
+
+from websockets.asyncio.client import connect
+
+from tests.fake_upstream import Behaviour, FakeUpstream
+from tests.harness import LiveServer, ask, kinds, text_of
+
+
+async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) -> None:
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "hello there")
+    assert frames[0] == {"sender": "you", "message": "hello there", "type": "stream"}
+    assert frames[1] == {"sender": "bot", "message": "", "type": "start"}
+    assert kinds(frames) == ["you:stream", "start", "info", "stream", "end"]
+    assert frames[-1] == {"sender": "bot", "message": "", "type": "end", "status": "completed"}
+    assert text_of(frames) == "You said: hello there"
+
+
+async def test_plain_text_frame_is_a_question(server: LiveServer, fake: FakeUpstream) -> None:
+    async with connect(server.ws) as ws:
+        await ws.send("what is 2+2?")
+        from tests.harness import until_end
+
+        frames = await until_end(ws)
+    assert frames[0]["message"] == "what is 2+2?"
+    assert text_of(frames) == "You said: what is 2+2?"
+
+
+async def test_history_carries_across_turns(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=["Paris", "."]), Behaviour(tokens=["Yes"]))
+    async with connect(server.ws) as ws:
+        await ask(ws, "capital of France?")
+        await ask(ws, "are you sure?")
+    second = fake.requests[1].messages
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert second[1]["content"] == "capital of France?"
+    assert second[2]["content"] == "Paris."
+    assert second[3]["content"] == "are you sure?"
