@@ -75,7 +75,7 @@ def build_router(replier: Replier) -> APIRouter:
 
     def question_from(request: Request) -> str:
         params = request.query_params
-        text = params.get("prompt") or params.get("user_input")
+        text = params.get("prompt", params.get("user_input"))
         if text is None:
             raise HTTPException(
                 422, "Missing question: pass it as ?prompt=... (or ?user_input=...)."

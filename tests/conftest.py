@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from backend.config import Settings
 from tests.fake_upstream import FakeUpstream
-from tests.harness import IsolatedSettings, LiveServer, live_server
+from tests.harness import IsolatedSettings, LiveServer, SettingsFactory, live_server
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def fake(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def make_settings(fake: FakeUpstream) -> Callable[..., Settings]:
+def make_settings(fake: FakeUpstream) -> SettingsFactory:
     """Settings pointed at the fake model server, overridable per test."""
 
     def make(**overrides: Any) -> Settings:
@@ -45,7 +45,7 @@ def make_settings(fake: FakeUpstream) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def server(make_settings: Callable[..., Settings]) -> Iterator[LiveServer]:
+def server(make_settings: SettingsFactory) -> Iterator[LiveServer]:
     """The app, live on a loopback port, talking to the fake model server."""
     with live_server(make_settings()) as live:
         yield live

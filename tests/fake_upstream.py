@@ -38,6 +38,7 @@ class Behaviour:
     error_message: str = "fake failure"
     drop_after: int | None = None  # abort the connection after this many tokens
     hang: bool = False  # send the headers, then nothing until the client gives up
+    stall_after: int | None = None  # after this many tokens, send nothing until it gives up
     repeat: int = 1  # repeat the token list this many times
 
 
@@ -282,6 +283,10 @@ class FakeUpstream:
             if behaviour.drop_after is not None and index >= behaviour.drop_after:
                 record.dropped = True
                 writer.transport.abort()
+                return False
+            if behaviour.stall_after is not None and index >= behaviour.stall_after:
+                await writer.drain()
+                await hangup
                 return False
             if not await pause(behaviour.delay):
                 return False

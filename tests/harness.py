@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from backend.server import bind, uvicorn_config
 UNIT = 2.0
 
 Frame = dict[str, Any]
+SettingsFactory = Callable[..., Settings]
 
 
 class IsolatedSettings(Settings):

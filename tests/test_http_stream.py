@@ -1,0 +1,147 @@
+"""`GET /stream` (chunked text), `GET /sse` (Server-Sent Events) and `GET /healthz`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.fake_upstream import Behaviour, FakeUpstream
+from tests.harness import UNIT, LiveServer, SettingsFactory, live_server
+from tests.test_interrupt import wait_hung_up
+
+
+async def test_stream_flushes_each_token_as_it_arrives(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[f"w{i} " for i in range(10)], delay=0.1))
+    arrivals: list[tuple[float, str]] = []
+    async with (
+        httpx.AsyncClient(timeout=UNIT * 5) as client,
+        client.stream("GET", f"{server.http}/stream", params={"prompt": "count"}) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        async for chunk in response.aiter_text():
+            arrivals.append((time.monotonic(), chunk))
+    text = "".join(chunk for _, chunk in arrivals)
+    assert text == "".join(f"w{i} " for i in range(10)) + "\n"
+    # Ten tokens 0.1 s apart: the first must not wait for the last.
+    assert arrivals[-1][0] - arrivals[0][0] > 0.6
+    assert len(arrivals) >= 8
+
+
+async def test_stream_accepts_user_input(server: LiveServer, fake: FakeUpstream) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(f"{server.http}/stream", params={"user_input": "hi there"})
+    assert response.status_code == 200
+    assert response.text == "You said: hi there\n"
+    assert fake.requests[0].messages[-1] == {"role": "user", "content": "hi there"}
+
+
+@pytest.mark.parametrize("path", ["/stream", "/sse"])
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, "Missing question"),
+        ({"prompt": ""}, "The question is empty"),
+        ({"prompt": "   "}, "The question is empty"),
+        ({"prompt": "q" * 16_001}, "the limit is 16,000"),
+    ],
+)
+async def test_bad_prompt_is_422_with_reason(
+    server: LiveServer, fake: FakeUpstream, path: str, params: dict[str, str], expected: str
+) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(f"{server.http}{path}", params=params)
+    assert response.status_code == 422
+    assert expected in response.json()["detail"]
+    assert fake.requests == []
+
+
+async def test_stream_hangup_closes_upstream(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=[" z"] * 500, delay=0.02))
+    async with (
+        httpx.AsyncClient(timeout=UNIT) as client,
+        client.stream("GET", f"{server.http}/stream", params={"prompt": "go"}) as response,
+    ):
+        async for _ in response.aiter_text():
+            break
+    await wait_hung_up(fake, 0, within=1.0)
+    assert not fake.requests[0].completed
+
+
+async def test_stream_failure_after_headers_ends_with_error_line(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=["Some", " text", " more"], drop_after=2))
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(f"{server.http}/stream", params={"prompt": "x"})
+    assert response.status_code == 200
+    body, _, last = response.text.rstrip("\n").rpartition("\n")
+    assert body == "Some text"
+    assert last.startswith("[error] The connection to the model server")
+
+
+def parse_events(raw: str) -> list[dict[str, object]]:
+    events = []
+    for block in raw.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            events.append(json.loads(block.removeprefix("data: ")))
+    return events
+
+
+async def test_sse_sends_frames_start_to_end(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=["a", "b", "c"]))
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(f"{server.http}/sse", params={"prompt": "abc"})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_events(response.text)
+    assert events[0] == {"sender": "bot", "message": "", "type": "start"}
+    assert [e["message"] for e in events if e["type"] == "stream"] == ["a", "b", "c"]
+    assert events[-1] == {"sender": "bot", "message": "", "type": "end", "status": "completed"}
+
+
+async def test_sse_failure_sends_error_then_end(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(status=401))
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(f"{server.http}/sse", params={"prompt": "x"})
+    events = parse_events(response.text)
+    assert [e["type"] for e in events][-2:] == ["error", "end"]
+    assert events[-2]["code"] == "upstream_auth"
+    assert events[-1]["status"] == "error"
+
+
+async def test_sse_hangup_closes_upstream(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=[" z"] * 500, delay=0.02))
+    async with (
+        httpx.AsyncClient(timeout=UNIT) as client,
+        client.stream("GET", f"{server.http}/sse", params={"prompt": "go"}) as response,
+    ):
+        async for line in response.aiter_lines():
+            if '"stream"' in line:
+                break
+    await wait_hung_up(fake, 0, within=1.0)
+
+
+async def test_healthz_names_mode_model_and_upstream(
+    server: LiveServer, fake: FakeUpstream, make_settings: SettingsFactory
+) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        report = (await client.get(f"{server.http}/healthz")).json()
+        assert report == {
+            "status": "ok",
+            "mode": "remote",
+            "model": "fake-model",
+            "upstream": fake.url,
+        }
+        with live_server(make_settings(openai_base_url=None)) as bare:
+            missing = (await client.get(f"{bare.http}/healthz")).json()
+    assert missing["status"] == "unconfigured"
+    assert missing["mode"] == "none"
+    assert "OPENAI_API_KEY" in missing["detail"]
+    await asyncio.sleep(0)

@@ -1,0 +1,139 @@
+"""Stop, pre-emption, reset and disconnect: the reply ends at once and the model stops too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.fake_upstream import Behaviour, FakeUpstream
+from tests.harness import UNIT, LiveServer, ask, recv, text_of, until_end
+
+SLOW = Behaviour(tokens=[f" t{i}" for i in range(200)], delay=0.02)
+
+
+async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> float:
+    """Seconds until upstream request `index` saw its client hang up; fails after `within`."""
+    record = fake.wait_for_requests(index + 1)[index]
+    deadline = time.monotonic() + within
+    while record.hung_up_at is None:
+        assert time.monotonic() < deadline, "the upstream request was never closed"
+        await asyncio.sleep(0.01)
+    return record.hung_up_at - record.started
+
+
+async def read_some_tokens(ws: object, count: int) -> list[dict[str, object]]:
+    """Frames of the current reply until at least `count` characters of bot text arrived."""
+    frames = []
+    while len(text_of(frames)) < count:
+        frames.append(await recv(ws))  # type: ignore[arg-type]
+    return frames
+
+
+async def test_stop_ends_reply_closes_upstream_and_keeps_partial(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(SLOW)
+    async with connect(server.ws) as ws:
+        await ws.send(json.dumps({"type": "question", "message": "count"}))
+        seen = await read_some_tokens(ws, 12)
+        await ws.send(json.dumps({"type": "stop"}))
+        rest = await until_end(ws)
+        assert rest[-1] == {"sender": "bot", "message": "", "type": "end", "status": "interrupted"}
+        assert all(f["type"] == "stream" for f in rest[:-1])
+        shown = text_of(seen + rest)
+        # Nothing of that reply follows its end, although the model had 150+ tokens to go.
+        with pytest.raises(TimeoutError):
+            await recv(ws, within=0.3)
+        await wait_hung_up(fake, 0)
+        assert fake.requests[0].tokens_sent < 100
+
+        fake.then(Behaviour(tokens=["ok"]))
+        await ask(ws, "next")
+    history = fake.requests[1].messages
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user"]
+    assert history[2]["content"] == shown
+    assert shown.startswith(" t0 t1")
+
+
+async def test_stop_without_reply_is_an_info(server: LiveServer, fake: FakeUpstream) -> None:
+    async with connect(server.ws) as ws:
+        await ws.send(json.dumps({"type": "stop"}))
+        frame = await recv(ws)
+        assert frame["type"] == "info"
+        assert "nothing to stop" in frame["message"]
+        with pytest.raises(TimeoutError):
+            await recv(ws, within=0.2)
+    assert fake.requests == []
+
+
+async def test_question_preempts_reply_in_progress(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(SLOW, Behaviour(tokens=["second", " answer"]))
+    async with connect(server.ws) as ws:
+        await ws.send(json.dumps({"type": "question", "message": "first"}))
+        seen = await read_some_tokens(ws, 6)
+        await ws.send(json.dumps({"type": "question", "message": "second"}))
+        rest = await until_end(ws)
+        assert rest[-1]["status"] == "interrupted"
+        shown = text_of(seen + rest)
+        following = await until_end(ws)
+    assert following[0] == {"sender": "you", "message": "second", "type": "stream"}
+    assert following[-1]["status"] == "completed"
+    assert text_of(following) == "second answer"
+    await wait_hung_up(fake, 0)
+    history = fake.requests[1].messages
+    assert [m["content"] for m in history[1:]] == ["first", shown, "second"]
+
+
+async def test_reset_interrupts_and_forgets(server: LiveServer, fake: FakeUpstream) -> None:
+    async with connect(server.ws) as ws:
+        await ask(ws, "remember me")
+        fake.then(SLOW)
+        await ws.send(json.dumps({"type": "question", "message": "slow one"}))
+        await read_some_tokens(ws, 3)
+        await ws.send(json.dumps({"type": "reset"}))
+        ended = await until_end(ws)
+        assert ended[-1]["status"] == "interrupted"
+        ack = await recv(ws)
+        assert ack["type"] == "info"
+        assert "cleared" in ack["message"]
+        await ask(ws, "fresh start")
+    await wait_hung_up(fake, 1)
+    assert [m["role"] for m in fake.requests[2].messages] == ["system", "user"]
+
+
+async def test_reset_when_idle_is_acknowledged(server: LiveServer, fake: FakeUpstream) -> None:
+    async with connect(server.ws) as ws:
+        await ask(ws, "one")
+        await ws.send(json.dumps({"type": "reset"}))
+        ack = await recv(ws)
+        assert (ack["type"], ack["sender"]) == ("info", "bot")
+        await ask(ws, "two")
+    assert [m["role"] for m in fake.requests[1].messages] == ["system", "user"]
+
+
+async def test_disconnect_mid_reply_closes_upstream(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=[" x"] * 500, delay=0.02))
+    async with connect(server.ws) as ws:
+        await ws.send("go on forever")
+        await read_some_tokens(ws, 4)
+        closed_at = time.monotonic()
+    record = fake.wait_for_requests(1)[0]
+    await wait_hung_up(fake, 0, within=1.0)
+    assert record.hung_up_at is not None
+    assert record.hung_up_at - closed_at < 1.0
+    assert not record.completed
+
+
+async def test_disconnect_before_first_token_closes_upstream(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(first_delay=UNIT * 2))
+    async with connect(server.ws) as ws:
+        await ws.send("slow to start")
+        await recv(ws)  # the echo
+        fake.wait_for_requests(1)
+    await wait_hung_up(fake, 0, within=1.0)

@@ -1,0 +1,148 @@
+"""Upstream failures: an error a user can act on, `end` with status `error`, and the next turn works."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.fake_upstream import Behaviour, FakeUpstream
+from tests.harness import LiveServer, SettingsFactory, ask, kinds, live_server, text_of
+
+
+def error_of(frames: list[dict[str, object]]) -> dict[str, object]:
+    errors = [f for f in frames if f["type"] == "error"]
+    assert len(errors) == 1, frames
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "words", "requests"),
+    [
+        (401, "upstream_auth", ["rejected the API key (401)", "OPENAI_API_KEY"], 1),
+        (429, "upstream_rate_limited", ["rate limiting", "(429)", "Wait a moment"], 2),
+        (500, "upstream_unavailable", ["HTTP 500", "Try again"], 2),
+        (503, "upstream_unavailable", ["HTTP 503"], 2),
+        (400, "upstream_rejected", ["HTTP 400", "fake failure"], 1),
+    ],
+)
+async def test_status_failure_is_reported_then_next_question_works(
+    server: LiveServer,
+    fake: FakeUpstream,
+    status: int,
+    code: str,
+    words: list[str],
+    requests: int,
+) -> None:
+    failing = Behaviour(status=status)
+    fake.then(*[failing] * requests)
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "hello")
+        error = error_of(frames)
+        assert error["code"] == code
+        for word in words:
+            assert word in str(error["message"])
+        assert frames[-1] == {"sender": "bot", "message": "", "type": "end", "status": "error"}
+        assert kinds(frames)[:2] == ["you:stream", "start"]
+        again = await ask(ws, "again")
+    assert again[-1]["status"] == "completed"
+    # Retryable failures are retried exactly once; the rest not at all.
+    assert len(fake.requests) == requests + 1
+    # A turn that failed before its first token leaves the history as it was.
+    assert [m["role"] for m in fake.requests[-1].messages] == ["system", "user"]
+
+
+async def test_one_quick_retry_recovers_a_5xx(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(status=502))
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "are you there")
+    assert frames[-1]["status"] == "completed"
+    assert text_of(frames) == "You said: are you there"
+    retry_notes = [f for f in frames if f["type"] == "info" and "Retrying once" in f["message"]]
+    assert len(retry_notes) == 1
+    assert len(fake.requests) == 2
+
+
+async def test_connection_refused_names_the_url(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{dead_port}/v1"
+    with live_server(make_settings(openai_base_url=url)) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "anyone?")
+            healthy = await ask(ws, "still?")
+    error = error_of(frames)
+    assert error["code"] == "upstream_unreachable"
+    assert f"Cannot reach the model server at {url}" in str(error["message"])
+    assert frames[-1]["status"] == "error"
+    assert healthy[-1]["status"] == "error"
+
+
+async def test_timeout_is_reported_and_request_abandoned(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(hang=True))
+    with live_server(make_settings(chat_timeout=0.5)) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "hang please")
+            after = await ask(ws, "and now?")
+    error = error_of(frames)
+    assert error["code"] == "upstream_timeout"
+    assert "CHAT_TIMEOUT" in str(error["message"])
+    assert frames[-1]["status"] == "error"
+    assert after[-1]["status"] == "completed"
+    assert fake.requests[0].hung_up
+    # A timeout is not retried: it already waited the whole time.
+    assert len(fake.requests) == 2
+
+
+async def test_stall_mid_reply_times_out_and_keeps_partial(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=["Part", "ial", " never"], stall_after=2))
+    with live_server(make_settings(chat_timeout=0.5)) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "first")
+            await ask(ws, "second")
+    error = error_of(frames)
+    assert error["code"] == "upstream_timeout"
+    assert frames[-1]["status"] == "error"
+    assert text_of(frames) == "Partial"
+    assert fake.requests[0].hung_up
+    assert [m["content"] for m in fake.requests[1].messages[1:]] == ["first", "Partial", "second"]
+
+
+async def test_dropped_stream_keeps_partial_text(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=["Half", " an", " answer", " lost"], drop_after=3))
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "tell me")
+        error = error_of(frames)
+        assert error["code"] == "upstream_dropped"
+        assert "broke off" in str(error["message"])
+        assert frames[-1]["status"] == "error"
+        assert text_of(frames) == "Half an answer"
+        await ask(ws, "go on")
+    # Not retried (tokens had arrived), and the partial text is in the history.
+    assert len(fake.requests) == 2
+    assert [m["content"] for m in fake.requests[1].messages[1:]] == [
+        "tell me",
+        "Half an answer",
+        "go on",
+    ]
+
+
+async def test_unconfigured_server_says_what_to_set(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    with live_server(make_settings(openai_base_url=None, openai_api_key=None)) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "hello?")
+    error = error_of(frames)
+    assert error["code"] == "not_configured"
+    assert "OPENAI_API_KEY" in str(error["message"])
+    assert "OPENAI_BASE_URL" in str(error["message"])
+    assert frames[-1]["status"] == "error"
