@@ -34,8 +34,11 @@ def build_model(settings: Settings, http_client: openai.DefaultAsyncHttpxClient)
         streaming=True,
         # Retrying is ours to decide (once, and only before the first token): see reply.py.
         max_retries=0,
+        # Covers connecting and every wait for the next bytes of a reply.
         timeout=settings.chat_timeout,
-        stream_chunk_timeout=settings.chat_timeout,
+        # Off: on Python 3.11 its per-chunk `asyncio.wait_for` can swallow the cancellation
+        # that stops a reply when a chunk lands at the same instant, and the model runs on.
+        stream_chunk_timeout=None,
         http_async_client=http_client,
     )
 

@@ -19,6 +19,9 @@ from schemas import ChatResponse, Question, Reset, Stop
 
 log = logging.getLogger(__name__)
 
+# Seconds a cancelled reply gets to wind down before it is cancelled again.
+RECANCEL_AFTER = 0.25
+
 
 class ChatSession:
     """Owns one socket, its conversation history and at most one reply in progress.
@@ -85,6 +88,11 @@ class ChatSession:
         reply, self.reply = self.reply, None
         if reply is None or reply.done():
             return False
-        reply.cancel()
-        await asyncio.wait([reply])
+        # A library that swallows the cancellation would let the model run on unheard, so
+        # cancel again until the task really ends.
+        while not reply.done():
+            reply.cancel()
+            await asyncio.wait([reply], timeout=RECANCEL_AFTER)
+            if not reply.done():
+                log.warning("reply ignored its cancellation; cancelling again")
         return True

@@ -300,3 +300,34 @@ class FakeUpstream:
         await writer.drain()
         record.completed = True
         return True
+
+
+def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
+    """Read a behaviour from a question of the form `bench tokens=N delay=S [first=S]`.
+
+    Lets a process that cannot reach the fake's Python objects (a benchmark driving it over
+    HTTP) choose each reply's shape.
+    """
+    messages = body.get("messages") or [{}]
+    words = str(messages[-1].get("content", "")).split()
+    if not words or words[0] != "bench":
+        return None
+    options = dict(word.split("=", 1) for word in words[1:] if "=" in word)
+    return Behaviour(
+        tokens=[" tok"] * int(options.get("tokens", "20")),
+        delay=float(options.get("delay", "0")),
+        first_delay=float(options.get("first", "0")),
+    )
+
+
+def main() -> None:
+    """Serve until killed, printing the base URL on the first line of stdout."""
+    fake = FakeUpstream()
+    fake.chooser = behaviour_from_question
+    fake.start()
+    print(fake.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,10 @@ from tests.harness import (
 )
 
 BAD_FRAMES: list[tuple[str | bytes, str]] = [
-    (json.dumps({"type": "dance"}), "Unknown message type 'dance'; expected one of: question, stop"),
+    (
+        json.dumps({"type": "dance"}),
+        "Unknown message type 'dance'; expected one of: question, stop",
+    ),
     (json.dumps({"message": "hi"}), "no 'type'"),
     (json.dumps({"type": "question"}), "needs a 'message' string"),
     (json.dumps({"type": "question", "message": 42}), "needs a 'message' string"),
@@ -73,7 +76,9 @@ async def test_bad_frame_during_reply_leaves_reply_alone(
     assert text_of(frames) == "".join(f" {i}" for i in range(30))
 
 
-async def test_frame_over_byte_limit_is_an_error(make_settings: SettingsFactory, fake: FakeUpstream) -> None:
+async def test_frame_over_byte_limit_is_an_error(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
     settings = make_settings(chat_max_frame_bytes=2048, chat_max_question_chars=100_000)
     with live_server(settings) as server:
         async with connect(server.ws) as ws:

@@ -7,10 +7,10 @@ import json
 import time
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer, ask, recv, text_of, until_end
+from tests.harness import UNIT, Frame, LiveServer, ask, recv, text_of, until_end
 
 SLOW = Behaviour(tokens=[f" t{i}" for i in range(200)], delay=0.02)
 
@@ -25,11 +25,11 @@ async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> f
     return record.hung_up_at - record.started
 
 
-async def read_some_tokens(ws: object, count: int) -> list[dict[str, object]]:
+async def read_some_tokens(ws: ClientConnection, count: int) -> list[Frame]:
     """Frames of the current reply until at least `count` characters of bot text arrived."""
-    frames = []
+    frames: list[Frame] = []
     while len(text_of(frames)) < count:
-        frames.append(await recv(ws))  # type: ignore[arg-type]
+        frames.append(await recv(ws))
     return frames
 
 
@@ -137,3 +137,21 @@ async def test_disconnect_before_first_token_closes_upstream(
         await recv(ws)  # the echo
         fake.wait_for_requests(1)
     await wait_hung_up(fake, 0, within=1.0)
+
+
+async def test_stop_always_lands_while_tokens_pour_in(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    """A stop racing a token that arrives at the same instant must still end the reply."""
+    fake.default = Behaviour(tokens=[" r"] * 100_000, delay=0.002)
+    async with connect(server.ws) as ws:
+        for trial in range(60):
+            await ws.send(f"race {trial}")
+            await read_some_tokens(ws, 2 + trial % 7)
+            await ws.send(json.dumps({"type": "stop"}))
+            ended = await until_end(ws, within=UNIT)
+            assert ended[-1]["status"] == "interrupted", f"trial {trial}"
+            await ws.send(json.dumps({"type": "reset"}))
+            assert (await recv(ws))["type"] == "info"
+    for record in fake.requests:
+        await wait_hung_up(fake, fake.requests.index(record))

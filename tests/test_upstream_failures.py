@@ -1,4 +1,4 @@
-"""Upstream failures: an error a user can act on, `end` with status `error`, and the next turn works."""
+"""Upstream failures: an actionable error, `end` with status `error`, and the next turn works."""
 
 from __future__ import annotations
 

@@ -1,0 +1,285 @@
+"""Latency and throughput of the chat server against the fake model server, in one run.
+
+Every number that depends on the machine is reported next to a baseline measured in the same
+run: the openai SDK calling the same fake directly, and a bare SDK-to-WebSocket relay
+(`bench/bare_relay.py`). Each server runs in a process of its own.
+`python -m bench.run [--quick]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import openai
+from websockets.asyncio.client import ClientConnection, connect
+
+TOKEN = " tok"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def frame(ws: ClientConnection) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(await ws.recv())
+    return data
+
+
+async def first_token(ws: ClientConnection) -> None:
+    while True:
+        got = await frame(ws)
+        if got["type"] == "stream" and got["sender"] == "bot":
+            return
+
+
+async def until_end(ws: ClientConnection) -> int:
+    """Read to the bot's `end`; the number of tokens streamed."""
+    tokens = 0
+    while True:
+        got = await frame(ws)
+        if got["type"] == "stream" and got["sender"] == "bot":
+            tokens += got["message"].count(TOKEN)
+        elif got["type"] == "end":
+            return tokens
+
+
+async def stop_latency(url: str, trials: int) -> list[float]:
+    """Stop sent to `end` received, with the model streaming a token every 5 ms."""
+    latencies = []
+    async with connect(url, compression=None) as ws:
+        for trial in range(trials):
+            await ws.send("bench tokens=100000 delay=0.005")
+            await first_token(ws)
+            await asyncio.sleep(0.01 + (trial % 5) * 0.01)
+            sent = time.perf_counter()
+            await ws.send(json.dumps({"type": "stop"}))
+            await until_end(ws)
+            latencies.append(time.perf_counter() - sent)
+            await ws.send(json.dumps({"type": "reset"}))
+            await frame(ws)
+    return latencies
+
+
+async def ttft_socket(url: str, trials: int) -> list[float]:
+    """Question sent to first token received, through a WebSocket server."""
+    times = []
+    async with connect(url, compression=None) as ws:
+        for _ in range(trials):
+            sent = time.perf_counter()
+            await ws.send("bench tokens=3")
+            await first_token(ws)
+            times.append(time.perf_counter() - sent)
+            await until_end(ws)
+            await ws.send(json.dumps({"type": "reset"}))
+            await asyncio.sleep(0.01)
+    return times
+
+
+async def ttft_direct(upstream: str, trials: int) -> list[float]:
+    """Request sent to first token received, the openai SDK calling the fake itself."""
+    client = openai.AsyncOpenAI(base_url=upstream, api_key="not-needed", max_retries=0)
+    times = []
+    for _ in range(trials):
+        sent = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "bench tokens=3"}],
+            stream=True,
+        )
+        got_first = False
+        async for chunk in stream:
+            if not got_first and chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.perf_counter() - sent)
+                got_first = True
+        await asyncio.sleep(0.01)
+    await client.close()
+    return times
+
+
+async def throughput(url: str, tokens: int) -> float:
+    """Tokens per second to one client, question sent to `end` received."""
+    async with connect(url, compression=None, max_size=None) as ws:
+        sent = time.perf_counter()
+        await ws.send(f"bench tokens={tokens}")
+        got = await until_end(ws)
+        elapsed = time.perf_counter() - sent
+    assert got == tokens, f"expected {tokens} tokens, got {got}"
+    return tokens / elapsed
+
+
+async def paced_streams(
+    url: str, sockets: int, tokens: int, delay: float
+) -> tuple[list[float], int]:
+    """Many sockets at `1/delay` tokens/s each: how late each token is, and how many failed.
+
+    A token's lateness is its arrival minus (first token's arrival + index x delay): the delay
+    the path added on top of the model's own pace.
+    """
+    lateness: list[float] = []
+    errors = 0
+
+    async def one(n: int) -> None:
+        nonlocal errors
+        try:
+            async with connect(url, compression=None, open_timeout=30) as ws:
+                await ws.send(f"bench tokens={tokens} delay={delay}")
+                arrivals: list[float] = []
+                while True:
+                    got = await asyncio.wait_for(frame(ws), 30)
+                    now = time.perf_counter()
+                    if got["type"] == "stream" and got["sender"] == "bot":
+                        arrivals += [now] * got["message"].count(TOKEN)
+                    elif got["type"] == "error":
+                        errors += 1
+                    elif got["type"] == "end":
+                        if got.get("status") != "completed" or len(arrivals) != tokens:
+                            errors += 1
+                        break
+                start = arrivals[0]
+                lateness.extend(max(0.0, t - (start + i * delay)) for i, t in enumerate(arrivals))
+        except Exception:
+            errors += 1
+
+    await asyncio.gather(*(one(n) for n in range(sockets)))
+    return lateness, errors
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+async def measure(ours: str, bare: str, upstream: str, quick: bool) -> dict[str, Any]:
+    trials = 20 if quick else 60
+    results: dict[str, Any] = {}
+
+    stops = await stop_latency(ours, trials)
+    results["stop_p50"], results["stop_p99"] = percentile(stops, 50), percentile(stops, 99)
+    print(
+        f"stop latency over {trials} trials: p50 {ms(results['stop_p50'])}, "
+        f"p99 {ms(results['stop_p99'])}  (target p99 < 50 ms)"
+    )
+
+    await ttft_direct(upstream, 5)  # warm both paths before timing
+    await ttft_socket(ours, 5)
+    direct = await ttft_direct(upstream, trials)
+    through = await ttft_socket(ours, trials)
+    results["ttft_direct_p50"] = statistics.median(direct)
+    results["ttft_ours_p50"] = statistics.median(through)
+    overhead = results["ttft_ours_p50"] - results["ttft_direct_p50"]
+    results["ttft_overhead_p50"] = overhead
+    print(
+        f"time to first token p50: direct SDK {ms(results['ttft_direct_p50'])}, through the "
+        f"server {ms(results['ttft_ours_p50'])}, overhead {ms(overhead)}  (target < 5 ms)"
+    )
+
+    tokens = 2000 if quick else 5000
+    rounds = 3 if quick else 5
+    ours_rates, bare_rates = [], []
+    await throughput(ours, 200)
+    await throughput(bare, 200)
+    for _ in range(rounds):
+        ours_rates.append(await throughput(ours, tokens))
+        bare_rates.append(await throughput(bare, tokens))
+    results["tps_ours"] = statistics.median(ours_rates)
+    results["tps_bare"] = statistics.median(bare_rates)
+    results["tps_ratio"] = results["tps_ours"] / results["tps_bare"]
+    print(
+        f"relay throughput, {tokens} tokens, median of {rounds}: server "
+        f"{results['tps_ours']:.0f} tok/s, bare relay {results['tps_bare']:.0f} tok/s, "
+        f"ratio {results['tps_ratio']:.2f}  (target >= 0.8)"
+    )
+
+    sockets = 50 if quick else 200
+    late_ours, errors_ours = await paced_streams(ours, sockets, 40, 0.05)
+    late_bare, errors_bare = await paced_streams(bare, sockets, 40, 0.05)
+    results["paced_p99_ours"] = percentile(late_ours, 99)
+    results["paced_p99_bare"] = percentile(late_bare, 99)
+    results["paced_errors"] = errors_ours
+    print(
+        f"{sockets} sockets x 20 tok/s: p99 added inter-token delay {ms(results['paced_p99_ours'])}"
+        f" (bare relay {ms(results['paced_p99_bare'])}), errors {errors_ours} "
+        f"(bare relay {errors_bare})"
+    )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer trials and sockets")
+    args = parser.parse_args()
+    with process(["-m", "tests.fake_upstream"]) as fake:
+        assert fake.stdout is not None
+        upstream = fake.stdout.readline().strip()
+        ours_port, bare_port = free_port(), free_port()
+        env = {
+            "OPENAI_BASE_URL": upstream,
+            "OPENAI_API_KEY": "",
+            "CHAT_MODEL": "fake-model",
+            "CHAT_HISTORY_TOKENS": "200",
+        }
+        server_args = ["-m", "backend", "--port", str(ours_port)]
+        with (
+            process(server_args, env),
+            process(["-m", "bench.bare_relay", str(bare_port), upstream]),
+        ):
+            wait_for_port(ours_port)
+            wait_for_port(bare_port)
+            asyncio.run(
+                measure(
+                    f"ws://127.0.0.1:{ours_port}/chat",
+                    f"ws://127.0.0.1:{bare_port}/chat",
+                    upstream,
+                    args.quick,
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
