@@ -161,8 +161,9 @@ class FakeUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
         try:
-            while await self._one_request(reader, writer):
-                pass
+            prefix: bytes | None = b""
+            while prefix is not None:
+                prefix = await self._one_request(reader, writer, prefix)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -170,13 +171,13 @@ class FakeUpstream:
             writer.transport.abort()
 
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Answer one request; False when the connection is finished."""
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, prefix: bytes
+    ) -> bytes | None:
+        """Answer one request; the bytes already read of the next one, or None to close."""
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = prefix + await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
-            return False
+            return None
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = lines[0].split(" ", 2)
         headers = {
@@ -186,10 +187,10 @@ class FakeUpstream:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         if method == "GET" and path.endswith("/models"):
             await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake-model"}]})
-            return True
+            return b""
         if method != "POST" or not path.endswith("/chat/completions"):
             await self._send_json(writer, 404, {"error": {"message": f"no route {path}"}})
-            return True
+            return b""
         body = json.loads(raw or b"{}")
         record = Recorded(path=path, body=body, started=time.monotonic())
         with self._lock:
@@ -216,18 +217,18 @@ class FakeUpstream:
         body: dict[str, Any],
         behaviour: Behaviour,
         record: Recorded,
-    ) -> bool:
+    ) -> bytes | None:
         if behaviour.status != 200:
             error = {"message": behaviour.error_message, "type": "fake_error", "code": None}
             await self._send_json(writer, behaviour.status, {"error": error})
-            return True
+            return b""
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
             b"transfer-encoding: chunked\r\n\r\n"
         )
         await writer.drain()
-        # Anything the client sends now, or its EOF, means it is gone: it never sends a body
-        # while a response streams.
+        # EOF now means the client is gone. A client never sends while a response streams, but
+        # once it is complete it may start the next request: that byte is handed on.
         hangup = asyncio.ensure_future(reader.read(1))
         try:
             finished = await self._stream(writer, body, behaviour, record, hangup)
@@ -236,9 +237,13 @@ class FakeUpstream:
         if not finished:
             if not record.dropped:
                 record.hung_up_at = time.monotonic()
-            return False
+            return None
         hangup.cancel()
-        return True
+        try:
+            early = await hangup
+        except asyncio.CancelledError:
+            return b""
+        return early or None
 
     async def _stream(
         self,
