@@ -1,0 +1,50 @@
+"""The streaming handler stops the model when it can no longer deliver."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from backend.chain import build_chain
+from backend.errors import ClientGone
+from backend.history import History
+from backend.reply import Replier
+from schemas import ChatResponse
+from tests.fake_upstream import Behaviour, FakeUpstream
+from tests.harness import SettingsFactory
+
+
+class VanishingSink:
+    """A client that leaves after `tokens` tokens: every later send raises `ClientGone`."""
+
+    def __init__(self, tokens: int) -> None:
+        self.left = tokens
+        self.frames: list[ChatResponse] = []
+
+    def send(self, frame: ChatResponse) -> None:
+        if self.left <= 0:
+            raise ClientGone("gone")
+        self.frames.append(frame)
+
+    def token(self, text: str) -> None:
+        if self.left <= 0:
+            raise ClientGone("gone")
+        self.left -= 1
+
+
+async def test_handler_that_cannot_send_stops_generation(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[" y"] * 400, delay=0.005))
+    settings = make_settings()
+    async with openai.DefaultAsyncHttpxClient(timeout=5) as client:
+        replier = Replier(settings, build_chain(settings, client))
+        history = History(1000)
+        with pytest.raises(ClientGone):
+            await replier.answer("talk", history, VanishingSink(tokens=5))
+    record = fake.wait_for_requests(1)[0]
+    record.done.wait(2)
+    assert record.hung_up
+    assert record.tokens_sent < 50
+    # The five tokens the client did get are what the conversation remembers.
+    assert [m.content for m in history.messages] == ["talk", " y" * 5]
