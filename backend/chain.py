@@ -12,6 +12,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from backend.config import Settings
+from backend.upstream import Upstream
 
 ChatChain = Runnable[dict[str, Any], BaseMessage]
 
@@ -19,7 +20,9 @@ ChatChain = Runnable[dict[str, Any], BaseMessage]
 PLACEHOLDER_KEY = "not-needed"
 
 
-def build_model(settings: Settings, http_client: openai.DefaultAsyncHttpxClient) -> ChatOpenAI:
+def build_model(
+    settings: Settings, upstream: Upstream, http_client: openai.DefaultAsyncHttpxClient
+) -> ChatOpenAI:
     """A `ChatOpenAI` pointed at the configured upstream, streaming, with bounded waits.
 
     The HTTP client is the app's own (not LangChain's process-wide cached one), so its
@@ -27,10 +30,13 @@ def build_model(settings: Settings, http_client: openai.DefaultAsyncHttpxClient)
     """
     key = settings.openai_api_key or SecretStr(PLACEHOLDER_KEY)
     return ChatOpenAI(
-        model=settings.chat_model,
+        model=upstream.model,
         temperature=settings.chat_temperature,
         api_key=key,
-        base_url=settings.upstream_url,
+        base_url=upstream.url,
+        max_tokens=upstream.context.reply_tokens
+        if upstream.context
+        else settings.chat_max_reply_tokens,
         streaming=True,
         # Retrying is ours to decide (once, and only before the first token): see reply.py.
         max_retries=0,
@@ -43,7 +49,9 @@ def build_model(settings: Settings, http_client: openai.DefaultAsyncHttpxClient)
     )
 
 
-def build_chain(settings: Settings, http_client: openai.DefaultAsyncHttpxClient) -> ChatChain:
+def build_chain(
+    settings: Settings, upstream: Upstream, http_client: openai.DefaultAsyncHttpxClient
+) -> ChatChain:
     """The chain every reply runs: `{"history": [...], "question": str}` in, a message out."""
     prompt = ChatPromptTemplate.from_messages(
         [
@@ -52,4 +60,4 @@ def build_chain(settings: Settings, http_client: openai.DefaultAsyncHttpxClient)
             ("human", "{question}"),
         ]
     ).partial(system_prompt=settings.chat_system_prompt)
-    return prompt | build_model(settings, http_client)
+    return prompt | build_model(settings, upstream, http_client)

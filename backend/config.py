@@ -13,7 +13,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "If you do not know something, say so."
 )
 
-Mode = Literal["openai", "remote", "none"]
+Mode = Literal["local", "openai", "remote"]
 
 
 class Settings(BaseSettings):
@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     # Seconds before the single retry of a request that failed before its first token.
     chat_retry_delay: float = Field(default=0.25, ge=0)
     chat_allowed_origins: Annotated[list[str], NoDecode] = []
+    # Longest reply, in tokens; unset means the model server's own limit (local mode: 512).
+    chat_max_reply_tokens: int | None = Field(default=None, ge=1)
+
+    # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
+    local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M
+    local_model_context: int = Field(default=2048, ge=256)
+    local_model_threads: int = Field(default=2, ge=1)
+    local_model_start_timeout: float = Field(default=120.0, gt=0)
 
     @field_validator("chat_allowed_origins", mode="before")
     @classmethod
@@ -57,12 +65,7 @@ class Settings(BaseSettings):
             return "remote"
         if self.openai_api_key is not None and self.openai_api_key.get_secret_value():
             return "openai"
-        return "none"
-
-    @property
-    def upstream_url(self) -> str:
-        """Base URL of the OpenAI-compatible server in use."""
-        return (self.openai_base_url or OPENAI_URL).rstrip("/")
+        return "local"
 
     @property
     def ws_max_size(self) -> int:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, trim_messages
 from langchain_core.messages.utils import count_tokens_approximately
 
 TokenCounter = Callable[[Sequence[BaseMessage]], int]
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """A model's context size, the part kept free for its reply, and how it counts tokens."""
+
+    tokens: int
+    reply_tokens: int
+    count: TokenCounter
 
 
 class History:
@@ -26,10 +36,16 @@ class History:
     def add_turn(self, question: str, answer: str) -> None:
         """Record a question and the answer the user saw, then drop the oldest turns over budget."""
         self._messages += [HumanMessage(question), AIMessage(answer)]
-        self._messages = trim_messages(
+        self._messages = self.fit(self.max_tokens, self._count)
+
+    def fit(self, max_tokens: int, count: TokenCounter) -> list[BaseMessage]:
+        """The newest whole turns that fit in `max_tokens` as `count` counts them."""
+        if max_tokens <= 0:
+            return []
+        return trim_messages(
             self._messages,
-            max_tokens=self.max_tokens,
-            token_counter=self._count,
+            max_tokens=max_tokens,
+            token_counter=count,
             strategy="last",
             start_on="human",
             allow_partial=False,

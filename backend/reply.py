@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
 
 from backend.callbacks import ProgressHandler, StreamingHandler
@@ -16,16 +17,11 @@ from backend.chain import ChatChain
 from backend.config import Settings
 from backend.errors import ChatError, ClientGone, describe_upstream, is_retryable
 from backend.history import History
+from backend.upstream import Upstream
 from schemas import ChatResponse, EndStatus
 from schemas.frames import FrameType
 
 log = logging.getLogger(__name__)
-
-NOT_CONFIGURED = ChatError(
-    "not_configured",
-    "No model is configured. Set OPENAI_API_KEY to use OpenAI, or OPENAI_BASE_URL to use "
-    "an OpenAI-compatible server (vLLM, Ollama, llama.cpp).",
-)
 
 
 class FrameSink(Protocol):
@@ -55,9 +51,10 @@ def error_frame(error: ChatError) -> ChatResponse:
 class Replier:
     """Answers questions with one chain; shared by every connection of an app."""
 
-    def __init__(self, settings: Settings, chain: ChatChain | None) -> None:
+    def __init__(self, settings: Settings, chain: ChatChain, upstream: Upstream) -> None:
         self.settings = settings
         self.chain = chain
+        self.upstream = upstream
 
     async def answer(self, question: str, history: History, sink: FrameSink) -> EndStatus:
         """Stream the reply to `question` into `sink`, from `start` to exactly one `end`.
@@ -80,7 +77,7 @@ class Replier:
             status = "interrupted"
             raise
         except Exception as exc:
-            error = describe_upstream(exc, self.settings.upstream_url, streamed=bool(parts))
+            error = await self._describe(exc, streamed=bool(parts))
             if error.code == "internal":
                 log.exception("reply failed")
             else:
@@ -102,15 +99,16 @@ class Replier:
         parts: list[str],
     ) -> None:
         """Run the chain, retrying once, quickly, if it failed before its first token."""
-        if self.chain is None:
-            raise NOT_CONFIGURED
+
+        def info(text: str) -> None:
+            sink.send(bot_frame("info", text))
+
+        await self.upstream.ensure_ready(info)
         callbacks: list[BaseCallbackHandler] = [
             StreamingHandler(on_token),
-            ProgressHandler(
-                lambda text: sink.send(bot_frame("info", text)), self.settings.chat_model
-            ),
+            ProgressHandler(info, self.upstream.model),
         ]
-        inputs = {"history": history.messages, "question": question}
+        inputs = {"history": self._history_for(question, history), "question": question}
         for attempt in (1, 2):
             try:
                 await self.chain.ainvoke(inputs, RunnableConfig(callbacks=callbacks))
@@ -120,7 +118,32 @@ class Replier:
             except Exception as exc:
                 if parts or attempt == 2 or not is_retryable(exc):
                     raise
-                reason = describe_upstream(exc, self.settings.upstream_url, streamed=False)
+                reason = await self._describe(exc, streamed=False)
                 log.info("retrying once after: %s", reason.message)
-                sink.send(bot_frame("info", f"Retrying once: {reason.message}"))
+                info(f"Retrying once: {reason.message}")
                 await asyncio.sleep(self.settings.chat_retry_delay)
+
+    async def _describe(self, exc: BaseException, streamed: bool) -> ChatError:
+        """The error to show for `exc`, preferring what the upstream knows about itself."""
+        if isinstance(exc, ChatError):
+            return exc
+        known = await self.upstream.explain_failure(exc)
+        return known or describe_upstream(exc, self.upstream.url, streamed=streamed)
+
+    def _history_for(self, question: str, history: History) -> list[BaseMessage]:
+        """The earlier turns to send: all of them, or as many as the model's context holds."""
+        window = self.upstream.context
+        if window is None:
+            return history.messages
+        fixed = window.count(
+            [SystemMessage(self.settings.chat_system_prompt), HumanMessage(question)]
+        )
+        room = window.tokens - window.reply_tokens - fixed
+        if room < 0:
+            raise ChatError(
+                "bad_request",
+                f"The question is too long for the model: with the system prompt it takes "
+                f"{fixed:,} tokens, and the model's context holds {window.tokens:,} tokens "
+                f"including {window.reply_tokens:,} for the reply.",
+            )
+        return history.fit(room, window.count)

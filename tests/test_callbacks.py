@@ -9,6 +9,7 @@ from backend.chain import build_chain
 from backend.errors import ClientGone
 from backend.history import History
 from backend.reply import Replier
+from backend.upstream import remote_upstream
 from schemas import ChatResponse
 from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.harness import SettingsFactory
@@ -38,7 +39,8 @@ async def test_handler_that_cannot_send_stops_generation(
     fake.then(Behaviour(tokens=[" y"] * 400, delay=0.005))
     settings = make_settings()
     async with openai.DefaultAsyncHttpxClient(timeout=5) as client:
-        replier = Replier(settings, build_chain(settings, client))
+        upstream = remote_upstream(settings)
+        replier = Replier(settings, build_chain(settings, upstream, client), upstream)
         history = History(1000)
         with pytest.raises(ClientGone):
             await replier.answer("talk", history, VanishingSink(tokens=5))

@@ -139,9 +139,11 @@ async def test_healthz_names_mode_model_and_upstream(
             "model": "fake-model",
             "upstream": fake.url,
         }
-        with live_server(make_settings(openai_base_url=None)) as bare:
+        with live_server(
+            make_settings(openai_base_url=None, local_model_path="/nonexistent.gguf")
+        ) as bare:
             missing = (await client.get(f"{bare.http}/healthz")).json()
     assert missing["status"] == "unconfigured"
-    assert missing["mode"] == "none"
+    assert missing["mode"] == "local"
     assert "OPENAI_API_KEY" in missing["detail"]
     await asyncio.sleep(0)

@@ -138,11 +138,15 @@ async def test_dropped_stream_keeps_partial_text(server: LiveServer, fake: FakeU
 async def test_unconfigured_server_says_what_to_set(
     make_settings: SettingsFactory, fake: FakeUpstream
 ) -> None:
-    with live_server(make_settings(openai_base_url=None, openai_api_key=None)) as server:
+    settings = make_settings(
+        openai_base_url=None, openai_api_key=None, local_model_path="/nonexistent/model.gguf"
+    )
+    with live_server(settings) as server:
         async with connect(server.ws) as ws:
             frames = await ask(ws, "hello?")
     error = error_of(frames)
     assert error["code"] == "not_configured"
     assert "OPENAI_API_KEY" in str(error["message"])
     assert "OPENAI_BASE_URL" in str(error["message"])
+    assert "LOCAL_MODEL_PATH is /nonexistent/model.gguf" in str(error["message"])
     assert frames[-1]["status"] == "error"

@@ -1,0 +1,229 @@
+"""The embedded model: real SmolLM2 through `llama_cpp.server`, and the child process's life."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from websockets.asyncio.client import connect
+
+from backend.local_model import bundled_model_path
+from tests.harness import (
+    UNIT,
+    IsolatedSettings,
+    LiveServer,
+    ask,
+    live_server,
+    recv,
+    text_of,
+    until_end,
+)
+
+pytestmark = pytest.mark.model
+
+MODEL_WAIT = UNIT * 30
+
+
+def local_settings(**overrides: object) -> IsolatedSettings:
+    values: dict[str, object] = {"chat_temperature": 0.0, "chat_max_reply_tokens": 200}
+    values.update(overrides)
+    return IsolatedSettings(**values)
+
+
+def wait_healthy(base: str, pid_not: int | None = None) -> dict[str, object]:
+    """Poll /healthz until the embedded model is ready (with a new pid, if `pid_not`)."""
+    deadline = time.monotonic() + MODEL_WAIT
+    report: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        try:
+            report = httpx.get(f"{base}/healthz", timeout=UNIT).json()
+        except httpx.HTTPError:
+            report = {}
+        local = report.get("local")
+        if report.get("status") == "ok" and isinstance(local, dict) and local["pid"] != pid_not:
+            return report
+        time.sleep(0.1)
+    raise AssertionError(f"the embedded model never became ready: {report}")
+
+
+def child_pid(report: dict[str, object]) -> int:
+    local = report["local"]
+    assert isinstance(local, dict)
+    pid = local["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has finished running)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_gone(pid: int, within: float = UNIT * 5) -> None:
+    deadline = time.monotonic() + within
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} outlived its parent"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[LiveServer]:
+    with live_server(local_settings()) as server:
+        wait_healthy(server.http)
+        yield server
+
+
+async def test_question_streams_real_tokens(model_server: LiveServer) -> None:
+    async with connect(model_server.ws) as ws:
+        frames = await ask(ws, "Name three colours.")
+    tokens = [f for f in frames if f["type"] == "stream" and f["sender"] == "bot"]
+    assert len(tokens) >= 5
+    assert frames[-1]["status"] == "completed"
+    assert text_of(frames).strip()
+
+
+async def test_stop_really_stops_the_model(model_server: LiveServer) -> None:
+    async with connect(model_server.ws) as ws:
+        await ws.send("Write a very long story about a lighthouse keeper.")
+        seen = []
+        while len([f for f in seen if f["type"] == "stream" and f["sender"] == "bot"]) < 5:
+            seen.append(await recv(ws, within=MODEL_WAIT))
+        await ws.send(json.dumps({"type": "stop"}))
+        ended = await until_end(ws)
+        assert ended[-1]["status"] == "interrupted"
+        # The model is free at once: the next reply's first token comes quickly.
+        asked = time.monotonic()
+        await ws.send("Say hello.")
+        while True:
+            frame = await recv(ws, within=MODEL_WAIT)
+            if frame["type"] == "stream" and frame["sender"] == "bot":
+                break
+        assert time.monotonic() - asked < 3.0
+        assert (await until_end(ws, within=MODEL_WAIT))[-1]["status"] == "completed"
+
+
+async def test_three_turns_in_a_row(model_server: LiveServer) -> None:
+    async with connect(model_server.ws) as ws:
+        for question in ["What is 2 plus 2?", "And 3 plus 3?", "Thank you."]:
+            frames = await until_end_of(ws, question)
+            assert frames[-1]["status"] == "completed"
+            assert text_of(frames).strip()
+            info = [f["message"] for f in frames if f["type"] == "info"]
+            assert info, frames
+
+
+async def until_end_of(ws: object, question: str) -> list[dict[str, object]]:
+    await ws.send(question)  # type: ignore[attr-defined]
+    return await until_end(ws, within=MODEL_WAIT)  # type: ignore[arg-type]
+
+
+async def test_conversation_longer_than_the_context_still_answers() -> None:
+    # Ten turns of about 300 tokens: half again as much as the 2,048-token context holds.
+    padding = " ".join(f"item{i}" for i in range(100))
+    settings = local_settings(chat_max_reply_tokens=16)
+    with live_server(settings) as server:
+        wait_healthy(server.http)
+        async with connect(server.ws) as ws:
+            for turn in range(10):
+                frames = await until_end_of(ws, f"Turn {turn}. Remember these: {padding}")
+                errors = [f for f in frames if f["type"] == "error"]
+                assert not errors, f"turn {turn}: {errors}"
+                assert frames[-1]["status"] == "completed"
+
+
+def test_chat_template_makes_user_and_assistant_turns() -> None:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    path = bundled_model_path()
+    assert path is not None
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    formatter = Jinja2ChatFormatter(
+        template=vocab.metadata["tokenizer.chat_template"], eos_token="", bos_token=""
+    )
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage("first question"),
+        AIMessage("first answer"),
+        HumanMessage("second question"),
+    ]
+    roles = {"system": "system", "human": "user", "ai": "assistant"}
+    prompt = formatter(
+        messages=[{"role": roles[m.type], "content": str(m.content)} for m in messages]
+    ).prompt
+    order = [
+        "<|im_start|>system\nBe brief.<|im_end|>",
+        "<|im_start|>user\nfirst question<|im_end|>",
+        "<|im_start|>assistant\nfirst answer<|im_end|>",
+        "<|im_start|>user\nsecond question<|im_end|>",
+    ]
+    positions = [prompt.index(part) for part in order]
+    assert positions == sorted(positions)
+    assert prompt.rstrip().endswith("<|im_start|>assistant")
+
+
+async def test_child_is_restarted_after_it_dies() -> None:
+    with live_server(local_settings()) as server:
+        first = child_pid(wait_healthy(server.http))
+        async with connect(server.ws) as ws:
+            await ws.send("Write a very long story about a river.")
+            while (await recv(ws, within=MODEL_WAIT))["type"] != "stream" or False:
+                pass
+            await recv(ws, within=MODEL_WAIT)
+            os.kill(first, signal.SIGKILL)
+            frames = await until_end(ws, within=MODEL_WAIT)
+            error = next(f for f in frames if f["type"] == "error")
+            assert error["code"] == "upstream_unavailable"
+            assert "stopped" in error["message"]
+            assert "restarted" in error["message"]
+            assert frames[-1]["status"] == "error"
+            report = wait_healthy(server.http, pid_not=first)
+            local = report["local"]
+            assert isinstance(local, dict)
+            assert local["restarts"] == 1
+            assert not alive(first)
+            again = await until_end_of(ws, "Say hello.")
+            assert again[-1]["status"] == "completed"
+        second = child_pid(report)
+    wait_gone(second)
+
+
+def start_backend(port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "backend", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_no_orphan_when_the_server_stops(sig: signal.Signals) -> None:
+    from backend.local_model import free_port
+
+    port = free_port()
+    parent = start_backend(port)
+    try:
+        pid = child_pid(wait_healthy(f"http://127.0.0.1:{port}"))
+        assert alive(pid)
+        parent.send_signal(sig)
+        parent.wait(UNIT * 5)
+        wait_gone(pid)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
