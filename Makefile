@@ -33,9 +33,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Measure latency and throughput against the fake model server; see docs/benchmarks.md.
+# Measure latency and throughput (fake model server, then the embedded model); see docs/benchmarks.md.
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/frames.py.
 schemas: install

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per HTTP request to the model server is noise at INFO.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     settings = Settings()
     uvicorn.Server(uvicorn_config(create_app(settings), settings, args.host, args.port)).run()
 

@@ -103,6 +103,12 @@ def describe_upstream(exc: BaseException, upstream_url: str, streamed: bool) -> 
             f"Cannot reach the model server at {upstream_url}. "
             "Is it running? Check OPENAI_BASE_URL.",
         )
+    if isinstance(exc, ValueError) and "No generations found in stream" in str(exc):
+        return ChatError(
+            "upstream_rejected",
+            "The model server ended the reply without sending any text; the request may not "
+            "fit the model's context. Try a shorter question, or reset the conversation.",
+        )
     if isinstance(exc, openai.APIError):
         return ChatError("upstream_rejected", f"The model server reported an error: {exc.message}")
     return ChatError("internal", "The server failed while answering; the error has been logged.")

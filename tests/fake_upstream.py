@@ -38,6 +38,7 @@ class Behaviour:
     error_message: str = "fake failure"
     drop_after: int | None = None  # abort the connection after this many tokens
     hang: bool = False  # send the headers, then nothing until the client gives up
+    empty: bool = False  # a 200 whose event stream ends at once, with no chunk at all
     stall_after: int | None = None  # after this many tokens, send nothing until it gives up
     repeat: int = 1  # repeat the token list this many times
 
@@ -276,6 +277,11 @@ class FakeUpstream:
         if behaviour.hang:
             await hangup
             return False
+        if behaviour.empty:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            record.completed = True
+            return True
         question = next(
             (m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"),
             "",

@@ -10,15 +10,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from backend.local_model import bundled_model_path
 from tests.harness import (
     UNIT,
+    Frame,
     IsolatedSettings,
     LiveServer,
     ask,
@@ -33,8 +35,12 @@ pytestmark = pytest.mark.model
 MODEL_WAIT = UNIT * 30
 
 
-def local_settings(**overrides: object) -> IsolatedSettings:
-    values: dict[str, object] = {"chat_temperature": 0.0, "chat_max_reply_tokens": 200}
+def is_token(frame: Frame) -> bool:
+    return bool(frame["type"] == "stream" and frame["sender"] == "bot")
+
+
+def local_settings(**overrides: Any) -> IsolatedSettings:
+    values: dict[str, Any] = {"chat_temperature": 0.0, "chat_max_reply_tokens": 200}
     values.update(overrides)
     return IsolatedSettings(**values)
 
@@ -89,7 +95,7 @@ def model_server() -> Iterator[LiveServer]:
 async def test_question_streams_real_tokens(model_server: LiveServer) -> None:
     async with connect(model_server.ws) as ws:
         frames = await ask(ws, "Name three colours.")
-    tokens = [f for f in frames if f["type"] == "stream" and f["sender"] == "bot"]
+    tokens = [f for f in frames if is_token(f)]
     assert len(tokens) >= 5
     assert frames[-1]["status"] == "completed"
     assert text_of(frames).strip()
@@ -98,8 +104,8 @@ async def test_question_streams_real_tokens(model_server: LiveServer) -> None:
 async def test_stop_really_stops_the_model(model_server: LiveServer) -> None:
     async with connect(model_server.ws) as ws:
         await ws.send("Write a very long story about a lighthouse keeper.")
-        seen = []
-        while len([f for f in seen if f["type"] == "stream" and f["sender"] == "bot"]) < 5:
+        seen: list[Frame] = []
+        while len([f for f in seen if is_token(f)]) < 5:
             seen.append(await recv(ws, within=MODEL_WAIT))
         await ws.send(json.dumps({"type": "stop"}))
         ended = await until_end(ws)
@@ -109,7 +115,7 @@ async def test_stop_really_stops_the_model(model_server: LiveServer) -> None:
         await ws.send("Say hello.")
         while True:
             frame = await recv(ws, within=MODEL_WAIT)
-            if frame["type"] == "stream" and frame["sender"] == "bot":
+            if is_token(frame):
                 break
         assert time.monotonic() - asked < 3.0
         assert (await until_end(ws, within=MODEL_WAIT))[-1]["status"] == "completed"
@@ -125,9 +131,10 @@ async def test_three_turns_in_a_row(model_server: LiveServer) -> None:
             assert info, frames
 
 
-async def until_end_of(ws: object, question: str) -> list[dict[str, object]]:
-    await ws.send(question)  # type: ignore[attr-defined]
-    return await until_end(ws, within=MODEL_WAIT)  # type: ignore[arg-type]
+async def until_end_of(ws: ClientConnection, question: str) -> list[Frame]:
+    """Ask, and read the reply to its `end`, at the model's pace."""
+    await ws.send(question)
+    return await until_end(ws, within=MODEL_WAIT)
 
 
 async def test_conversation_longer_than_the_context_still_answers() -> None:
@@ -161,9 +168,8 @@ def test_chat_template_makes_user_and_assistant_turns() -> None:
         HumanMessage("second question"),
     ]
     roles = {"system": "system", "human": "user", "ai": "assistant"}
-    prompt = formatter(
-        messages=[{"role": roles[m.type], "content": str(m.content)} for m in messages]
-    ).prompt
+    rendered: Any = [{"role": roles[m.type], "content": str(m.content)} for m in messages]
+    prompt = formatter(messages=rendered).prompt
     order = [
         "<|im_start|>system\nBe brief.<|im_end|>",
         "<|im_start|>user\nfirst question<|im_end|>",
@@ -180,9 +186,8 @@ async def test_child_is_restarted_after_it_dies() -> None:
         first = child_pid(wait_healthy(server.http))
         async with connect(server.ws) as ws:
             await ws.send("Write a very long story about a river.")
-            while (await recv(ws, within=MODEL_WAIT))["type"] != "stream" or False:
+            while not is_token(await recv(ws, within=MODEL_WAIT)):
                 pass
-            await recv(ws, within=MODEL_WAIT)
             os.kill(first, signal.SIGKILL)
             frames = await until_end(ws, within=MODEL_WAIT)
             error = next(f for f in frames if f["type"] == "error")

@@ -150,3 +150,13 @@ async def test_unconfigured_server_says_what_to_set(
     assert "OPENAI_BASE_URL" in str(error["message"])
     assert "LOCAL_MODEL_PATH is /nonexistent/model.gguf" in str(error["message"])
     assert frames[-1]["status"] == "error"
+
+
+async def test_stream_with_no_text_is_reported(server: LiveServer, fake: FakeUpstream) -> None:
+    fake.then(Behaviour(empty=True))
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "anything?")
+    error = error_of(frames)
+    assert error["code"] == "upstream_rejected"
+    assert "without sending any text" in str(error["message"])
+    assert frames[-1]["status"] == "error"
