@@ -4,10 +4,16 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint bench schemas clean
+NPM_STAMP := frontend/node_modules/.installed
 
-# Create .venv and install the pinned requirements (again only when they change).
-install: $(STAMP)
+.PHONY: install run test test-deps lint bench schemas clean
+
+# Create .venv, install the pinned requirements and the browser libraries (again on change).
+install: $(STAMP) $(NPM_STAMP)
+
+$(NPM_STAMP): frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
 
 $(STAMP): requirements.txt requirements-model.txt
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || \
@@ -23,9 +29,13 @@ $(STAMP): requirements.txt requirements-model.txt
 run: install
 	$(PY) -m backend --host $(HOST) --port $(PORT)
 
-# Run the whole test suite.
-test: install
+# Run the whole test suite (browser tests included).
+test: install test-deps
 	$(PY) -m pytest -q
+
+# What only the tests need: Debian's Chromium, driven by Playwright.
+test-deps:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 # Lint, format check and type check.
 lint: install
@@ -44,4 +54,4 @@ schemas: install
 
 # Remove the virtualenv and caches.
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) frontend/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import openai
-from fastapi import FastAPI, WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
 from backend.chain import build_chain
@@ -24,6 +24,12 @@ from backend.upstream import Upstream, remote_upstream
 log = logging.getLogger(__name__)
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+STATIC_DIR = FRONTEND_DIR / "static"
+# Browser libraries from npm (frontend/package.json), served as self-contained ES modules.
+VENDOR_FILES = {
+    "markdown-it.mjs": "markdown-it/dist/browser/markdown-it.esm.min.mjs",
+    "purify.mjs": "dompurify/dist/purify.es.mjs",
+}
 
 
 def make_upstream(settings: Settings) -> Upstream:
@@ -70,6 +76,14 @@ def create_app(settings: Settings) -> FastAPI:
         await websocket.accept()
         await ChatSession(websocket, replier, settings).run()
 
-    if FRONTEND_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    @app.get("/vendor/{name}", include_in_schema=False)
+    async def vendor(name: str) -> FileResponse:
+        if name not in VENDOR_FILES:
+            raise HTTPException(404, f"No vendored file {name!r}.")
+        path = FRONTEND_DIR / "node_modules" / VENDOR_FILES[name]
+        if not path.is_file():
+            raise HTTPException(404, f"{name} is not installed; run `make install`.")
+        return FileResponse(path, media_type="text/javascript")
+
+    app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="frontend")
     return app

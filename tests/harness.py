@@ -42,9 +42,9 @@ class IsolatedSettings(Settings):
 class LiveServer:
     """The app under uvicorn in a thread of its own, on a free loopback port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, port: int = 0) -> None:
         self.settings = settings
-        self.sock = bind("127.0.0.1", 0)
+        self.sock = bind("127.0.0.1", port)
         self.port = self.sock.getsockname()[1]
         config = uvicorn_config(create_app(settings), settings, "127.0.0.1", self.port)
         config.log_level = "warning"
@@ -82,9 +82,9 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[LiveServer]:
-    """Serve `settings`' app for the duration of the block."""
-    server = LiveServer(settings).start()
+def live_server(settings: Settings, port: int = 0) -> Iterator[LiveServer]:
+    """Serve `settings`' app for the duration of the block (on `port`, or a free one)."""
+    server = LiveServer(settings, port).start()
     try:
         yield server
     finally:

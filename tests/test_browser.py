@@ -1,0 +1,239 @@
+"""The web client in a real headless Chromium (Debian's), against the real server and fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.fake_upstream import Behaviour, FakeUpstream
+from tests.harness import UNIT, LiveServer, SettingsFactory, live_server
+from tests.test_interrupt import wait_hung_up
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is missing: `make test` installs it (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        await launched.close()
+
+
+async def open_chat(browser: Browser, server: LiveServer, width: int = 900) -> Page:
+    page = await browser.new_page(viewport={"width": width, "height": 700})
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    page.on("pageerror", lambda error: pytest.fail(f"page error: {error}"))
+    await page.goto(f"{server.http}/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+    page.dialogs = dialogs  # type: ignore[attr-defined]
+    return page
+
+
+async def ask(page: Page, question: str) -> None:
+    await page.locator("#question").fill(question)
+    await page.locator("#question").press("Enter")
+
+
+def last_reply(page: Page) -> object:
+    return page.locator(".bubble.bot").last
+
+
+async def test_tokens_appear_progressively(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[f"word{i} " for i in range(12)], delay=0.1))
+    page = await open_chat(browser, server)
+    await ask(page, "count slowly")
+    await expect(page.locator(".bubble.you")).to_have_text("count slowly")
+    reply = page.locator(".bubble.bot").last
+    await expect(page.locator("#stop")).to_be_enabled()
+    lengths: list[int] = []
+    deadline = time.monotonic() + UNIT * 5
+    while await reply.get_attribute("data-status") is None and time.monotonic() < deadline:
+        lengths.append(len(await reply.inner_text()))
+        await asyncio.sleep(0.05)
+    growth = sorted(set(lengths))
+    assert len(growth) >= 4, lengths  # the bubble grew step by step, not all at once
+    await expect(reply).to_have_attribute("data-status", "completed")
+    await expect(reply).to_contain_text("word11")
+    await expect(page.locator("#stop")).to_be_disabled()
+
+
+async def test_stop_button_ends_reply_and_text_stops_growing(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[f" t{i}" for i in range(400)], delay=0.02))
+    page = await open_chat(browser, server)
+    await ask(page, "go on and on")
+    reply = page.locator(".bubble.bot").last
+    await expect(reply).to_contain_text("t5")
+    await page.locator("#stop").click()
+    await expect(reply).to_have_attribute("data-status", "interrupted")
+    await expect(reply).to_contain_text("Stopped")
+    stopped_at = await reply.inner_text()
+    await asyncio.sleep(0.5)
+    assert await reply.inner_text() == stopped_at
+    await expect(page.locator("#stop")).to_be_disabled()
+    await wait_hung_up(fake, 0)
+
+
+async def test_sending_during_a_reply_preempts_it(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[" slow"] * 300, delay=0.02), Behaviour(tokens=["second reply"]))
+    page = await open_chat(browser, server)
+    await ask(page, "first")
+    first = page.locator(".bubble.bot").first
+    await expect(first).to_contain_text("slow")
+    await ask(page, "second")
+    await expect(first).to_have_attribute("data-status", "interrupted")
+    second = page.locator(".bubble.bot").nth(1)
+    await expect(second).to_have_text("second reply")
+    await expect(second).to_have_attribute("data-status", "completed")
+    await expect(page.locator(".bubble.you")).to_have_text(["first", "second"])
+
+
+async def test_new_chat_resets_view_and_conversation(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    page = await open_chat(browser, server)
+    await ask(page, "remember this")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await page.locator("#new-chat").click()
+    await expect(page.locator(".bubble")).to_have_count(0)
+    await ask(page, "fresh")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    assert [m["role"] for m in fake.requests[-1].messages] == ["system", "user"]
+
+
+async def test_upstream_error_is_shown(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(status=401))
+    page = await open_chat(browser, server)
+    await ask(page, "hello")
+    error = page.locator(".bubble.error")
+    await expect(error).to_contain_text("rejected the API key")
+    await expect(error).to_have_attribute("role", "alert")
+    await expect(page.locator("#stop")).to_be_disabled()
+
+
+async def test_reconnects_after_server_restart(
+    browser: Browser, make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    settings = make_settings()
+    first = LiveServer(settings).start()
+    port = first.port
+    page = await open_chat(browser, first)
+    first.stop()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
+    await expect(page.locator("#connection")).to_contain_text("retrying")
+    with live_server(settings, port=port):
+        await expect(page.locator("#connection")).to_have_attribute(
+            "data-state", "open", timeout=UNIT * 8 * 1000
+        )
+        await ask(page, "back again")
+        await expect(last_reply(page)).to_have_text("You said: back again")  # type: ignore[arg-type]
+
+
+async def test_model_html_renders_inert_and_markdown_renders(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    hostile = [
+        "**bold** text\n\n",
+        "- one\n- two\n\n",
+        "```\nprint('hi')\n```\n\n",
+        "<img src=x onerror=alert(1)>",
+        "<script>window.pwned = 1; alert(2)</script>",
+        '[link](javascript:alert(3)) <a href="javascript:alert(4)">x</a>',
+    ]
+    fake.then(Behaviour(tokens=hostile))
+    page = await open_chat(browser, server)
+    await ask(page, "show me")
+    reply = page.locator(".bubble.bot").last
+    await expect(reply).to_have_attribute("data-status", "completed")
+    assert await reply.locator("strong").inner_text() == "bold"
+    assert await reply.locator("li").count() == 2
+    assert "print('hi')" in await reply.locator("pre code").inner_text()
+    # Model HTML shows as text, creates no element, runs nothing.
+    await expect(reply).to_contain_text("<img src=x onerror=alert(1)>")
+    assert await page.locator("#messages img, #messages script").count() == 0
+    hrefs = await reply.locator("a").evaluate_all("links => links.map(a => a.href)")
+    assert not [href for href in hrefs if href.startswith("javascript:")]
+    await asyncio.sleep(0.3)
+    assert await page.evaluate("window.pwned") is None
+    assert page.dialogs == []  # type: ignore[attr-defined]
+
+
+async def test_keyboard_only_use(browser: Browser, server: LiveServer, fake: FakeUpstream) -> None:
+    page = await open_chat(browser, server)
+    question = page.locator("#question")
+    await expect(question).to_be_focused()
+    await page.keyboard.type("line one")
+    await page.keyboard.press("Shift+Enter")
+    await page.keyboard.type("line two")
+    assert await question.input_value() == "line one\nline two"
+    await expect(page.locator(".bubble")).to_have_count(0)
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".bubble.you")).to_have_text("line one\nline two")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    assert await page.locator("#messages").get_attribute("aria-live") == "polite"
+
+
+async def test_auto_scroll_stops_when_reader_scrolls_up(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[f"line {i}\n\n" for i in range(200)], delay=0.01))
+    page = await open_chat(browser, server, width=600)
+    await ask(page, "long")
+    messages = page.locator("#messages")
+    await expect(last_reply(page)).to_contain_text("line 40")  # type: ignore[arg-type]
+    at_bottom = await messages.evaluate("m => m.scrollHeight - m.scrollTop - m.clientHeight")
+    assert at_bottom < 60  # following the reply
+    await messages.evaluate("m => m.scrollTo(0, 0)")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    assert await messages.evaluate("m => m.scrollTop") < 60  # left where the reader put it
+
+
+async def test_narrow_screen_and_screenshot(
+    browser: Browser, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(
+        Behaviour(tokens=["Streams can be **stopped** at any time.\n\n", "- stop\n- ask again"]),
+        Behaviour(tokens=[" A long answer"] * 300, delay=0.02),
+    )
+    page = await open_chat(browser, server, width=375)
+    await ask(page, "What can this chat do?")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await ask(page, "Tell me a long story")
+    await expect(last_reply(page)).to_contain_text("answer A long")  # type: ignore[arg-type]
+    await page.locator("#stop").click()
+    await expect(last_reply(page)).to_have_attribute("data-status", "interrupted")  # type: ignore[arg-type]
+    overflow = await page.evaluate("document.documentElement.scrollWidth")
+    assert overflow <= 375
+    await page.set_viewport_size({"width": 900, "height": 640})
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT))
