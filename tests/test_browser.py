@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.harness import UNIT, LiveServer, SettingsFactory, live_server
@@ -17,6 +17,7 @@ from tests.test_interrupt import wait_hung_up
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_INSTALLED = CHROMIUM.exists()
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -29,26 +30,30 @@ CHROMIUM_ARGS = [
 ]
 
 
+# Script errors and dialogs of every page a test opened; both must stay empty.
+PAGE_ERRORS: list[str] = []
+
+
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if not CHROMIUM.exists():
+    if not CHROMIUM_INSTALLED:
         pytest.fail("Chromium is missing: `make test` installs it (apt-get install chromium)")
+    PAGE_ERRORS.clear()
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
         yield launched
         await launched.close()
+    assert PAGE_ERRORS == []
 
 
 async def open_chat(browser: Browser, server: LiveServer, width: int = 900) -> Page:
     page = await browser.new_page(viewport={"width": width, "height": 700})
-    dialogs: list[str] = []
-    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
-    page.on("pageerror", lambda error: pytest.fail(f"page error: {error}"))
+    page.on("dialog", lambda dialog: PAGE_ERRORS.append(f"dialog: {dialog.message}"))
+    page.on("pageerror", lambda error: PAGE_ERRORS.append(f"script error: {error}"))
     await page.goto(f"{server.http}/")
     await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
-    page.dialogs = dialogs  # type: ignore[attr-defined]
     return page
 
 
@@ -57,7 +62,7 @@ async def ask(page: Page, question: str) -> None:
     await page.locator("#question").press("Enter")
 
 
-def last_reply(page: Page) -> object:
+def last_reply(page: Page) -> Locator:
     return page.locator(".bubble.bot").last
 
 
@@ -121,11 +126,11 @@ async def test_new_chat_resets_view_and_conversation(
 ) -> None:
     page = await open_chat(browser, server)
     await ask(page, "remember this")
-    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
     await page.locator("#new-chat").click()
     await expect(page.locator(".bubble")).to_have_count(0)
     await ask(page, "fresh")
-    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
     assert [m["role"] for m in fake.requests[-1].messages] == ["system", "user"]
 
 
@@ -156,7 +161,7 @@ async def test_reconnects_after_server_restart(
             "data-state", "open", timeout=UNIT * 8 * 1000
         )
         await ask(page, "back again")
-        await expect(last_reply(page)).to_have_text("You said: back again")  # type: ignore[arg-type]
+        await expect(last_reply(page)).to_have_text("You said: back again")
 
 
 async def test_model_html_renders_inert_and_markdown_renders(
@@ -185,7 +190,7 @@ async def test_model_html_renders_inert_and_markdown_renders(
     assert not [href for href in hrefs if href.startswith("javascript:")]
     await asyncio.sleep(0.3)
     assert await page.evaluate("window.pwned") is None
-    assert page.dialogs == []  # type: ignore[attr-defined]
+    assert PAGE_ERRORS == []
 
 
 async def test_keyboard_only_use(browser: Browser, server: LiveServer, fake: FakeUpstream) -> None:
@@ -199,7 +204,7 @@ async def test_keyboard_only_use(browser: Browser, server: LiveServer, fake: Fak
     await expect(page.locator(".bubble")).to_have_count(0)
     await page.keyboard.press("Enter")
     await expect(page.locator(".bubble.you")).to_have_text("line one\nline two")
-    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
     assert await page.locator("#messages").get_attribute("aria-live") == "polite"
 
 
@@ -210,11 +215,11 @@ async def test_auto_scroll_stops_when_reader_scrolls_up(
     page = await open_chat(browser, server, width=600)
     await ask(page, "long")
     messages = page.locator("#messages")
-    await expect(last_reply(page)).to_contain_text("line 40")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_contain_text("line 40")
     at_bottom = await messages.evaluate("m => m.scrollHeight - m.scrollTop - m.clientHeight")
     assert at_bottom < 60  # following the reply
     await messages.evaluate("m => m.scrollTo(0, 0)")
-    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
     assert await messages.evaluate("m => m.scrollTop") < 60  # left where the reader put it
 
 
@@ -227,11 +232,11 @@ async def test_narrow_screen_and_screenshot(
     )
     page = await open_chat(browser, server, width=375)
     await ask(page, "What can this chat do?")
-    await expect(last_reply(page)).to_have_attribute("data-status", "completed")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
     await ask(page, "Tell me a long story")
-    await expect(last_reply(page)).to_contain_text("answer A long")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_contain_text("answer A long")
     await page.locator("#stop").click()
-    await expect(last_reply(page)).to_have_attribute("data-status", "interrupted")  # type: ignore[arg-type]
+    await expect(last_reply(page)).to_have_attribute("data-status", "interrupted")
     overflow = await page.evaluate("document.documentElement.scrollWidth")
     assert overflow <= 375
     await page.set_viewport_size({"width": 900, "height": 640})
