@@ -12,6 +12,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from backend.config import Settings
+from backend.fast_stream import DictChunkCompletions
 from backend.upstream import Upstream
 
 ChatChain = Runnable[dict[str, Any], BaseMessage]
@@ -29,7 +30,7 @@ def build_model(
     connections live and die with the app's event loop.
     """
     key = settings.openai_api_key or SecretStr(PLACEHOLDER_KEY)
-    return ChatOpenAI(
+    model = ChatOpenAI(
         model=upstream.model,
         temperature=settings.chat_temperature,
         api_key=key,
@@ -47,6 +48,8 @@ def build_model(
         stream_chunk_timeout=None,
         http_async_client=http_client,
     )
+    model.async_client = DictChunkCompletions(model.async_client)
+    return model
 
 
 def build_chain(

@@ -38,6 +38,7 @@ class Behaviour:
     error_message: str = "fake failure"
     drop_after: int | None = None  # abort the connection after this many tokens
     hang: bool = False  # send the headers, then nothing until the client gives up
+    error_after: int | None = None  # after this many tokens, an OpenAI-style error event
     empty: bool = False  # a 200 whose event stream ends at once, with no chunk at all
     stall_after: int | None = None  # after this many tokens, send nothing until it gives up
     repeat: int = 1  # repeat the token list this many times
@@ -74,6 +75,7 @@ class FakeUpstream:
         self.default = Behaviour()
         self.queued: deque[Behaviour] = deque()
         self.requests: list[Recorded] = []
+        self.connections = 0  # TCP connections accepted since the last reset
         self.chooser: Callable[[dict[str, Any]], Behaviour | None] | None = None
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,6 +97,7 @@ class FakeUpstream:
             self.default = Behaviour()
             self.queued.clear()
             self.requests.clear()
+            self.connections = 0
             self.chooser = None
 
     def then(self, *behaviours: Behaviour) -> None:
@@ -161,6 +164,8 @@ class FakeUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
+        with self._lock:
+            self.connections += 1
         try:
             prefix: bytes | None = b""
             while prefix is not None:
@@ -295,6 +300,13 @@ class FakeUpstream:
                 record.dropped = True
                 writer.transport.abort()
                 return False
+            if behaviour.error_after is not None and index >= behaviour.error_after:
+                event = {"error": {"message": behaviour.error_message, "type": "fake_error"}}
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+                await writer.drain()
+                record.completed = True
+                return True
             if behaviour.stall_after is not None and index >= behaviour.stall_after:
                 await writer.drain()
                 await hangup

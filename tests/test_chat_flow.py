@@ -38,3 +38,13 @@ async def test_history_carries_across_turns(server: LiveServer, fake: FakeUpstre
     assert second[1]["content"] == "capital of France?"
     assert second[2]["content"] == "Paris."
     assert second[3]["content"] == "are you sure?"
+
+
+async def test_upstream_connection_is_reused_across_turns(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    async with connect(server.ws) as ws:
+        for n in range(5):
+            assert (await ask(ws, f"turn {n}"))[-1]["status"] == "completed"
+    assert len(fake.requests) == 5
+    assert fake.connections == 1

@@ -160,3 +160,19 @@ async def test_stream_with_no_text_is_reported(server: LiveServer, fake: FakeUps
     assert error["code"] == "upstream_rejected"
     assert "without sending any text" in str(error["message"])
     assert frames[-1]["status"] == "error"
+
+
+async def test_error_event_mid_stream_is_reported_and_partial_kept(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(
+        Behaviour(tokens=["Half", " way", " more"], error_after=2, error_message="overloaded")
+    )
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "start")
+        await ask(ws, "again")
+    error = error_of(frames)
+    assert error["code"] == "upstream_rejected"
+    assert "overloaded" in str(error["message"])
+    assert text_of(frames) == "Half way"
+    assert [m["content"] for m in fake.requests[1].messages[1:]] == ["start", "Half way", "again"]
