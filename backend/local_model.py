@@ -86,6 +86,18 @@ def gguf_token_counter(model_path: str) -> TokenCounter:
     return count
 
 
+def child_environment() -> dict[str, str]:
+    """Our environment minus every variable `llama_cpp.server` would read as a setting.
+
+    Its settings take plain names from the environment (PORT, HOST, MODEL, API_KEY, N_CTX...),
+    so a PORT meant for this server, or an unrelated API_KEY, would otherwise reconfigure it.
+    """
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    taken = {"config_file", *ServerSettings.model_fields, *ModelSettings.model_fields}
+    return {name: value for name, value in os.environ.items() if name.lower() not in taken}
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGKILL when the parent dies (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -157,6 +169,7 @@ class LocalModel(Upstream):
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            env=child_environment(),
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )

@@ -151,6 +151,23 @@ async def test_conversation_longer_than_the_context_still_answers() -> None:
                 assert frames[-1]["status"] == "completed"
 
 
+async def test_our_environment_does_not_reconfigure_the_model_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with live_server(local_settings()) as server:
+        # What `make run PORT=...` or an unrelated secret leaves in the environment: the child
+        # must not bind our port nor start asking for a key.
+        monkeypatch.setenv("PORT", str(server.port))
+        monkeypatch.setenv("API_KEY", "unrelated-secret")
+        monkeypatch.setenv("N_CTX", "64")
+        first = child_pid(wait_healthy(server.http))
+        os.kill(first, signal.SIGKILL)
+        wait_healthy(server.http, pid_not=first)
+        async with connect(server.ws) as ws:
+            frames = await until_end_of(ws, "Name a colour.")
+    assert frames[-1]["status"] == "completed"
+
+
 def test_chat_template_makes_user_and_assistant_turns() -> None:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
