@@ -180,13 +180,12 @@ class LocalModel(Upstream):
         """Start the child, wait for it to answer, and restart it whenever it dies."""
         while not self._stopping:
             self.state = "starting" if self.restarts == 0 else "restarting"
-            process = await self._spawn()
             self.started_at = time.monotonic()
-            pump = asyncio.create_task(self._pump_output(process))
-            ready = asyncio.create_task(self._wait_until_answering(process))
-            exit_code = await process.wait()
-            ready.cancel()
-            await asyncio.wait([pump, ready])
+            try:
+                exit_code = await self._run_once()
+            except OSError as exc:
+                log.error("cannot start the embedded model: %s", exc)
+                exit_code = -1
             self._ready.clear()
             self.last_exit = exit_code
             if self._stopping:
@@ -209,6 +208,16 @@ class LocalModel(Upstream):
             )
             await asyncio.sleep(delay)
         self.state = "stopped"
+
+    async def _run_once(self) -> int:
+        """Run the child until it exits; its exit code."""
+        process = await self._spawn()
+        pump = asyncio.create_task(self._pump_output(process))
+        ready = asyncio.create_task(self._wait_until_answering(process))
+        exit_code = await process.wait()
+        ready.cancel()
+        await asyncio.wait([pump, ready])
+        return exit_code
 
     async def _wait_until_answering(self, process: asyncio.subprocess.Process) -> None:
         async with httpx.AsyncClient(timeout=2.0) as client:
