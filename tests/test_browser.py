@@ -153,6 +153,8 @@ async def test_reconnects_after_server_restart(
     first = LiveServer(settings).start()
     port = first.port
     page = await open_chat(browser, first)
+    await ask(page, "before the restart")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
     first.stop()
     await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
     await expect(page.locator("#connection")).to_contain_text("retrying")
@@ -160,8 +162,11 @@ async def test_reconnects_after_server_restart(
         await expect(page.locator("#connection")).to_have_attribute(
             "data-state", "open", timeout=UNIT * 8 * 1000
         )
+        await expect(page.locator("#messages .info")).to_contain_text("Reconnected")
         await ask(page, "back again")
         await expect(last_reply(page)).to_have_text("You said: back again")
+    # The new connection is a new conversation on the server, as the notice said.
+    assert [m["role"] for m in fake.requests[-1].messages] == ["system", "user"]
 
 
 async def test_model_html_renders_inert_and_markdown_renders(

@@ -137,6 +137,7 @@ async def until_end_of(ws: ClientConnection, question: str) -> list[Frame]:
     return await until_end(ws, within=MODEL_WAIT)
 
 
+@pytest.mark.timeout(400)  # ten full-context prompts on a 2-core CPU: about a minute here
 async def test_conversation_longer_than_the_context_still_answers() -> None:
     # Ten turns of about 300 tokens: half again as much as the 2,048-token context holds.
     padding = " ".join(f"item{i}" for i in range(100))

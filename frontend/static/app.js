@@ -24,6 +24,7 @@ let retryMs = RETRY_FIRST_MS;
 let reply = null; // { node, text } while a reply streams
 let renderQueued = false;
 let followBottom = true;
+let wasConnected = false;
 
 /** The socket's URL, next to the page: works behind a path prefix and on https (wss). */
 function socketUrl() {
@@ -58,6 +59,13 @@ function bubble(kind, text) {
   node.className = `bubble ${kind}`;
   node.textContent = text;
   return append(node);
+}
+
+function notice(text) {
+  const node = document.createElement("p");
+  node.className = "info";
+  node.textContent = text;
+  return node;
 }
 
 function renderMarkdown(node, text) {
@@ -130,6 +138,11 @@ function connect() {
   socket.addEventListener("open", () => {
     retryMs = RETRY_FIRST_MS;
     setConnection("open", "Connected");
+    // The server keeps a conversation per connection: say so when a new one begins.
+    if (wasConnected && messages.childElementCount > 0) {
+      append(notice("Reconnected. The messages above are not part of the new conversation."));
+    }
+    wasConnected = true;
   });
   socket.addEventListener("message", (event) => render(JSON.parse(event.data)));
   socket.addEventListener("close", () => {
