@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
+from backend.origin import request_allowed
 from backend.reply import Replier
 from schemas import ChatResponse
 
@@ -74,6 +75,11 @@ def build_router(replier: Replier) -> APIRouter:
     router = APIRouter()
 
     def question_from(request: Request) -> str:
+        if not request_allowed(request.headers, replier.settings.chat_allowed_origins):
+            origin = request.headers.get("origin", "another site")
+            raise HTTPException(
+                403, f"Requests from {origin} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."
+            )
         params = request.query_params
         text = params.get("prompt", params.get("user_input"))
         if text is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 
@@ -28,3 +28,16 @@ def _with_port(netloc: str, scheme: str) -> str:
     if netloc.endswith("]") or ":" not in netloc:
         return f"{netloc}:{443 if scheme == 'https' else 80}"
     return netloc
+
+
+def request_allowed(headers: Mapping[str, str], allowed: Iterable[str]) -> bool:
+    """Whether a request that starts a reply may come from where the browser says it does.
+
+    Cross-site pages can make a visitor's browser send GETs without any script (an `<img>`
+    pointing at `/stream`), spending tokens in the visitor's name: such requests carry
+    `Sec-Fetch-Site: cross-site` and no `Origin`, so both headers are checked.
+    """
+    origin = headers.get("origin")
+    if origin is not None:
+        return origin_allowed(origin, headers.get("host"), allowed)
+    return headers.get("sec-fetch-site") not in {"cross-site", "same-site"}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from backend.origin import origin_allowed
 from tests.fake_upstream import FakeUpstream
-from tests.harness import LiveServer, SettingsFactory, ask, live_server
+from tests.harness import UNIT, LiveServer, SettingsFactory, ask, live_server
 
 
 async def test_foreign_origin_is_refused_with_403(server: LiveServer, fake: FakeUpstream) -> None:
@@ -57,3 +58,35 @@ async def test_allowed_origins_setting_adds_origins(
 )
 def test_origin_rules(origin: str | None, host: str, allowed: bool) -> None:
     assert origin_allowed(origin, host, []) is allowed
+
+
+@pytest.mark.parametrize("path", ["/stream", "/sse"])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),
+        ({"origin": "https://evil.example"}, 403),
+        ({"sec-fetch-site": "cross-site"}, 403),
+        ({"sec-fetch-site": "same-origin"}, 200),
+        ({"sec-fetch-site": "none"}, 200),
+    ],
+)
+async def test_http_streams_refuse_cross_site_requests(
+    server: LiveServer, fake: FakeUpstream, path: str, headers: dict[str, str], status: int
+) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(
+            f"{server.http}{path}", params={"prompt": "hi"}, headers=headers
+        )
+    assert response.status_code == status
+    if status == 403:
+        assert "CHAT_ALLOWED_ORIGINS" in response.json()["detail"]
+        assert fake.requests == []
+
+
+async def test_http_stream_accepts_its_own_page(server: LiveServer, fake: FakeUpstream) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(
+            f"{server.http}/sse", params={"prompt": "hi"}, headers={"origin": server.http}
+        )
+    assert response.status_code == 200
