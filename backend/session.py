@@ -47,6 +47,8 @@ class ChatSession:
                 if event["type"] == "websocket.disconnect":
                     break
                 await self.handle(event)
+        except ClientGone:
+            log.info("client stopped listening; closing its session")
         finally:
             await self.interrupt()
             writer.cancel()
