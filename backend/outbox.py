@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 # Text of consecutive bot tokens not yet sent; becomes a single `stream` frame.
 Pending = ChatResponse | list[str]
+# Frames waiting for a client that has stopped reading; beyond this it is cut off rather than
+# letting its backlog grow without bound. (A reply's tokens merge into one entry.)
+MAX_PENDING = 1000
 
 
 def encode(item: Pending) -> str:
@@ -30,11 +33,15 @@ class Outbox:
     Sending never blocks the producer: a reply appends its tokens and carries on. When the
     socket is slower than the model, the tokens that pile up behind it are merged into one
     `stream` frame, so a slow client costs fewer, larger frames instead of a growing backlog.
-    Once a send fails, every later `send` or `token` raises `ClientGone`.
+    Once a send fails, or a client that does not read lets `MAX_PENDING` frames pile up, every
+    later `send` or `token` raises `ClientGone`.
     """
 
-    def __init__(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(
+        self, send_text: Callable[[str], Awaitable[None]], max_pending: int = MAX_PENDING
+    ) -> None:
         self._send_text = send_text
+        self._max_pending = max_pending
         self._pending: list[Pending] = []
         self._wake = asyncio.Event()
         self._gone = False
@@ -57,6 +64,9 @@ class Outbox:
     def _check(self) -> None:
         if self._gone:
             raise ClientGone("the client's connection is closed")
+        if len(self._pending) >= self._max_pending:
+            self._gone = True
+            raise ClientGone(f"the client left {len(self._pending)} frames unread")
 
     async def run(self) -> None:
         """Send whatever is queued, until cancelled or the socket fails."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -47,8 +48,10 @@ class ChatSession:
                 if event["type"] == "websocket.disconnect":
                     break
                 await self.handle(event)
-        except ClientGone:
-            log.info("client stopped listening; closing its session")
+        except ClientGone as gone:
+            log.warning("closing a session: %s", gone)
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code=1008, reason="Too many unread frames.")
         finally:
             await self.interrupt()
             writer.cancel()
