@@ -17,7 +17,8 @@ $(NPM_STAMP): frontend/package.json frontend/package-lock.json
 
 $(STAMP): requirements.txt requirements-model.txt
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || \
-		(apt-get update && apt-get install -y --no-install-recommends cmake g++ make)
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			cmake g++ make)
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "Installing requirements; the first install compiles llama.cpp (about 6-8 minutes)."
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --disable-pip-version-check \
@@ -33,9 +34,11 @@ run: install
 test: install test-deps
 	$(PY) -m pytest -q
 
-# What only the tests need: Debian's Chromium, driven by Playwright.
+# What only the tests need: Debian's Chromium (and a font for its screenshots), driven by Playwright.
 test-deps:
-	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	@test -x /usr/bin/chromium -a -d /usr/share/fonts/truetype/liberation || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+			--no-install-recommends chromium fonts-liberation)
 
 # Lint, format check and type check.
 lint: install
