@@ -30,14 +30,19 @@ def build_model(
     connections live and die with the app's event loop.
     """
     key = settings.openai_api_key or SecretStr(PLACEHOLDER_KEY)
+    reply_tokens = upstream.context.reply_tokens if upstream.context else None
+    reply_tokens = reply_tokens or settings.chat_max_reply_tokens
     model = ChatOpenAI(
         model=upstream.model,
         temperature=settings.chat_temperature,
         api_key=key,
         base_url=upstream.url,
-        max_tokens=upstream.context.reply_tokens
-        if upstream.context
-        else settings.chat_max_reply_tokens,
+        max_tokens=reply_tokens,
+        # ChatOpenAI sends the limit as `max_completion_tokens`, which llama.cpp's server (and
+        # other OpenAI-compatible servers) ignore: they read `max_tokens`.
+        extra_body={"max_tokens": reply_tokens}
+        if reply_tokens and upstream.mode != "openai"
+        else None,
         streaming=True,
         # Retrying is ours to decide (once, and only before the first token): see reply.py.
         max_retries=0,

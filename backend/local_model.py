@@ -156,6 +156,10 @@ class LocalModel(Upstream):
             str(self.settings.local_model_threads),
             "--verbose",
             "False",
+            # One model serves every conversation: a new request must wait its turn, not cut
+            # off another user's reply (a stop still ends generation: we hang up).
+            "--interrupt_requests",
+            "False",
         ]
 
     async def start(self) -> None:

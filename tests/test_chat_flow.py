@@ -5,7 +5,7 @@ from __future__ import annotations
 from websockets.asyncio.client import connect
 
 from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import LiveServer, ask, kinds, text_of
+from tests.harness import LiveServer, SettingsFactory, ask, kinds, live_server, text_of
 
 
 async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) -> None:
@@ -48,3 +48,15 @@ async def test_upstream_connection_is_reused_across_turns(
             assert (await ask(ws, f"turn {n}"))[-1]["status"] == "completed"
     assert len(fake.requests) == 5
     assert fake.connections == 1
+
+
+async def test_reply_limit_reaches_the_model_server(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    with live_server(make_settings(chat_max_reply_tokens=50)) as server:
+        async with connect(server.ws) as ws:
+            await ask(ws, "short please")
+    # OpenAI-compatible servers such as llama.cpp's read `max_tokens`, not only the newer name.
+    body = fake.requests[0].body
+    assert body["max_tokens"] == 50
+    assert body["max_completion_tokens"] == 50

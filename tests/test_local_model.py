@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -101,6 +102,20 @@ async def test_question_streams_real_tokens(model_server: LiveServer) -> None:
     assert text_of(frames).strip()
 
 
+async def test_reply_stops_at_the_token_limit(model_server: LiveServer) -> None:
+    from langchain_core.messages import AIMessage
+
+    from backend.local_model import gguf_token_counter
+
+    async with connect(model_server.ws) as ws:
+        frames = await until_end_of(ws, "Write a very long story about a lighthouse keeper.")
+    assert frames[-1]["status"] == "completed"
+    path = bundled_model_path()
+    assert path is not None
+    tokens = gguf_token_counter(str(path))([AIMessage(text_of(frames))]) - 6
+    assert 100 < tokens <= 205  # the module server allows 200 reply tokens
+
+
 async def test_stop_really_stops_the_model(model_server: LiveServer) -> None:
     async with connect(model_server.ws) as ws:
         await ws.send("Write a very long story about a lighthouse keeper.")
@@ -119,6 +134,20 @@ async def test_stop_really_stops_the_model(model_server: LiveServer) -> None:
                 break
         assert time.monotonic() - asked < 3.0
         assert (await until_end(ws, within=MODEL_WAIT))[-1]["status"] == "completed"
+
+
+async def test_two_conversations_at_once_both_complete(model_server: LiveServer) -> None:
+    async def converse(question: str) -> list[Frame]:
+        async with connect(model_server.ws) as ws:
+            return await until_end_of(ws, question)
+
+    first = asyncio.create_task(converse("Write a long story about a dragon."))
+    await asyncio.sleep(0.5)  # the first reply is streaming when the second question comes
+    second = await converse("Write a long poem about the sea.")
+    for frames in (await first, second):
+        assert not [f for f in frames if f["type"] == "error"], frames
+        assert frames[-1]["status"] == "completed"
+        assert len(text_of(frames)) > 100
 
 
 async def test_three_turns_in_a_row(model_server: LiveServer) -> None:
