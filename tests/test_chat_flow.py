@@ -60,3 +60,17 @@ async def test_reply_limit_reaches_the_model_server(
     body = fake.requests[0].body
     assert body["max_tokens"] == 50
     assert body["max_completion_tokens"] == 50
+
+
+async def test_system_prompt_and_question_are_sent_verbatim(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    prompt = 'Reply as JSON like {"answer": "..."}; never use {placeholders}.'
+    with live_server(make_settings(chat_system_prompt=prompt)) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "What is {x} in {lang}?")
+    assert frames[-1]["status"] == "completed"
+    assert fake.requests[0].messages == [
+        {"role": "system", "content": prompt},
+        {"role": "user", "content": "What is {x} in {lang}?"},
+    ]
