@@ -59,7 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:
-        return JSONResponse(upstream.health())
+        # 503 until replies can work, so load balancers and readiness probes hold traffic.
+        report = upstream.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.websocket("/chat")
     async def chat(websocket: WebSocket) -> None:

@@ -122,7 +122,9 @@ async def test_healthz_names_mode_model_and_upstream(
     server: LiveServer, fake: FakeUpstream, make_settings: SettingsFactory
 ) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
-        report = (await client.get(f"{server.http}/healthz")).json()
+        response = await client.get(f"{server.http}/healthz")
+        assert response.status_code == 200
+        report = response.json()
         assert report == {
             "status": "ok",
             "mode": "remote",
@@ -132,7 +134,9 @@ async def test_healthz_names_mode_model_and_upstream(
         with live_server(
             make_settings(openai_base_url=None, local_model_path="/nonexistent.gguf")
         ) as bare:
-            missing = (await client.get(f"{bare.http}/healthz")).json()
+            unhealthy = await client.get(f"{bare.http}/healthz")
+            missing = unhealthy.json()
+    assert unhealthy.status_code == 503
     assert missing["status"] == "unconfigured"
     assert missing["mode"] == "local"
     assert "OPENAI_API_KEY" in missing["detail"]
