@@ -198,6 +198,19 @@ async def test_our_environment_does_not_reconfigure_the_model_server(
     assert frames[-1]["status"] == "completed"
 
 
+async def test_question_during_start_up_waits_for_the_model() -> None:
+    with live_server(local_settings()) as server:
+        async with httpx.AsyncClient(timeout=UNIT) as client:
+            starting = await client.get(f"{server.http}/healthz")
+        assert starting.status_code == 503
+        assert starting.json()["status"] == "starting"
+        async with connect(server.ws) as ws:
+            frames = await until_end_of(ws, "Hello!")
+    notes = [f["message"] for f in frames if f["type"] == "info"]
+    assert any("Waiting for the embedded model to start" in note for note in notes), notes
+    assert frames[-1]["status"] == "completed"
+
+
 def test_chat_template_makes_user_and_assistant_turns() -> None:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
