@@ -14,7 +14,6 @@ import importlib.metadata
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from langchain_core.messages import BaseMessage
 from backend.config import Settings
 from backend.errors import ChatError
 from backend.history import ContextWindow, TokenCounter
+from backend.server import free_port
 from backend.upstream import MissingUpstream, Notify, Upstream
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ def bundled_model_path() -> Path | None:
         if str(file).endswith(BUNDLED_SUFFIX):
             return Path(str(file.locate()))
     return None
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @cache

@@ -23,6 +23,14 @@ def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uv
     )
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; port 0 picks a free port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -22,7 +22,8 @@ import openai
 from websockets.asyncio.client import connect
 
 from backend.config import DEFAULT_SYSTEM_PROMPT
-from backend.local_model import bundled_model_path, free_port, gguf_token_counter
+from backend.local_model import bundled_model_path, gguf_token_counter
+from backend.server import free_port
 from bench.run import process
 
 QUESTION = "Explain in a few sentences how a lighthouse works."

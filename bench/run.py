@@ -24,14 +24,9 @@ from typing import Any
 import openai
 from websockets.asyncio.client import ClientConnection, connect
 
+from backend.server import free_port
+
 TOKEN = " tok"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:

@@ -19,6 +19,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from websockets.asyncio.client import ClientConnection, connect
 
 from backend.local_model import bundled_model_path
+from backend.server import free_port
 from tests.harness import (
     UNIT,
     Frame,
@@ -278,8 +279,6 @@ def start_backend(port: int) -> subprocess.Popen[bytes]:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_orphan_when_the_server_stops(sig: signal.Signals) -> None:
-    from backend.local_model import free_port
-
     port = free_port()
     parent = start_backend(port)
     try:

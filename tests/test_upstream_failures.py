@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from websockets.asyncio.client import connect
 
+from backend.server import free_port
 from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.harness import LiveServer, SettingsFactory, ask, kinds, live_server, text_of
 
@@ -67,10 +66,7 @@ async def test_one_quick_retry_recovers_a_5xx(server: LiveServer, fake: FakeUpst
 async def test_connection_refused_names_the_url(
     make_settings: SettingsFactory, fake: FakeUpstream
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{dead_port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with live_server(make_settings(openai_base_url=url)) as server:
         async with connect(server.ws) as ws:
             frames = await ask(ws, "anyone?")
