@@ -30,8 +30,7 @@ def build_model(
     connections live and die with the app's event loop.
     """
     key = settings.openai_api_key or SecretStr(PLACEHOLDER_KEY)
-    reply_tokens = upstream.context.reply_tokens if upstream.context else None
-    reply_tokens = reply_tokens or settings.chat_max_reply_tokens
+    reply_tokens = upstream.reply_tokens
     model = ChatOpenAI(
         model=upstream.model,
         temperature=settings.chat_temperature,

@@ -13,10 +13,9 @@ TokenCounter = Callable[[Sequence[BaseMessage]], int]
 
 @dataclass(frozen=True)
 class ContextWindow:
-    """A model's context size, the part kept free for its reply, and how it counts tokens."""
+    """A model's context size and how it counts tokens."""
 
     tokens: int
-    reply_tokens: int
     count: TokenCounter
 
 

@@ -101,12 +101,16 @@ class LocalModel(Upstream):
 
     def __init__(self, settings: Settings, model_path: Path) -> None:
         self.port = free_port()
-        super().__init__("local", f"http://127.0.0.1:{self.port}/v1", model_path.stem)
+        super().__init__(
+            "local",
+            f"http://127.0.0.1:{self.port}/v1",
+            model_path.stem,
+            settings.chat_max_reply_tokens or DEFAULT_REPLY_TOKENS,
+        )
         self.settings = settings
         self.model_path = model_path
         self.context = ContextWindow(
             tokens=settings.local_model_context,
-            reply_tokens=self.reply_tokens,
             count=gguf_token_counter(str(model_path)),
         )
         self.state: State = "stopped"
@@ -117,11 +121,6 @@ class LocalModel(Upstream):
         self._ready = asyncio.Event()
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
-
-    @property
-    def reply_tokens(self) -> int:
-        """Tokens kept free in the context for the reply."""
-        return self.settings.chat_max_reply_tokens or DEFAULT_REPLY_TOKENS
 
     @property
     def pid(self) -> int | None:

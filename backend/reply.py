@@ -138,12 +138,13 @@ class Replier:
         fixed = window.count(
             [SystemMessage(self.settings.chat_system_prompt), HumanMessage(question)]
         )
-        room = window.tokens - window.reply_tokens - fixed
+        reply_tokens = self.upstream.reply_tokens or 0
+        room = window.tokens - reply_tokens - fixed
         if room < 0:
             raise ChatError(
                 "bad_request",
                 f"The question is too long for the model: with the system prompt it takes "
                 f"{fixed:,} tokens, and the model's context holds {window.tokens:,} tokens "
-                f"including {window.reply_tokens:,} for the reply.",
+                f"including {reply_tokens:,} for the reply.",
             )
         return history.fit(room, window.count)

@@ -15,10 +15,12 @@ Notify = Callable[[str], None]
 class Upstream:
     """An OpenAI-compatible server that is simply there (OpenAI, vLLM, Ollama, llama.cpp...)."""
 
-    def __init__(self, mode: Mode, url: str, model: str) -> None:
+    def __init__(self, mode: Mode, url: str, model: str, reply_tokens: int | None = None) -> None:
         self.mode: Mode = mode
         self.url = url.rstrip("/")
         self.model = model
+        # Longest reply asked of the model; None leaves it to the model server.
+        self.reply_tokens = reply_tokens
         # Set when the model's context size and tokenizer are known, so history can be fitted.
         self.context: ContextWindow | None = None
 
@@ -60,4 +62,9 @@ class MissingUpstream(Upstream):
 
 def remote_upstream(settings: Settings) -> Upstream:
     """The upstream named by OPENAI_BASE_URL, or OpenAI itself."""
-    return Upstream(settings.mode, settings.openai_base_url or OPENAI_URL, settings.chat_model)
+    return Upstream(
+        settings.mode,
+        settings.openai_base_url or OPENAI_URL,
+        settings.chat_model,
+        settings.chat_max_reply_tokens,
+    )
