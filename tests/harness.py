@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from backend.app import create_app
 from backend.config import Settings
 from backend.server import bind, uvicorn_config
+from tests.fake_upstream import FakeUpstream
 
 # Every wait in the tests is a multiple of this, so a slow machine needs one change.
 UNIT = 2.0
@@ -89,6 +91,16 @@ def live_server(settings: Settings, port: int = 0) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> float:
+    """Seconds until upstream request `index` saw its client hang up; fails after `within`."""
+    record = fake.wait_for_requests(index + 1)[index]
+    deadline = time.monotonic() + within
+    while record.hung_up_at is None:
+        assert time.monotonic() < deadline, "the upstream request was never closed"
+        await asyncio.sleep(0.01)
+    return record.hung_up_at - record.started
 
 
 async def recv(ws: ClientConnection, within: float = UNIT) -> Frame:

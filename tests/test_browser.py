@@ -11,8 +11,7 @@ import pytest
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
 from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer, SettingsFactory, live_server
-from tests.test_interrupt import wait_hung_up
+from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
 
 pytestmark = pytest.mark.browser
 

@@ -8,8 +8,7 @@ import sys
 import time
 
 from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer
-from tests.test_interrupt import wait_hung_up
+from tests.harness import UNIT, LiveServer, wait_hung_up
 
 Process = asyncio.subprocess.Process
 

@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer, SettingsFactory, live_server
-from tests.test_interrupt import wait_hung_up
+from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
 
 
 async def test_stream_flushes_each_token_as_it_arrives(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -10,19 +9,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import UNIT, Frame, LiveServer, ask, recv, text_of, until_end
+from tests.harness import UNIT, Frame, LiveServer, ask, recv, text_of, until_end, wait_hung_up
 
 SLOW = Behaviour(tokens=[f" t{i}" for i in range(200)], delay=0.02)
-
-
-async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> float:
-    """Seconds until upstream request `index` saw its client hang up; fails after `within`."""
-    record = fake.wait_for_requests(index + 1)[index]
-    deadline = time.monotonic() + within
-    while record.hung_up_at is None:
-        assert time.monotonic() < deadline, "the upstream request was never closed"
-        await asyncio.sleep(0.01)
-    return record.hung_up_at - record.started
 
 
 async def read_some_tokens(ws: ClientConnection, count: int) -> list[Frame]:
