@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 
-from schemas import ErrorCode
+from schemas import ChatResponse, ErrorCode
 
 
 class ChatError(Exception):
@@ -14,6 +14,10 @@ class ChatError(Exception):
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
+
+    def frame(self) -> ChatResponse:
+        """The `error` frame that reports this failure."""
+        return ChatResponse.bot("error", self.message, code=self.code)
 
 
 class ClientGone(Exception):

@@ -66,7 +66,7 @@ async def as_events(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[s
     """Each frame, `start` to `end`, as one SSE event whose data is the frame's JSON."""
     async for item in items:
         if isinstance(item, str):
-            item = ChatResponse(sender="bot", message=item, type="stream")
+            item = ChatResponse.tokens(item)
         yield f"data: {item.to_json()}\n\n"
 
 

@@ -23,7 +23,7 @@ MAX_PENDING = 1000
 def encode(item: Pending) -> str:
     """The JSON text of a queued frame or run of tokens."""
     if isinstance(item, list):
-        item = ChatResponse(sender="bot", message="".join(item), type="stream")
+        item = ChatResponse.tokens("".join(item))
     return item.to_json()
 
 

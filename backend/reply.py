@@ -19,7 +19,6 @@ from backend.errors import ChatError, ClientGone, describe_upstream, is_retryabl
 from backend.history import History
 from backend.upstream import Upstream
 from schemas import ChatResponse, EndStatus
-from schemas.frames import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +31,6 @@ class FrameSink(Protocol):
 
     def token(self, text: str) -> None:
         """Queue a piece of the reply's text (a `stream` frame from the bot)."""
-
-
-def bot_frame(
-    type_: FrameType, message: str = "", *, status: EndStatus | None = None
-) -> ChatResponse:
-    """A frame from the bot."""
-    return ChatResponse.model_validate(
-        {"sender": "bot", "message": message, "type": type_, "status": status}
-    )
-
-
-def error_frame(error: ChatError) -> ChatResponse:
-    """The `error` frame that reports `error`."""
-    return ChatResponse(sender="bot", message=error.message, type="error", code=error.code)
 
 
 class Replier:
@@ -69,7 +54,7 @@ class Replier:
             parts.append(text)
 
         status: EndStatus = "error"
-        sink.send(bot_frame("start"))
+        sink.send(ChatResponse.bot("start"))
         try:
             await self._generate(question, history, on_token, sink, parts)
             status = "completed"
@@ -82,12 +67,12 @@ class Replier:
                 log.exception("reply failed")
             else:
                 log.warning("reply failed: %s (%r)", error.message, exc)
-            sink.send(error_frame(error))
+            sink.send(error.frame())
         finally:
             if status == "completed" or parts:
                 history.add_turn(question, "".join(parts))
             with contextlib.suppress(ClientGone):
-                sink.send(bot_frame("end", status=status))
+                sink.send(ChatResponse.bot("end", status=status))
         return status
 
     async def _generate(
@@ -101,7 +86,7 @@ class Replier:
         """Run the chain, retrying once, quickly, if it failed before its first token."""
 
         def info(text: str) -> None:
-            sink.send(bot_frame("info", text))
+            sink.send(ChatResponse.bot("info", text))
 
         await self.upstream.ensure_ready(info)
         callbacks: list[BaseCallbackHandler] = [

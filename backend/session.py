@@ -15,7 +15,7 @@ from backend.errors import ChatError, ClientGone
 from backend.history import History
 from backend.inbound import parse_client_frame
 from backend.outbox import Outbox
-from backend.reply import Replier, bot_frame, error_frame
+from backend.reply import Replier
 from schemas import ChatResponse, Question, Reset, Stop
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,22 @@ class ChatSession:
                 max_question_chars=self.settings.chat_max_question_chars,
             )
         except ChatError as error:
-            self.outbox.send(error_frame(error))
+            self.outbox.send(error.frame())
             return
         match message:
             case Question(message=text):
                 await self.interrupt()
-                self.outbox.send(ChatResponse(sender="you", message=text, type="stream"))
+                self.outbox.send(ChatResponse.echo(text))
                 self.reply = asyncio.create_task(self.answer(text), name="chat-reply")
             case Stop():
                 if not await self.interrupt():
-                    self.outbox.send(bot_frame("info", "No reply is in progress; nothing to stop."))
+                    self.outbox.send(
+                        ChatResponse.bot("info", "No reply is in progress; nothing to stop.")
+                    )
             case Reset():
                 await self.interrupt()
                 self.history.clear()
-                self.outbox.send(bot_frame("info", "Conversation cleared."))
+                self.outbox.send(ChatResponse.bot("info", "Conversation cleared."))
 
     async def answer(self, question: str) -> None:
         """Run one reply; a client that left mid-reply simply ends it."""

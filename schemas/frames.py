@@ -38,6 +38,28 @@ class ChatResponse(BaseModel):
         default=None, description="Only on `error` frames: what kind of failure it was."
     )
 
+    @classmethod
+    def bot(
+        cls,
+        type: FrameType,
+        message: str = "",
+        *,
+        status: EndStatus | None = None,
+        code: ErrorCode | None = None,
+    ) -> ChatResponse:
+        """A frame from the bot: `start`, `info`, `error` (with `code`), `end` (with `status`)."""
+        return cls(sender="bot", message=message, type=type, status=status, code=code)
+
+    @classmethod
+    def tokens(cls, text: str) -> ChatResponse:
+        """A piece of the bot's reply: one token, or several merged."""
+        return cls(sender="bot", message=text, type="stream")
+
+    @classmethod
+    def echo(cls, question: str) -> ChatResponse:
+        """The user's question, said back before the reply starts."""
+        return cls(sender="you", message=question, type="stream")
+
     def to_json(self) -> str:
         """Serialise without the fields that do not apply to this frame type."""
         return self.model_dump_json(exclude_none=True)

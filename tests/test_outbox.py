@@ -25,11 +25,11 @@ async def test_tokens_queued_behind_a_slow_socket_merge_into_one_frame() -> None
 
     outbox = Outbox(send_text)
     writer = asyncio.create_task(outbox.run())
-    outbox.send(ChatResponse(sender="bot", message="", type="start"))
+    outbox.send(ChatResponse.bot("start"))
     await asyncio.sleep(0)  # the writer takes `start` and blocks on the socket
     for token in ["a", "b", "c"]:
         outbox.token(token)
-    outbox.send(ChatResponse(sender="bot", message="", type="end", status="completed"))
+    outbox.send(ChatResponse.bot("end", status="completed"))
     gate.set()
     async with asyncio.timeout(1):
         await all_sent.wait()
@@ -45,12 +45,12 @@ async def test_client_that_never_reads_is_cut_off() -> None:
 
     outbox = Outbox(stuck, max_pending=10)
     writer = asyncio.create_task(outbox.run())
-    outbox.send(ChatResponse(sender="bot", message="first", type="info"))
+    outbox.send(ChatResponse.bot("info", "first"))
     await asyncio.sleep(0)
     for _ in range(10):
-        outbox.send(ChatResponse(sender="bot", message="x", type="info"))
+        outbox.send(ChatResponse.bot("info", "x"))
     with pytest.raises(ClientGone, match="10 frames unread"):
-        outbox.send(ChatResponse(sender="bot", message="one too many", type="info"))
+        outbox.send(ChatResponse.bot("info", "one too many"))
     with pytest.raises(ClientGone):
         outbox.token("later")
     writer.cancel()
