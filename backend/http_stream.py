@@ -13,6 +13,7 @@ from backend.history import History
 from backend.inbound import check_question
 from backend.origin import request_allowed
 from backend.reply import Replier
+from backend.turn import Turn
 from schemas import ChatResponse
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -42,7 +43,7 @@ async def reply_items(replier: Replier, question: str) -> AsyncIterator[str | Ch
     """
     sink = QueueSink()
     history = History(replier.settings.chat_history_tokens)
-    task = asyncio.create_task(replier.answer(question, history, sink), name="http-reply")
+    task = asyncio.create_task(replier.answer(Turn(question, sink), history), name="http-reply")
     task.add_done_callback(lambda _: sink.queue.put_nowait(None))
     try:
         while (item := await sink.queue.get()) is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Protocol
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
@@ -17,20 +15,11 @@ from backend.chain import ChatChain
 from backend.config import Settings
 from backend.errors import ChatError, ClientGone, describe_upstream, is_retryable
 from backend.history import History
+from backend.turn import Turn
 from backend.upstream import Upstream
 from schemas import ChatResponse, EndStatus
 
 log = logging.getLogger(__name__)
-
-
-class FrameSink(Protocol):
-    """Where a reply's frames go. Both methods raise `ClientGone` once nobody is listening."""
-
-    def send(self, frame: ChatResponse) -> None:
-        """Queue one frame."""
-
-    def token(self, text: str) -> None:
-        """Queue a piece of the reply's text (a `stream` frame from the bot)."""
 
 
 class Replier:
@@ -41,59 +30,42 @@ class Replier:
         self.chain = chain
         self.upstream = upstream
 
-    async def answer(self, question: str, history: History, sink: FrameSink) -> EndStatus:
-        """Stream the reply to `question` into `sink`, from `start` to exactly one `end`.
+    async def answer(self, turn: Turn, history: History) -> EndStatus:
+        """Stream the reply to `turn`'s question, from `start` to exactly one `end`.
 
         Cancelling the task that runs this is how a reply is stopped: the upstream request is
         closed, the text streamed so far is kept in `history`, and `end` says `interrupted`.
         """
-        parts: list[str] = []
-
-        def on_token(text: str) -> None:
-            sink.token(text)
-            parts.append(text)
-
         status: EndStatus = "error"
-        sink.send(ChatResponse.bot("start"))
+        turn.send(ChatResponse.bot("start"))
         try:
-            await self._generate(question, history, on_token, sink, parts)
+            await self._generate(turn, history)
             status = "completed"
         except (asyncio.CancelledError, ClientGone):
             status = "interrupted"
             raise
         except Exception as exc:
-            error = await self._describe(exc, streamed=bool(parts))
+            error = await self._describe(exc, streamed=turn.streamed)
             if error.code == "internal":
                 log.exception("reply failed")
             else:
                 log.warning("reply failed: %s (%r)", error.message, exc)
-            sink.send(error.frame())
+            turn.send(error.frame())
         finally:
-            if status == "completed" or parts:
-                history.add_turn(question, "".join(parts))
+            if status == "completed" or turn.streamed:
+                history.add_turn(turn.question, turn.text)
             with contextlib.suppress(ClientGone):
-                sink.send(ChatResponse.bot("end", status=status))
+                turn.send(ChatResponse.bot("end", status=status))
         return status
 
-    async def _generate(
-        self,
-        question: str,
-        history: History,
-        on_token: Callable[[str], None],
-        sink: FrameSink,
-        parts: list[str],
-    ) -> None:
+    async def _generate(self, turn: Turn, history: History) -> None:
         """Run the chain, retrying once, quickly, if it failed before its first token."""
-
-        def info(text: str) -> None:
-            sink.send(ChatResponse.bot("info", text))
-
-        await self.upstream.ensure_ready(info)
+        await self.upstream.ensure_ready(turn.info)
         callbacks: list[BaseCallbackHandler] = [
-            StreamingHandler(on_token),
-            ProgressHandler(info, self.upstream.model),
+            StreamingHandler(turn.token),
+            ProgressHandler(turn.info, self.upstream.model),
         ]
-        inputs = {"history": self._history_for(question, history), "question": question}
+        inputs = {"history": self._history_for(turn.question, history), "question": turn.question}
         for attempt in (1, 2):
             try:
                 await self.chain.ainvoke(inputs, RunnableConfig(callbacks=callbacks))
@@ -101,11 +73,11 @@ class Replier:
             except ClientGone:
                 raise
             except Exception as exc:
-                if parts or attempt == 2 or not is_retryable(exc):
+                if turn.streamed or attempt == 2 or not is_retryable(exc):
                     raise
                 reason = await self._describe(exc, streamed=False)
                 log.info("retrying once after: %s", reason.message)
-                info(f"Retrying once: {reason.message}")
+                turn.info(f"Retrying once: {reason.message}")
                 await asyncio.sleep(self.settings.chat_retry_delay)
 
     async def _describe(self, exc: BaseException, streamed: bool) -> ChatError:

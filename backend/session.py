@@ -16,6 +16,7 @@ from backend.history import History
 from backend.inbound import parse_client_frame
 from backend.outbox import Outbox
 from backend.reply import Replier
+from backend.turn import Turn
 from schemas import ChatResponse, Question, Reset, Stop
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class ChatSession:
     async def answer(self, question: str) -> None:
         """Run one reply; a client that left mid-reply simply ends it."""
         try:
-            await self.replier.answer(question, self.history, self.outbox)
+            await self.replier.answer(Turn(question, self.outbox), self.history)
         except ClientGone:
             log.info("client left during a reply; generation stopped")
 

@@ -9,6 +9,7 @@ from backend.chain import build_chain
 from backend.errors import ClientGone
 from backend.history import History
 from backend.reply import Replier
+from backend.turn import Turn
 from backend.upstream import remote_upstream
 from schemas import ChatResponse
 from tests.fake_upstream import Behaviour, FakeUpstream
@@ -43,7 +44,7 @@ async def test_handler_that_cannot_send_stops_generation(
         replier = Replier(settings, build_chain(settings, upstream, client), upstream)
         history = History(1000)
         with pytest.raises(ClientGone):
-            await replier.answer("talk", history, VanishingSink(tokens=5))
+            await replier.answer(Turn("talk", VanishingSink(tokens=5)), history)
     record = fake.wait_for_requests(1)[0]
     record.done.wait(2)
     assert record.hung_up

@@ -1,0 +1,53 @@
+"""The turn in progress: a question, where its reply's frames go, and the reply's text so far."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from schemas import ChatResponse
+
+
+class FrameSink(Protocol):
+    """Where a reply's frames go. Both methods raise `ClientGone` once nobody is listening."""
+
+    def send(self, frame: ChatResponse) -> None:
+        """Queue one frame."""
+
+    def token(self, text: str) -> None:
+        """Queue a piece of the reply's text (a `stream` frame from the bot)."""
+
+
+class Turn:
+    """One question and the reply being written to it.
+
+    Every piece of text reaches the sink and the turn's record together, so what the
+    conversation keeps is exactly what the client was sent.
+    """
+
+    def __init__(self, question: str, sink: FrameSink) -> None:
+        self.question = question
+        self.sink = sink
+        self._parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The reply so far."""
+        return "".join(self._parts)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether any of the reply has been sent."""
+        return bool(self._parts)
+
+    def token(self, text: str) -> None:
+        """Send a piece of the reply and keep it."""
+        self.sink.token(text)
+        self._parts.append(text)
+
+    def send(self, frame: ChatResponse) -> None:
+        """Send a frame about the reply (`start`, `info`, `error`, `end`)."""
+        self.sink.send(frame)
+
+    def info(self, text: str) -> None:
+        """Tell the client what is happening before or around the reply."""
+        self.sink.send(ChatResponse.bot("info", text))
