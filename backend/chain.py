@@ -1,4 +1,8 @@
-"""The LCEL chain: prompt (system, history, question) piped into a streaming `ChatOpenAI`."""
+"""The LCEL chain: prompt (system, history, question) piped into a streaming `ChatOpenAI`.
+
+The prompt's shape is said here only: replies run the chain and count the context it takes
+through `ChatChain`, so a change to the template reaches both.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,13 @@ from typing import Any
 import openai
 from langchain_core.messages import BaseMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from backend.config import Settings
 from backend.fast_stream import DictChunkCompletions
 from backend.upstream import Upstream
-
-ChatChain = Runnable[dict[str, Any], BaseMessage]
 
 # Local OpenAI-compatible servers ignore the key, but the client insists on having one.
 PLACEHOLDER_KEY = "not-needed"
@@ -56,15 +58,37 @@ def build_model(
     return model
 
 
-def build_chain(
-    settings: Settings, upstream: Upstream, http_client: openai.DefaultAsyncHttpxClient
-) -> ChatChain:
-    """The chain every reply runs: `{"history": [...], "question": str}` in, a message out."""
-    prompt = ChatPromptTemplate.from_messages(
+class ChatChain:
+    """The prompt piped into the model: what every reply runs."""
+
+    def __init__(self, prompt: ChatPromptTemplate, model: ChatOpenAI) -> None:
+        self.prompt = prompt
+        self.runnable: Runnable[dict[str, Any], BaseMessage] = prompt | model
+
+    def messages(self, history: list[BaseMessage], question: str) -> list[BaseMessage]:
+        """The messages the model is sent for `question` after `history`."""
+        return self.prompt.format_messages(history=history, question=question)
+
+    async def ainvoke(
+        self, history: list[BaseMessage], question: str, config: RunnableConfig
+    ) -> BaseMessage:
+        """Ask `question` after `history`; the reply streams through `config`'s callbacks."""
+        return await self.runnable.ainvoke({"history": history, "question": question}, config)
+
+
+def build_prompt(settings: Settings) -> ChatPromptTemplate:
+    """System prompt, the earlier turns, then the question."""
+    return ChatPromptTemplate.from_messages(
         [
             ("system", "{system_prompt}"),
             MessagesPlaceholder("history"),
             ("human", "{question}"),
         ]
     ).partial(system_prompt=settings.chat_system_prompt)
-    return prompt | build_model(settings, upstream, http_client)
+
+
+def build_chain(
+    settings: Settings, upstream: Upstream, http_client: openai.DefaultAsyncHttpxClient
+) -> ChatChain:
+    """The chain every reply runs, pointed at `upstream`."""
+    return ChatChain(build_prompt(settings), build_model(settings, upstream, http_client))

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableConfig
 
 from backend.callbacks import ProgressHandler, StreamingHandler
@@ -65,10 +65,11 @@ class Replier:
             StreamingHandler(turn.token),
             ProgressHandler(turn.info, self.upstream.model),
         ]
-        inputs = {"history": self._history_for(turn.question, history), "question": turn.question}
+        config = RunnableConfig(callbacks=callbacks)
+        earlier = self._history_for(turn.question, history)
         for attempt in (1, 2):
             try:
-                await self.chain.ainvoke(inputs, RunnableConfig(callbacks=callbacks))
+                await self.chain.ainvoke(earlier, turn.question, config)
                 return
             except ClientGone:
                 raise
@@ -92,9 +93,7 @@ class Replier:
         window = self.upstream.context
         if window is None:
             return history.messages
-        fixed = window.count(
-            [SystemMessage(self.settings.chat_system_prompt), HumanMessage(question)]
-        )
+        fixed = window.count(self.chain.messages([], question))
         reply_tokens = self.upstream.reply_tokens or 0
         room = window.tokens - reply_tokens - fixed
         if room < 0:
