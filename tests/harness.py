@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -91,6 +92,22 @@ def live_server(settings: Settings, port: int = 0) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has finished running)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def wait_gone(pid: int, within: float = UNIT * 5) -> None:
+    """Return once `pid` no longer runs; fails after `within` seconds."""
+    async with asyncio.timeout(within):
+        while alive(pid):  # noqa: ASYNC110 - another process's exit has no event to await
+            await asyncio.sleep(0.02)
 
 
 async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> float:

@@ -3,33 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from websockets.asyncio.client import ClientConnection, connect
 
-from backend.local_model import bundled_model_path
+from backend.local_model import bundled_model_path, gguf_token_counter
 from backend.server import free_port
 from tests.harness import (
     UNIT,
     Frame,
     IsolatedSettings,
     LiveServer,
+    alive,
     ask,
     live_server,
     recv,
     text_of,
     until_end,
+    wait_gone,
 )
 
 pytestmark = pytest.mark.model
@@ -47,20 +50,22 @@ def local_settings(**overrides: Any) -> IsolatedSettings:
     return IsolatedSettings(**values)
 
 
-def wait_healthy(base: str, pid_not: int | None = None) -> dict[str, object]:
+async def wait_healthy(base: str, pid_not: int | None = None) -> dict[str, object]:
     """Poll /healthz until the embedded model is ready (with a new pid, if `pid_not`)."""
-    deadline = time.monotonic() + MODEL_WAIT
     report: dict[str, object] = {}
-    while time.monotonic() < deadline:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
         try:
-            report = httpx.get(f"{base}/healthz", timeout=UNIT).json()
-        except httpx.HTTPError:
-            report = {}
-        local = report.get("local")
-        if report.get("status") == "ok" and isinstance(local, dict) and local["pid"] != pid_not:
-            return report
-        time.sleep(0.1)
-    raise AssertionError(f"the embedded model never became ready: {report}")
+            async with asyncio.timeout(MODEL_WAIT):
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        report = (await client.get(f"{base}/healthz")).json()
+                    local = report.get("local")
+                    ready = report.get("status") == "ok"
+                    if ready and isinstance(local, dict) and local["pid"] != pid_not:
+                        return report
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"the embedded model never became ready: {report}") from None
 
 
 def child_pid(report: dict[str, object]) -> int:
@@ -71,26 +76,10 @@ def child_pid(report: dict[str, object]) -> int:
     return pid
 
 
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has finished running)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def wait_gone(pid: int, within: float = UNIT * 5) -> None:
-    deadline = time.monotonic() + within
-    while alive(pid):
-        assert time.monotonic() < deadline, f"process {pid} outlived its parent"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[LiveServer]:
     with live_server(local_settings()) as server:
-        wait_healthy(server.http)
+        asyncio.run(wait_healthy(server.http))
         yield server
 
 
@@ -104,10 +93,6 @@ async def test_question_streams_real_tokens(model_server: LiveServer) -> None:
 
 
 async def test_reply_stops_at_the_token_limit(model_server: LiveServer) -> None:
-    from langchain_core.messages import AIMessage
-
-    from backend.local_model import gguf_token_counter
-
     async with connect(model_server.ws) as ws:
         frames = await until_end_of(ws, "Write a very long story about a lighthouse keeper.")
     assert frames[-1]["status"] == "completed"
@@ -173,7 +158,7 @@ async def test_conversation_longer_than_the_context_still_answers() -> None:
     padding = " ".join(f"item{i}" for i in range(100))
     settings = local_settings(chat_max_reply_tokens=16)
     with live_server(settings) as server:
-        wait_healthy(server.http)
+        await wait_healthy(server.http)
         async with connect(server.ws) as ws:
             for turn in range(10):
                 frames = await until_end_of(ws, f"Turn {turn}. Remember these: {padding}")
@@ -191,9 +176,9 @@ async def test_our_environment_does_not_reconfigure_the_model_server(
         monkeypatch.setenv("PORT", str(server.port))
         monkeypatch.setenv("API_KEY", "unrelated-secret")
         monkeypatch.setenv("N_CTX", "64")
-        first = child_pid(wait_healthy(server.http))
+        first = child_pid(await wait_healthy(server.http))
         os.kill(first, signal.SIGKILL)
-        wait_healthy(server.http, pid_not=first)
+        await wait_healthy(server.http, pid_not=first)
         async with connect(server.ws) as ws:
             frames = await until_end_of(ws, "Name a colour.")
     assert frames[-1]["status"] == "completed"
@@ -213,9 +198,6 @@ async def test_question_during_start_up_waits_for_the_model() -> None:
 
 
 def test_chat_template_makes_user_and_assistant_turns() -> None:
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     path = bundled_model_path()
     assert path is not None
     vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -244,7 +226,7 @@ def test_chat_template_makes_user_and_assistant_turns() -> None:
 
 async def test_child_is_restarted_after_it_dies() -> None:
     with live_server(local_settings()) as server:
-        first = child_pid(wait_healthy(server.http))
+        first = child_pid(await wait_healthy(server.http))
         async with connect(server.ws) as ws:
             await ws.send("Write a very long story about a river.")
             while not is_token(await recv(ws, within=MODEL_WAIT)):
@@ -256,7 +238,7 @@ async def test_child_is_restarted_after_it_dies() -> None:
             assert "stopped" in error["message"]
             assert "restarted" in error["message"]
             assert frames[-1]["status"] == "error"
-            report = wait_healthy(server.http, pid_not=first)
+            report = await wait_healthy(server.http, pid_not=first)
             local = report["local"]
             assert isinstance(local, dict)
             assert local["restarts"] == 1
@@ -264,30 +246,31 @@ async def test_child_is_restarted_after_it_dies() -> None:
             again = await until_end_of(ws, "Say hello.")
             assert again[-1]["status"] == "completed"
         second = child_pid(report)
-    wait_gone(second)
+    await wait_gone(second)
 
 
-def start_backend(port: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
-    return subprocess.Popen(
-        [sys.executable, "-m", "backend", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_no_orphan_when_the_server_stops(sig: signal.Signals) -> None:
+async def test_no_orphan_when_the_server_stops() -> None:
+    # The stand-in child's tests cover SIGKILL and SIGINT; this is uvicorn's shutdown path.
     port = free_port()
-    parent = start_backend(port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "backend",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
-        pid = child_pid(wait_healthy(f"http://127.0.0.1:{port}"))
+        pid = child_pid(await wait_healthy(f"http://127.0.0.1:{port}"))
         assert alive(pid)
-        parent.send_signal(sig)
-        parent.wait(UNIT * 5)
-        wait_gone(pid)
+        parent.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(UNIT * 5):
+            await parent.wait()
+        await wait_gone(pid)
     finally:
-        if parent.poll() is None:
+        if parent.returncode is None:
             parent.kill()
-            parent.wait()
+            await parent.wait()
