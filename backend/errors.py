@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import openai
 
 from schemas import ChatResponse, ErrorCode
@@ -24,8 +26,19 @@ class ClientGone(Exception):
     """The client's connection closed; nothing more can be sent to it."""
 
 
-def _status_detail(exc: openai.APIStatusError) -> str:
-    body = exc.body
+# A special case: the error for an exception, or None to go on up its class hierarchy.
+Special = Callable[[BaseException, str, bool], ChatError | None]
+Template = tuple[ErrorCode, str]
+
+INTERNAL: Template = ("internal", "The server failed while answering; the error has been logged.")
+TIMED_OUT: Template = (
+    "upstream_timeout",
+    "The model server at {url} stopped responding (timed out). Try again, or raise CHAT_TIMEOUT.",
+)
+
+
+def _status_detail(exc: BaseException) -> str:
+    body = exc.body if isinstance(exc, openai.APIStatusError) else None
     if isinstance(body, dict):
         detail = body.get("message") or body.get("error")
         if isinstance(detail, dict):
@@ -45,6 +58,70 @@ def _is_connect_failure(exc: BaseException) -> bool:
     return False
 
 
+def _connection_failure(exc: BaseException, url: str, streamed: bool) -> ChatError:
+    """A refused connection is a server that is not there; anything else broke off a reply."""
+    if streamed or not _is_connect_failure(exc):
+        return ChatError(
+            "upstream_dropped",
+            f"The connection to the model server at {url} broke off before the reply was complete.",
+        )
+    return ChatError(
+        "upstream_unreachable",
+        f"Cannot reach the model server at {url}. Is it running? Check OPENAI_BASE_URL.",
+    )
+
+
+def _empty_stream(exc: BaseException, url: str, streamed: bool) -> ChatError | None:
+    """LangChain's complaint about a stream that ended without a single chunk of text."""
+    if "No generations found in stream" not in str(exc):
+        return None
+    return ChatError(
+        "upstream_rejected",
+        "The model server ended the reply without sending any text; the request may not "
+        "fit the model's context. Try a shorter question, or reset the conversation.",
+    )
+
+
+# Exception type -> (code, message template), looked up along the exception's MRO, most
+# specific class first, as Starlette looks up exception handlers. Templates may use {url} (the
+# model server), {status} and {detail} (an HTTP error's status and the server's own words, if
+# any) and {message} (the exception's).
+RULES: dict[type[BaseException], Template | Special] = {
+    openai.AuthenticationError: (
+        "upstream_auth",
+        "The model server at {url} rejected the API key (401){detail}. Check OPENAI_API_KEY.",
+    ),
+    openai.PermissionDeniedError: (
+        "upstream_auth",
+        "The API key may not use this model (403){detail}. Check OPENAI_API_KEY and CHAT_MODEL.",
+    ),
+    openai.RateLimitError: (
+        "upstream_rate_limited",
+        "The model server is rate limiting requests (429){detail}. Wait a moment and ask again.",
+    ),
+    openai.NotFoundError: (
+        "upstream_rejected",
+        "The model server does not know this model or path (404){detail}. "
+        "Check CHAT_MODEL and OPENAI_BASE_URL.",
+    ),
+    # The SDK raises this for every status of 500 and above.
+    openai.InternalServerError: (
+        "upstream_unavailable",
+        "The model server failed with HTTP {status}{detail}. Try again shortly.",
+    ),
+    openai.APIStatusError: (
+        "upstream_rejected",
+        "The model server refused the request with HTTP {status}{detail}.",
+    ),
+    openai.APITimeoutError: TIMED_OUT,
+    TimeoutError: TIMED_OUT,
+    openai.APIConnectionError: _connection_failure,
+    ValueError: _empty_stream,
+    openai.APIError: ("upstream_rejected", "The model server reported an error: {message}"),
+    Exception: INTERNAL,
+}
+
+
 def describe_upstream(exc: BaseException, upstream_url: str, streamed: bool) -> ChatError:
     """Map an exception raised while talking to the model server to a `ChatError`.
 
@@ -53,69 +130,25 @@ def describe_upstream(exc: BaseException, upstream_url: str, streamed: bool) -> 
     """
     if isinstance(exc, ChatError):
         return exc
-    if isinstance(exc, openai.AuthenticationError):
+    for cls in type(exc).__mro__:
+        rule = RULES.get(cls)
+        if rule is None:
+            continue
+        if not isinstance(rule, tuple):
+            found = rule(exc, upstream_url, streamed)
+            if found is None:
+                continue
+            return found
+        code, template = rule
+        status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
+        message = exc.message if isinstance(exc, openai.APIError) else str(exc)
         return ChatError(
-            "upstream_auth",
-            f"The model server at {upstream_url} rejected the API key (401){_status_detail(exc)}. "
-            "Check OPENAI_API_KEY.",
+            code,
+            template.format(
+                url=upstream_url, status=status, detail=_status_detail(exc), message=message
+            ),
         )
-    if isinstance(exc, openai.PermissionDeniedError):
-        return ChatError(
-            "upstream_auth",
-            f"The API key may not use this model (403){_status_detail(exc)}. "
-            "Check OPENAI_API_KEY and CHAT_MODEL.",
-        )
-    if isinstance(exc, openai.RateLimitError):
-        return ChatError(
-            "upstream_rate_limited",
-            f"The model server is rate limiting requests (429){_status_detail(exc)}. "
-            "Wait a moment and ask again.",
-        )
-    if isinstance(exc, openai.NotFoundError):
-        return ChatError(
-            "upstream_rejected",
-            f"The model server does not know this model or path (404){_status_detail(exc)}. "
-            "Check CHAT_MODEL and OPENAI_BASE_URL.",
-        )
-    if isinstance(exc, openai.APIStatusError):
-        if exc.status_code >= 500:
-            return ChatError(
-                "upstream_unavailable",
-                f"The model server failed with HTTP {exc.status_code}{_status_detail(exc)}. "
-                "Try again shortly.",
-            )
-        return ChatError(
-            "upstream_rejected",
-            f"The model server refused the request with HTTP {exc.status_code}"
-            f"{_status_detail(exc)}.",
-        )
-    if isinstance(exc, openai.APITimeoutError | TimeoutError):
-        return ChatError(
-            "upstream_timeout",
-            f"The model server at {upstream_url} stopped responding (timed out). "
-            "Try again, or raise CHAT_TIMEOUT.",
-        )
-    if isinstance(exc, openai.APIConnectionError):
-        if streamed or not _is_connect_failure(exc):
-            return ChatError(
-                "upstream_dropped",
-                f"The connection to the model server at {upstream_url} broke off "
-                "before the reply was complete.",
-            )
-        return ChatError(
-            "upstream_unreachable",
-            f"Cannot reach the model server at {upstream_url}. "
-            "Is it running? Check OPENAI_BASE_URL.",
-        )
-    if isinstance(exc, ValueError) and "No generations found in stream" in str(exc):
-        return ChatError(
-            "upstream_rejected",
-            "The model server ended the reply without sending any text; the request may not "
-            "fit the model's context. Try a shorter question, or reset the conversation.",
-        )
-    if isinstance(exc, openai.APIError):
-        return ChatError("upstream_rejected", f"The model server reported an error: {exc.message}")
-    return ChatError("internal", "The server failed while answering; the error has been logged.")
+    return ChatError(*INTERNAL)
 
 
 def is_retryable(exc: BaseException) -> bool:
