@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import openai
-from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi import FastAPI, HTTPException, WebSocket, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -16,7 +16,7 @@ from backend.chain import build_chain
 from backend.config import Settings
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
-from backend.origin import origin_allowed
+from backend.origin import origin_refusal
 from backend.reply import Replier
 from backend.session import ChatSession
 from backend.upstream import Upstream, remote_upstream
@@ -55,24 +55,24 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
-    app.include_router(build_router(replier))
+    app.include_router(build_router(replier, settings))
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:
         # 503 until replies can work, so load balancers and readiness probes hold traffic.
         report = upstream.health()
-        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+        ok = report["status"] == "ok"
+        return JSONResponse(
+            report, status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE
+        )
 
     @app.websocket("/chat")
     async def chat(websocket: WebSocket) -> None:
-        origin = websocket.headers.get("origin")
-        if not origin_allowed(origin, websocket.headers.get("host"), settings.chat_allowed_origins):
-            log.warning("refused a socket from origin %s", origin)
+        refused = origin_refusal(websocket.headers, settings.chat_allowed_origins)
+        if refused is not None:
+            log.warning("refused a socket: %s", refused)
             await websocket.send_denial_response(
-                PlainTextResponse(
-                    f"Origin {origin} is not allowed. Add it to CHAT_ALLOWED_ORIGINS.",
-                    status_code=403,
-                )
+                PlainTextResponse(refused, status_code=status.HTTP_403_FORBIDDEN)
             )
             return
         await websocket.accept()
@@ -81,10 +81,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/vendor/{name}", include_in_schema=False)
     async def vendor(name: str) -> FileResponse:
         if name not in VENDOR_FILES:
-            raise HTTPException(404, f"No vendored file {name!r}.")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No vendored file {name!r}.")
         path = FRONTEND_DIR / "node_modules" / VENDOR_FILES[name]
         if not path.is_file():
-            raise HTTPException(404, f"{name} is not installed; run `make install`.")
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"{name} is not installed; run `make install`."
+            )
         return FileResponse(path, media_type="text/javascript")
 
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="frontend")

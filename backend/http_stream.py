@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
 
+from backend.config import Settings
 from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
-from backend.origin import request_allowed
+from backend.origin import origin_refusal
 from backend.reply import Replier
 from backend.turn import Turn
 from schemas import ChatResponse
@@ -35,14 +36,15 @@ class QueueSink:
         self.queue.put_nowait(text)
 
 
-async def reply_items(replier: Replier, question: str) -> AsyncIterator[str | ChatResponse]:
+async def reply_items(
+    replier: Replier, question: str, history: History
+) -> AsyncIterator[str | ChatResponse]:
     """Everything one stateless reply produces, as it is produced.
 
     If the consumer goes away (the HTTP client hung up), the reply task is cancelled, which
     closes the upstream request.
     """
     sink = QueueSink()
-    history = History(replier.settings.chat_history_tokens)
     task = asyncio.create_task(replier.answer(Turn(question, sink), history), name="http-reply")
     task.add_done_callback(lambda _: sink.queue.put_nowait(None))
     try:
@@ -71,39 +73,42 @@ async def as_events(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[s
         yield f"data: {item.to_json()}\n\n"
 
 
-def build_router(replier: Replier) -> APIRouter:
+def build_router(replier: Replier, settings: Settings) -> APIRouter:
     """`GET /stream` and `GET /sse`."""
     router = APIRouter()
 
     def question_from(request: Request) -> str:
-        if not request_allowed(request.headers, replier.settings.chat_allowed_origins):
-            origin = request.headers.get("origin", "another site")
-            raise HTTPException(
-                403, f"Requests from {origin} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."
-            )
+        refused = origin_refusal(request.headers, settings.chat_allowed_origins)
+        if refused is not None:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
         params = request.query_params
         text = params.get("prompt", params.get("user_input"))
         if text is None:
             raise HTTPException(
-                422, "Missing question: pass it as ?prompt=... (or ?user_input=...)."
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "Missing question: pass it as ?prompt=... (or ?user_input=...).",
             )
         try:
-            return check_question(text, replier.settings.chat_max_question_chars)
+            return check_question(text, settings.chat_max_question_chars)
         except ChatError as error:
-            raise HTTPException(422, error.message) from error
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.message) from error
+
+    def reply_to(request: Request) -> AsyncIterator[str | ChatResponse]:
+        history = History(settings.chat_history_tokens)
+        return reply_items(replier, question_from(request), history)
 
     @router.get("/stream", summary="Stream a reply as plain text")
     async def stream(request: Request) -> StreamingResponse:
-        items = reply_items(replier, question_from(request))
         return StreamingResponse(
-            as_text(items), media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS
+            as_text(reply_to(request)),
+            media_type="text/plain; charset=utf-8",
+            headers=STREAM_HEADERS,
         )
 
     @router.get("/sse", summary="Stream a reply as Server-Sent Events")
     async def sse(request: Request) -> StreamingResponse:
-        items = reply_items(replier, question_from(request))
         return StreamingResponse(
-            as_events(items), media_type="text/event-stream", headers=STREAM_HEADERS
+            as_events(reply_to(request)), media_type="text/event-stream", headers=STREAM_HEADERS
         )
 
     return router

@@ -1,4 +1,4 @@
-"""Which browser origins may open a socket: the page's own, and those listed in settings."""
+"""Which browser pages may open a socket or start a reply: the server's own, and those listed."""
 
 from __future__ import annotations
 
@@ -41,3 +41,14 @@ def request_allowed(headers: Mapping[str, str], allowed: Iterable[str]) -> bool:
     if origin is not None:
         return origin_allowed(origin, headers.get("host"), allowed)
     return headers.get("sec-fetch-site") not in {"cross-site", "same-site"}
+
+
+def origin_refusal(headers: Mapping[str, str], allowed: Iterable[str]) -> str | None:
+    """Why this handshake or request must be refused (HTTP 403), or None if it may proceed.
+
+    The one gate for the WebSocket and the HTTP streams alike.
+    """
+    if request_allowed(headers, allowed):
+        return None
+    origin = headers.get("origin", "another site")
+    return f"Requests from {origin} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from starlette import status
 from starlette.websockets import WebSocket
 
 from backend.config import Settings
@@ -52,7 +53,9 @@ class ChatSession:
         except ClientGone as gone:
             log.warning("closing a session: %s", gone)
             with contextlib.suppress(Exception):
-                await self.websocket.close(code=1008, reason="Too many unread frames.")
+                await self.websocket.close(
+                    code=status.WS_1008_POLICY_VIOLATION, reason="Too many unread frames."
+                )
         finally:
             await self.interrupt()
             writer.cancel()
