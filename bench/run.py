@@ -249,7 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer trials and sockets")
     args = parser.parse_args()
-    with process(["-m", "tests.fake_upstream"]) as fake:
+    with process(["-m", "fakes.openai_server"]) as fake:
         assert fake.stdout is not None
         upstream = fake.stdout.readline().strip()
         ours_port, bare_port = free_port(), free_port()

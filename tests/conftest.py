@@ -1,15 +1,28 @@
-"""Fixtures: one fake model server for the session, and a live app pointed at it."""
+"""Fixtures: one fake model server for the session, and a live app pointed at it per module."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from backend.config import Settings
-from tests.fake_upstream import FakeUpstream
+from fakes.openai_server import FakeUpstream
 from tests.harness import IsolatedSettings, LiveServer, SettingsFactory, live_server
+
+
+def fake_settings(fake: FakeUpstream, **overrides: Any) -> Settings:
+    """Settings pointed at the fake model server, with `overrides`."""
+    values: dict[str, Any] = {
+        "openai_base_url": fake.url,
+        "chat_model": "fake-model",
+        "chat_timeout": 3.0,
+        "chat_retry_delay": 0.05,
+    }
+    values.update(overrides)
+    return IsolatedSettings(**values)
 
 
 @pytest.fixture(scope="session")
@@ -30,22 +43,15 @@ def fake(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
 @pytest.fixture
 def make_settings(fake: FakeUpstream) -> SettingsFactory:
     """Settings pointed at the fake model server, overridable per test."""
-
-    def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "openai_base_url": fake.url,
-            "chat_model": "fake-model",
-            "chat_timeout": 3.0,
-            "chat_retry_delay": 0.05,
-        }
-        values.update(overrides)
-        return IsolatedSettings(**values)
-
-    return make
+    return functools.partial(fake_settings, fake)
 
 
-@pytest.fixture
-def server(make_settings: SettingsFactory) -> Iterator[LiveServer]:
-    """The app, live on a loopback port, talking to the fake model server."""
-    with live_server(make_settings()) as live:
+@pytest.fixture(scope="module")
+def server(upstream_server: FakeUpstream) -> Iterator[LiveServer]:
+    """The app with default settings, live on a loopback port for a whole test module.
+
+    Conversations live in their sockets, so tests sharing it cannot see each other's; a test
+    that needs other settings, or a fresh process, starts its own with `live_server`.
+    """
+    with live_server(fake_settings(upstream_server)) as live:
         yield live

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from backend.app import create_app
 from backend.config import Settings
 from backend.server import bind, uvicorn_config
-from tests.fake_upstream import FakeUpstream
+from fakes.openai_server import FakeUpstream
 
 # Every wait in the tests is a multiple of this, so a slow machine needs one change.
 UNIT = 2.0
@@ -112,11 +111,12 @@ async def wait_gone(pid: int, within: float = UNIT * 5) -> None:
 
 async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> float:
     """Seconds until upstream request `index` saw its client hang up; fails after `within`."""
-    record = fake.wait_for_requests(index + 1)[index]
-    deadline = time.monotonic() + within
-    while record.hung_up_at is None:
-        assert time.monotonic() < deadline, "the upstream request was never closed"
-        await asyncio.sleep(0.01)
+    record = (await fake.arrived(index + 1))[index]
+    try:
+        await fake.until(lambda: record.hung_up_at is not None, within)
+    except TimeoutError:
+        raise AssertionError("the upstream request was never closed") from None
+    assert record.hung_up_at is not None
     return record.hung_up_at - record.started
 
 

@@ -8,7 +8,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
     LiveServer,
     SettingsFactory,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
 
 pytestmark = pytest.mark.browser

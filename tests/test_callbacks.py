@@ -11,8 +11,8 @@ from backend.history import History
 from backend.reply import Replier
 from backend.turn import Turn
 from backend.upstream import remote_upstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from schemas import ChatResponse
-from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.harness import SettingsFactory
 
 
@@ -45,8 +45,8 @@ async def test_handler_that_cannot_send_stops_generation(
         history = History(1000)
         with pytest.raises(ClientGone):
             await replier.answer(Turn("talk", VanishingSink(tokens=5)), history)
-    record = fake.wait_for_requests(1)[0]
-    record.done.wait(2)
+    record = (await fake.arrived(1))[0]
+    await fake.until(record.done.is_set, within=2)
     assert record.hung_up
     assert record.tokens_sent < 50
     # The five tokens the client did get are what the conversation remembers.

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from websockets.asyncio.client import connect
 
-from tests.fake_upstream import Behaviour, FakeUpstream
-from tests.harness import LiveServer, SettingsFactory, ask, kinds, live_server, text_of
+from fakes.openai_server import Behaviour, FakeUpstream
+from tests.harness import (
+    LiveServer,
+    SettingsFactory,
+    ask,
+    kinds,
+    live_server,
+    text_of,
+    until_end,
+)
 
 
 async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) -> None:
@@ -21,8 +29,6 @@ async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) 
 async def test_plain_text_frame_is_a_question(server: LiveServer, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         await ws.send("what is 2+2?")
-        from tests.harness import until_end
-
         frames = await until_end(ws)
     assert frames[0]["message"] == "what is 2+2?"
     assert text_of(frames) == "You said: what is 2+2?"
@@ -41,11 +47,13 @@ async def test_history_carries_across_turns(server: LiveServer, fake: FakeUpstre
 
 
 async def test_upstream_connection_is_reused_across_turns(
-    server: LiveServer, fake: FakeUpstream
+    make_settings: SettingsFactory, fake: FakeUpstream
 ) -> None:
-    async with connect(server.ws) as ws:
-        for n in range(5):
-            assert (await ask(ws, f"turn {n}"))[-1]["status"] == "completed"
+    # A server of its own, whose connection pool starts empty.
+    with live_server(make_settings()) as server:
+        async with connect(server.ws) as ws:
+            for n in range(5):
+                assert (await ask(ws, f"turn {n}"))[-1]["status"] == "completed"
     assert len(fake.requests) == 5
     assert fake.connections == 1
 

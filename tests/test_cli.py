@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, LiveServer, wait_hung_up
 
 Process = asyncio.subprocess.Process

@@ -6,7 +6,7 @@ import asyncio
 
 from websockets.asyncio.client import connect
 
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import LiveServer, ask, text_of
 
 

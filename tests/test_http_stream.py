@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, Frame, LiveServer, ask, recv, text_of, until_end, wait_hung_up
 
 SLOW = Behaviour(tokens=[f" t{i}" for i in range(200)], delay=0.02)
@@ -110,7 +110,7 @@ async def test_disconnect_mid_reply_closes_upstream(server: LiveServer, fake: Fa
         await ws.send("go on forever")
         await read_some_tokens(ws, 4)
         closed_at = time.monotonic()
-    record = fake.wait_for_requests(1)[0]
+    record = (await fake.arrived(1))[0]
     await wait_hung_up(fake, 0, within=1.0)
     assert record.hung_up_at is not None
     assert record.hung_up_at - closed_at < 1.0
@@ -124,7 +124,7 @@ async def test_disconnect_before_first_token_closes_upstream(
     async with connect(server.ws) as ws:
         await ws.send("slow to start")
         await recv(ws)  # the echo
-        fake.wait_for_requests(1)
+        await fake.arrived(1)
     await wait_hung_up(fake, 0, within=1.0)
 
 

@@ -8,7 +8,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from backend.origin import origin_allowed
-from tests.fake_upstream import FakeUpstream
+from fakes.openai_server import FakeUpstream
 from tests.harness import UNIT, LiveServer, SettingsFactory, ask, live_server
 
 

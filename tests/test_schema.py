@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 from websockets.asyncio.client import connect
 
+from fakes.openai_server import Behaviour, FakeUpstream
 from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render
-from tests.fake_upstream import Behaviour, FakeUpstream
 from tests.harness import LiveServer, ask, recv
 
 

@@ -6,7 +6,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from backend.server import free_port
-from tests.fake_upstream import Behaviour, FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import LiveServer, SettingsFactory, ask, kinds, live_server, text_of
 
 

@@ -1,4 +1,4 @@
-"""A fake OpenAI-compatible model server for tests and benchmarks.
+"""A fake OpenAI-compatible model server for tests and benchmarks: `python -m fakes.openai_server`.
 
 It speaks just enough HTTP/1.1 for the openai client: `POST .../chat/completions` answered with
 real `chat.completion.chunk` Server-Sent Events over chunked transfer encoding, keep-alive
@@ -12,6 +12,7 @@ under test does with its own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -82,6 +83,7 @@ class FakeUpstream:
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.port = 0
 
     @property
@@ -105,15 +107,39 @@ class FakeUpstream:
         with self._lock:
             self.queued.extend(behaviours)
 
-    def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[Recorded]:
-        """Block until at least `count` requests have arrived."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.requests) >= count:
-                    return list(self.requests)
-            time.sleep(0.005)
-        raise AssertionError(f"expected {count} upstream requests, got {len(self.requests)}")
+    async def until(self, condition: Callable[[], bool], within: float = 5.0) -> None:
+        """Wait, without blocking the caller's event loop, until `condition()` holds.
+
+        It is checked again whenever a request arrives or ends; False after `within` seconds
+        raises `TimeoutError`.
+        """
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(within):
+            while True:
+                changed = loop.create_future()
+                with self._lock:
+                    if condition():
+                        return
+                    self._watchers.append((loop, changed))
+                await changed
+
+    async def arrived(self, count: int, within: float = 5.0) -> list[Recorded]:
+        """The requests so far, once at least `count` have arrived."""
+        try:
+            await self.until(lambda: len(self.requests) >= count, within)
+        except TimeoutError:
+            raise AssertionError(
+                f"expected {count} upstream requests, got {len(self.requests)}"
+            ) from None
+        return list(self.requests)
+
+    def _changed(self) -> None:
+        """Wake every `until` waiting in another thread's loop (from the fake's thread)."""
+        with self._lock:
+            watchers, self._watchers = self._watchers, []
+        for loop, changed in watchers:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(_settle, changed)
 
     def start(self) -> FakeUpstream:
         """Serve on a free loopback port in a background thread."""
@@ -201,11 +227,13 @@ class FakeUpstream:
         record = Recorded(path=path, body=body, started=time.monotonic())
         with self._lock:
             self.requests.append(record)
+        self._changed()
         behaviour = self._next_behaviour(body)
         try:
             return await self._answer(reader, writer, body, behaviour, record)
         finally:
             record.done.set()
+            self._changed()
 
     async def _send_json(self, writer: asyncio.StreamWriter, status: int, data: object) -> None:
         payload = json.dumps(data).encode()
@@ -323,6 +351,11 @@ class FakeUpstream:
         await writer.drain()
         record.completed = True
         return True
+
+
+def _settle(changed: asyncio.Future[None]) -> None:
+    if not changed.done():
+        changed.set_result(None)
 
 
 def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
