@@ -6,7 +6,7 @@ PORT ?= 8000
 
 NPM_STAMP := frontend/node_modules/.installed
 
-.PHONY: install run test test-deps lint bench schemas clean
+.PHONY: install run test test-deps screenshot lint bench schemas clean
 
 # Create .venv, install the pinned requirements and the browser libraries (again on change).
 install: $(STAMP) $(NPM_STAMP)
@@ -39,6 +39,10 @@ test-deps:
 	@test -x /usr/bin/chromium -a -d /usr/share/fonts/truetype/liberation || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
 			--no-install-recommends chromium fonts-liberation)
+
+# Refresh the README's picture (docs/screenshot.png) with the browser test that takes it.
+screenshot: install test-deps
+	SCREENSHOT_TO=docs/screenshot.png $(PY) -m pytest -q tests/test_browser.py -k screenshot
 
 # Lint, format check and type check.
 lint: install

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+import pytest_asyncio
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    async_playwright,
+    expect,
+)
 
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_INSTALLED = CHROMIUM.exists()
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+# `make screenshot` sets this to refresh the README's picture; otherwise it goes to a temp dir.
+SCREENSHOT_TO = os.environ.get("SCREENSHOT_TO")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -33,22 +43,32 @@ CHROMIUM_ARGS = [
 PAGE_ERRORS: list[str] = []
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium() -> AsyncIterator[Browser]:
+    """One Chromium for the module; each test gets a fresh context of its own."""
     if not CHROMIUM_INSTALLED:
         pytest.fail("Chromium is missing: `make test` installs it (apt-get install chromium)")
-    PAGE_ERRORS.clear()
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
         yield launched
         await launched.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(chromium: Browser) -> AsyncIterator[BrowserContext]:
+    """A fresh browser profile (no storage, no open pages) for one test."""
+    PAGE_ERRORS.clear()
+    context = await chromium.new_context()
+    yield context
+    await context.close()
     assert PAGE_ERRORS == []
 
 
-async def open_chat(browser: Browser, server: LiveServer, width: int = 900) -> Page:
-    page = await browser.new_page(viewport={"width": width, "height": 700})
+async def open_chat(browser: BrowserContext, server: LiveServer, width: int = 900) -> Page:
+    page = await browser.new_page()
+    await page.set_viewport_size({"width": width, "height": 700})
     page.on("dialog", lambda dialog: PAGE_ERRORS.append(f"dialog: {dialog.message}"))
     page.on("pageerror", lambda error: PAGE_ERRORS.append(f"script error: {error}"))
     await page.goto(f"{server.http}/")
@@ -66,7 +86,7 @@ def last_reply(page: Page) -> Locator:
 
 
 async def test_tokens_appear_progressively(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f"word{i} " for i in range(12)], delay=0.1))
     page = await open_chat(browser, server)
@@ -87,7 +107,7 @@ async def test_tokens_appear_progressively(
 
 
 async def test_stop_button_ends_reply_and_text_stops_growing(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f" t{i}" for i in range(400)], delay=0.02))
     page = await open_chat(browser, server)
@@ -105,7 +125,7 @@ async def test_stop_button_ends_reply_and_text_stops_growing(
 
 
 async def test_sending_during_a_reply_preempts_it(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[" slow"] * 300, delay=0.02), Behaviour(tokens=["second reply"]))
     page = await open_chat(browser, server)
@@ -121,7 +141,7 @@ async def test_sending_during_a_reply_preempts_it(
 
 
 async def test_new_chat_resets_view_and_conversation(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     page = await open_chat(browser, server)
     await ask(page, "remember this")
@@ -134,7 +154,7 @@ async def test_new_chat_resets_view_and_conversation(
 
 
 async def test_upstream_error_is_shown(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(status=401))
     page = await open_chat(browser, server)
@@ -146,7 +166,7 @@ async def test_upstream_error_is_shown(
 
 
 async def test_reconnects_after_server_restart(
-    browser: Browser, make_settings: SettingsFactory, fake: FakeUpstream
+    browser: BrowserContext, make_settings: SettingsFactory, fake: FakeUpstream
 ) -> None:
     settings = make_settings()
     first = LiveServer(settings).start()
@@ -169,7 +189,7 @@ async def test_reconnects_after_server_restart(
 
 
 async def test_model_html_renders_inert_and_markdown_renders(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     hostile = [
         "**bold** text\n\n",
@@ -197,7 +217,9 @@ async def test_model_html_renders_inert_and_markdown_renders(
     assert PAGE_ERRORS == []
 
 
-async def test_keyboard_only_use(browser: Browser, server: LiveServer, fake: FakeUpstream) -> None:
+async def test_keyboard_only_use(
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+) -> None:
     page = await open_chat(browser, server)
     question = page.locator("#question")
     await expect(question).to_be_focused()
@@ -213,7 +235,7 @@ async def test_keyboard_only_use(browser: Browser, server: LiveServer, fake: Fak
 
 
 async def test_auto_scroll_stops_when_reader_scrolls_up(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f"line {i}\n\n" for i in range(200)], delay=0.01))
     page = await open_chat(browser, server, width=600)
@@ -228,7 +250,7 @@ async def test_auto_scroll_stops_when_reader_scrolls_up(
 
 
 async def test_narrow_screen_and_screenshot(
-    browser: Browser, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream, tmp_path: Path
 ) -> None:
     fake.then(
         Behaviour(tokens=["Streams can be **stopped** at any time.\n\n", "- stop\n- ask again"]),
@@ -244,5 +266,6 @@ async def test_narrow_screen_and_screenshot(
     overflow = await page.evaluate("document.documentElement.scrollWidth")
     assert overflow <= 375
     await page.set_viewport_size({"width": 900, "height": 640})
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOT))
+    screenshot = Path(SCREENSHOT_TO) if SCREENSHOT_TO else tmp_path / "screenshot.png"
+    await page.screenshot(path=str(screenshot))
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
