@@ -171,11 +171,15 @@ async def test_reconnects_after_server_restart(
     settings = make_settings()
     first = LiveServer(settings).start()
     port = first.port
+    fake.then(Behaviour(tokens=[" cut"] * 400, delay=0.02))
     page = await open_chat(browser, first)
     await ask(page, "before the restart")
-    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
-    first.stop()
+    await expect(last_reply(page)).to_contain_text("cut cut")
+    first.stop()  # mid-reply
     await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
+    # The reply that was cut off is finished like any other: no longer busy, marked stopped.
+    await expect(last_reply(page)).to_have_attribute("data-status", "interrupted")
+    assert await last_reply(page).get_attribute("aria-busy") is None
     await expect(page.locator("#connection")).to_contain_text("retrying")
     with live_server(settings, port=port):
         await expect(page.locator("#connection")).to_have_attribute(

@@ -85,10 +85,14 @@ function queueRender() {
   });
 }
 
+/** The one way a reply ends, whether by its `end` frame or by a lost connection. */
 function finishReply(status) {
+  setStreaming(false);
+  statusLine.textContent = "";
   if (!reply) return;
   renderMarkdown(reply.node, reply.text);
   reply.node.classList.remove("streaming");
+  reply.node.removeAttribute("aria-busy");
   reply.node.dataset.status = status;
   if (status === "interrupted") {
     reply.node.classList.add("interrupted");
@@ -100,7 +104,8 @@ function finishReply(status) {
   reply = null;
 }
 
-function render(frame) {
+/** Update the page for one frame from the server. */
+function applyFrame(frame) {
   switch (frame.type) {
     case "start":
       reply = { node: bubble("bot streaming", ""), text: "" };
@@ -122,10 +127,7 @@ function render(frame) {
       bubble("error", frame.message).setAttribute("role", "alert");
       break;
     case "end":
-      if (reply) reply.node.removeAttribute("aria-busy");
       finishReply(frame.status);
-      setStreaming(false);
-      statusLine.textContent = "";
       break;
     default:
       console.warn("unknown frame type", frame);
@@ -144,10 +146,9 @@ function connect() {
     }
     wasConnected = true;
   });
-  socket.addEventListener("message", (event) => render(JSON.parse(event.data)));
+  socket.addEventListener("message", (event) => applyFrame(JSON.parse(event.data)));
   socket.addEventListener("close", () => {
-    if (reply) finishReply("interrupted");
-    setStreaming(false);
+    finishReply("interrupted");
     const seconds = Math.round(retryMs / 100) / 10;
     setConnection("closed", `Disconnected; retrying in ${seconds} s`);
     setTimeout(connect, retryMs);
