@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,29 @@ async def wait_gone(pid: int, within: float = UNIT * 5) -> None:
     async with asyncio.timeout(within):
         while alive(pid):  # noqa: ASYNC110 - another process's exit has no event to await
             await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def python_process(*args: str, **options: Any) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python ARGS...` for the duration of the block; killed if still running at its end."""
+    process = await asyncio.create_subprocess_exec(sys.executable, *args, **options)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def signal_leaves_no_orphan(
+    parent: asyncio.subprocess.Process, sig: signal.Signals, child: int
+) -> None:
+    """Send `sig` to `parent`; it must exit, and its child `child` must not outlive it."""
+    assert alive(child)
+    parent.send_signal(sig)
+    async with asyncio.timeout(UNIT * 5):
+        await parent.wait()
+    await wait_gone(child)
 
 
 async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> float:

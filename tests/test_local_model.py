@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +28,9 @@ from tests.harness import (
     alive,
     ask,
     live_server,
+    python_process,
     recv,
+    signal_leaves_no_orphan,
     text_of,
     until_end,
     wait_gone,
@@ -253,8 +254,7 @@ async def test_no_orphan_when_the_server_stops() -> None:
     # The stand-in child's tests cover SIGKILL and SIGINT; this is uvicorn's shutdown path.
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
-    parent = await asyncio.create_subprocess_exec(
-        sys.executable,
+    async with python_process(
         "-m",
         "backend",
         "--port",
@@ -262,15 +262,6 @@ async def test_no_orphan_when_the_server_stops() -> None:
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
+    ) as parent:
         pid = child_pid(await wait_healthy(f"http://127.0.0.1:{port}"))
-        assert alive(pid)
-        parent.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(UNIT * 5):
-            await parent.wait()
-        await wait_gone(pid)
-    finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
+        await signal_leaves_no_orphan(parent, signal.SIGTERM, pid)

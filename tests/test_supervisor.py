@@ -6,14 +6,13 @@ import asyncio
 import itertools
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from backend.supervisor import RestartPolicy, Supervisor
-from tests.harness import UNIT, alive, wait_gone
+from tests.harness import UNIT, alive, python_process, signal_leaves_no_orphan, wait_gone
 from tests.stand_in import CRASH_CODE, stand_in_supervisor
 
 FAST = RestartPolicy(first_delay=0.05, probe_every=0.02, stop_grace=0.3)
@@ -124,24 +123,10 @@ async def test_stop_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 async def test_no_orphan_when_the_parent_dies(tmp_path: Path, sig: signal.Signals) -> None:
-    parent = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.stand_in",
-        "parent",
-        str(tmp_path),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with python_process(
+        "-m", "tests.stand_in", "parent", str(tmp_path), stdout=asyncio.subprocess.PIPE
+    ) as parent:
         assert parent.stdout is not None
         async with asyncio.timeout(UNIT * 2):
             child = int(await parent.stdout.readline())
-        assert alive(child)
-        parent.send_signal(sig)
-        async with asyncio.timeout(UNIT * 2):
-            await parent.wait()
-        await wait_gone(child)
-    finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
+        await signal_leaves_no_orphan(parent, sig, child)
