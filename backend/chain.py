@@ -35,7 +35,7 @@ def build_model(
     reply_tokens = upstream.reply_tokens
     model = ChatOpenAI(
         model=upstream.model,
-        temperature=settings.chat_temperature,
+        temperature=settings.temperature,
         api_key=key,
         base_url=upstream.url,
         max_tokens=reply_tokens,

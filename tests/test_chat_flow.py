@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from websockets.asyncio.client import connect
 
+from backend.config import LOCAL_TEMPERATURE
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
+    IsolatedSettings,
     LiveServer,
     SettingsFactory,
     ask,
@@ -82,3 +84,22 @@ async def test_system_prompt_and_question_are_sent_verbatim(
         {"role": "system", "content": prompt},
         {"role": "user", "content": "What is {x} in {lang}?"},
     ]
+
+
+async def test_temperature_reaches_the_model_server(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    for overrides, expected in [({}, 0.7), ({"chat_temperature": 0.0}, 0.0)]:
+        fake.reset()
+        with live_server(make_settings(**overrides)) as server:
+            async with connect(server.ws) as ws:
+                await ask(ws, "how warm?")
+        assert fake.requests[0].body["temperature"] == expected
+
+
+def test_embedded_model_samples_cooler_unless_told() -> None:
+    local = IsolatedSettings(local_model_path="/models/any.gguf")
+    assert local.mode == "local"
+    assert local.temperature == LOCAL_TEMPERATURE == 0.2
+    assert IsolatedSettings(local_model_path="/m.gguf", chat_temperature=0.9).temperature == 0.9
+    assert IsolatedSettings(openai_base_url="http://127.0.0.1:1/v1").temperature == 0.7
