@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-import uvicorn
-
 from backend.app import create_app
 from backend.config import Settings
-from backend.server import uvicorn_config
+from backend.server import chat_server
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
     settings = Settings()
-    uvicorn.Server(uvicorn_config(create_app(settings), settings, args.host, args.port)).run()
+    chat_server(create_app(settings), settings, args.host, args.port).run()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from fastapi.staticfiles import StaticFiles
 
 from backend.chain import build_chain
 from backend.config import Settings
+from backend.conversation import Conversation
+from backend.conversations import Conversations, UnknownConversation
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
 from backend.origin import origin_refusal
 from backend.reply import Replier
 from backend.session import ChatSession
+from backend.store import SqlStore
 from backend.upstream import Upstream, remote_upstream
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,18 @@ VENDOR_FILES = {
 }
 
 
+RESTARTING = "The server is restarting; try again in a moment."
+
+
+def parse_after(value: str | None) -> int:
+    """The `after` query parameter: the last `seq` a client has; 0 when absent."""
+    if value is None:
+        return 0
+    if not value.isdigit() or len(value) > 18:
+        raise ValueError(f"'after' must be a whole number, not {value[:32]!r}.")
+    return int(value)
+
+
 def make_upstream(settings: Settings) -> Upstream:
     """The model server `settings` select: the embedded one unless told otherwise."""
     return local_upstream(settings) if settings.mode == "local" else remote_upstream(settings)
@@ -42,25 +57,32 @@ def create_app(settings: Settings) -> FastAPI:
     upstream = make_upstream(settings)
     http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout)
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream)
+    conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await conversations.start()
         await upstream.start()
         try:
             yield
         finally:
             await upstream.stop()
             await http_client.aclose()
+            await conversations.close()
 
     app = FastAPI(
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
+    app.state.conversations = conversations
     app.include_router(build_router(replier, settings))
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:
-        # 503 until replies can work, so load balancers and readiness probes hold traffic.
+        # 503 until replies can work, and again while draining to stop, so load balancers and
+        # readiness probes hold traffic.
         report = upstream.health()
+        if conversations.draining:
+            report = {**report, "status": "draining"}
         ok = report["status"] == "ok"
         return JSONResponse(
             report, status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE
@@ -75,8 +97,28 @@ def create_app(settings: Settings) -> FastAPI:
                 PlainTextResponse(refused, status_code=status.HTTP_403_FORBIDDEN)
             )
             return
+        if conversations.draining:
+            await websocket.send_denial_response(
+                PlainTextResponse(RESTARTING, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+            )
+            return
         await websocket.accept()
-        await ChatSession(websocket, replier, settings).run()
+        try:
+            conversation, after = await joining(websocket)
+        except (UnknownConversation, ValueError) as refused_join:
+            # Accepted, then closed: a browser sees this code and reason, never an HTTP status.
+            await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(refused_join))
+            return
+        await ChatSession(websocket, conversations, settings).run(conversation, after)
+
+    async def joining(websocket: WebSocket) -> tuple[Conversation, int]:
+        """The conversation `?conversation=ID` names (a new one without it), and `?after=`."""
+        params = websocket.query_params
+        wanted = params.get("conversation")
+        after = parse_after(params.get("after"))
+        if wanted is None:
+            return conversations.new(), after
+        return await conversations.open(wanted), after
 
     @app.get("/vendor/{name}", include_in_schema=False)
     async def vendor(name: str) -> FileResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -11,6 +12,11 @@ OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer clearly and concisely. "
     "If you do not know something, say so."
+)
+
+# The embedded store: one SQLite file in the git-ignored data/ folder of the checkout.
+DEFAULT_DATABASE_URL = (
+    f"sqlite+aiosqlite:///{Path(__file__).resolve().parent.parent / 'data' / 'chat.db'}"
 )
 
 Mode = Literal["local", "openai", "remote"]
@@ -41,6 +47,14 @@ class Settings(BaseSettings):
     chat_allowed_origins: Annotated[list[str], NoDecode] = []
     # Longest reply, in tokens; unset means the model server's own limit (local mode: 512).
     chat_max_reply_tokens: int | None = Field(default=None, ge=1)
+
+    # Where conversations are stored: any SQLAlchemy async URL (SQLite or PostgreSQL).
+    chat_database_url: str = DEFAULT_DATABASE_URL
+    # Seconds a reply goes on after its last client left, so a reconnecting client finds it;
+    # 0 stops it at once.
+    chat_resume_grace: float = Field(default=30.0, ge=0)
+    # Seconds replies in flight get to finish when the server is asked to stop.
+    chat_shutdown_grace: float = Field(default=10.0, ge=0)
 
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
     local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, trim_messages
@@ -26,6 +26,20 @@ class History:
         self.max_tokens = max_tokens
         self._count = token_counter or count_tokens_approximately
         self._messages: list[BaseMessage] = []
+
+    @classmethod
+    def of(
+        cls,
+        turns: Iterable[tuple[str, str]],
+        max_tokens: int,
+        token_counter: TokenCounter | None = None,
+    ) -> History:
+        """The history of `turns`, (question, answer) pairs oldest first, fitted once."""
+        history = cls(max_tokens, token_counter)
+        for question, answer in turns:
+            history._messages += [HumanMessage(question), AIMessage(answer)]
+        history._messages = history.fit(max_tokens, history._count)
+        return history
 
     @property
     def messages(self) -> list[BaseMessage]:

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from backend.errors import ChatError
-from schemas import CLIENT_MESSAGE, CLIENT_TYPES, Question, Reset, Stop
+from schemas import CLIENT_MESSAGE, CLIENT_TYPES, Question, Regenerate, Reset, Stop
 
-ClientMessage = Question | Stop | Reset
+ClientMessage = Question | Stop | Reset | Regenerate
 EXPECTED_TYPES = ", ".join(CLIENT_TYPES)
 HOW_TO_ASK = 'Send a question as plain text or as {"type": "question", "message": "..."}.'
 

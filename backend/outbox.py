@@ -1,50 +1,74 @@
-"""The one writer of a WebSocket: frames go out in order, tokens that queue up go as one frame."""
+"""What one client is sent, in order: frames, runs of tokens that queued up, and a last close.
+
+A socket and an SSE response each own an `Outbox`; a conversation writes into the outboxes of
+every client joined to it and never waits for any of them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
-
-from starlette.websockets import WebSocketDisconnect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from backend.errors import ClientGone
 from schemas import ChatResponse
 
-log = logging.getLogger(__name__)
-
-# Text of consecutive bot tokens not yet sent; becomes a single `stream` frame.
-Pending = ChatResponse | list[str]
 # Frames waiting for a client that has stopped reading; beyond this it is cut off rather than
-# letting its backlog grow without bound. (A reply's tokens merge into one entry.)
+# letting its backlog grow without bound. (A reply's tokens merge into one entry, and the
+# history a client is sent when it joins does not count.)
 MAX_PENDING = 1000
+OVERFLOW_CODE = 1008
 
 
-def encode(item: Pending) -> str:
-    """The JSON text of a queued frame or run of tokens."""
-    if isinstance(item, list):
-        item = ChatResponse.tokens("".join(item))
-    return item.to_json()
+@dataclass
+class TokenRun:
+    """Consecutive pieces of bot text not yet sent; they go as one `stream` frame."""
+
+    parts: list[str] = field(default_factory=list)
+    seq: int | None = None
+
+    def frame(self) -> ChatResponse:
+        """The merged frame, carrying the `seq` of its last piece."""
+        return ChatResponse.tokens("".join(self.parts), seq=self.seq)
+
+
+@dataclass(frozen=True)
+class Close:
+    """The server ends this client's connection, after everything queued before it."""
+
+    code: int
+    reason: str
+
+
+Pending = ChatResponse | TokenRun | Close
+
+
+def as_frame(item: ChatResponse | TokenRun) -> ChatResponse:
+    """The frame a queued item is sent as."""
+    return item.frame() if isinstance(item, TokenRun) else item
 
 
 class Outbox:
-    """Queues frames for one socket and sends them from a single task.
+    """Queues what one client is sent; its writer takes everything queued at once.
 
-    Sending never blocks the producer: a reply appends its tokens and carries on. When the
-    socket is slower than the model, the tokens that pile up behind it are merged into one
-    `stream` frame, so a slow client costs fewer, larger frames instead of a growing backlog.
-    Once a send fails, or a client that does not read lets `MAX_PENDING` frames pile up, every
-    later `send` or `token` raises `ClientGone`.
+    Queueing never blocks: a reply appends its tokens and carries on. When the client is slower
+    than the model, the tokens that pile up behind it merge into one `stream` frame, so a slow
+    client costs fewer, larger frames instead of a growing backlog. Once the writer has stopped,
+    or a client that does not read lets `max_pending` frames pile up, every later `send` or
+    `token` raises `ClientGone`.
     """
 
-    def __init__(
-        self, send_text: Callable[[str], Awaitable[None]], max_pending: int = MAX_PENDING
-    ) -> None:
-        self._send_text = send_text
+    def __init__(self, max_pending: int = MAX_PENDING) -> None:
         self._max_pending = max_pending
         self._pending: list[Pending] = []
+        self._preloaded = 0
         self._wake = asyncio.Event()
         self._gone = False
+
+    @property
+    def gone(self) -> bool:
+        """Whether this client can no longer be sent anything."""
+        return self._gone
 
     def send(self, frame: ChatResponse) -> None:
         """Queue one frame."""
@@ -52,35 +76,52 @@ class Outbox:
         self._pending.append(frame)
         self._wake.set()
 
-    def token(self, text: str) -> None:
+    def preload(self, frames: Iterable[ChatResponse]) -> None:
+        """Queue frames the client missed (a replay), however many, ahead of live ones."""
+        self._check()
+        before = len(self._pending)
+        self._pending.extend(frames)
+        self._preloaded += len(self._pending) - before
+        self._wake.set()
+
+    def token(self, text: str, seq: int | None = None) -> None:
         """Queue a piece of bot text, merging it with tokens still waiting to go."""
         self._check()
-        if self._pending and isinstance(self._pending[-1], list):
-            self._pending[-1].append(text)
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, TokenRun):
+            last.parts.append(text)
+            last.seq = seq
         else:
-            self._pending.append([text])
+            self._pending.append(TokenRun([text], seq))
             self._wake.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send what is queued, then end the connection with `code`; nothing more is queued."""
+        if self._gone:
+            return
+        self._pending.append(Close(code, reason))
+        self._gone = True
+        self._wake.set()
 
     def _check(self) -> None:
         if self._gone:
             raise ClientGone("the client's connection is closed")
-        if len(self._pending) >= self._max_pending:
+        if len(self._pending) - self._preloaded >= self._max_pending:
+            unread = len(self._pending)
+            # Nothing queued will be read: all that is left to send is the close.
+            self._pending = [Close(OVERFLOW_CODE, "Too many unread frames.")]
             self._gone = True
-            raise ClientGone(f"the client left {len(self._pending)} frames unread")
+            raise ClientGone(f"the client left {unread} frames unread")
 
-    async def run(self) -> None:
-        """Send whatever is queued, until cancelled or the socket fails."""
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._pending:
-                    batch, self._pending = self._pending, []
-                    for item in batch:
-                        await self._send_text(encode(item))
-        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
-            # Starlette raises WebSocketDisconnect for a peer that left, RuntimeError for a
-            # socket already closed on our side.
-            log.debug("socket writer stopped: %r", exc)
-        finally:
-            self._gone = True
+    async def take(self) -> list[Pending]:
+        """Wait for something to send, then take all of it."""
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
+        batch, self._pending = self._pending, []
+        self._preloaded = 0
+        return batch
+
+    def stop(self) -> None:
+        """The writer has stopped: the client is gone."""
+        self._gone = True

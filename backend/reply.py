@@ -34,7 +34,7 @@ class Replier:
         """Stream the reply to `turn`'s question, from `start` to exactly one `end`.
 
         Cancelling the task that runs this is how a reply is stopped: the upstream request is
-        closed, the text streamed so far is kept in `history`, and `end` says `interrupted`.
+        closed, the text streamed so far stays in `turn`, and `end` says `interrupted`.
         """
         status: EndStatus = "error"
         turn.send(ChatResponse.bot("start"))
@@ -52,8 +52,6 @@ class Replier:
                 log.warning("reply failed: %s (%r)", error.message, exc)
             turn.send(error.frame())
         finally:
-            if status == "completed" or turn.streamed:
-                history.add_turn(turn.question, turn.text)
             with contextlib.suppress(ClientGone):
                 turn.send(ChatResponse.bot("end", status=status))
         return status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import uvicorn
@@ -21,6 +22,30 @@ def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uv
         log_level="info",
         timeout_graceful_shutdown=5,
     )
+
+
+class ChatServer(uvicorn.Server):
+    """uvicorn, draining the app's conversations before it shuts down.
+
+    While draining the port stays open, so `/healthz` can say so; new sockets are refused.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.grace = grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await self.app.state.conversations.drain(self.grace)
+        except Exception:
+            logging.getLogger(__name__).exception("draining conversations failed")
+        await super().shutdown(sockets)
+
+
+def chat_server(app: FastAPI, settings: Settings, host: str, port: int) -> ChatServer:
+    """The server for `app`, configured by `settings`."""
+    return ChatServer(uvicorn_config(app, settings, host, port), app, settings.chat_shutdown_grace)
 
 
 def free_port() -> int:

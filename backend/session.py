@@ -1,63 +1,83 @@
-"""One WebSocket conversation: read client messages, run each reply as a cancellable task."""
+"""One WebSocket: read the client's messages and act on its conversation; write what it is sent.
+
+The receive loop never awaits a reply: a question starts the conversation's reply task and the
+loop goes back to reading, so a stop, a reset or the next question acts at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from starlette import status
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backend.config import Settings
-from backend.errors import ChatError, ClientGone
-from backend.history import History
+from backend.conversation import Conversation
+from backend.conversations import Conversations
+from backend.errors import ChatError
 from backend.inbound import parse_client_frame
-from backend.outbox import Outbox
-from backend.reply import Replier
-from backend.turn import Turn
-from schemas import ChatResponse, Question, Reset, Stop
+from backend.outbox import Close, Outbox, as_frame
+from schemas import ChatResponse, Question, Regenerate, Reset, Stop
 
 log = logging.getLogger(__name__)
 
-# Seconds a cancelled reply gets to wind down before it is cancelled again.
-RECANCEL_AFTER = 0.25
+
+def hello(conversation: Conversation) -> ChatResponse:
+    """The first frame on every socket: which conversation it is in."""
+    if conversation.stored:
+        turns = len(conversation.turns)
+        text = f"Joined a conversation of {turns} turn{'s' if turns != 1 else ''}."
+    else:
+        text = "New conversation."
+    frame = ChatResponse.bot("info", text)
+    frame.conversation = conversation.id
+    return frame
+
+
+async def write(outbox: Outbox, websocket: WebSocket) -> None:
+    """Send what `outbox` queues, in order, until a `Close` or the socket fails."""
+    try:
+        while True:
+            for item in await outbox.take():
+                if isinstance(item, Close):
+                    await websocket.close(code=item.code, reason=item.reason)
+                    return
+                await websocket.send_text(as_frame(item).to_json())
+    except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+        # Starlette raises WebSocketDisconnect for a peer that left, RuntimeError for a
+        # socket already closed on our side.
+        log.debug("socket writer stopped: %r", exc)
+    finally:
+        outbox.stop()
 
 
 class ChatSession:
-    """Owns one socket, its conversation history and at most one reply in progress.
+    """Owns one socket and the conversation it is joined to (which may change on reset)."""
 
-    The receive loop never awaits the chain: a question starts a reply task and the loop goes
-    back to reading, so a stop, a reset or the next question can cancel that task at once.
-    """
-
-    def __init__(self, websocket: WebSocket, replier: Replier, settings: Settings) -> None:
+    def __init__(
+        self, websocket: WebSocket, conversations: Conversations, settings: Settings
+    ) -> None:
         self.websocket = websocket
-        self.replier = replier
+        self.conversations = conversations
         self.settings = settings
-        self.history = History(settings.chat_history_tokens)
-        self.outbox = Outbox(websocket.send_text)
-        self.reply: asyncio.Task[None] | None = None
+        self.outbox = Outbox()
 
-    async def run(self) -> None:
-        """Serve the socket until the client leaves; then stop whatever is still running."""
-        writer = asyncio.create_task(self.outbox.run(), name="chat-writer")
+    async def run(self, conversation: Conversation, after: int) -> None:
+        """Serve the socket until the client leaves; its conversation carries on without it."""
+        self.conversation = conversation
+        self.outbox.send(hello(conversation))
+        conversation.join(self.outbox, after)
+        writer = asyncio.create_task(write(self.outbox, self.websocket), name="chat-writer")
         try:
             while not writer.done():
                 event = await self.websocket.receive()
                 if event["type"] == "websocket.disconnect":
                     break
                 await self.handle(event)
-        except ClientGone as gone:
-            log.warning("closing a session: %s", gone)
-            with contextlib.suppress(Exception):
-                await self.websocket.close(
-                    code=status.WS_1008_POLICY_VIOLATION, reason="Too many unread frames."
-                )
         finally:
-            await self.interrupt()
+            self.conversation.leave(self.outbox)
             writer.cancel()
             await asyncio.wait([writer])
 
@@ -70,40 +90,40 @@ class ChatSession:
                 max_question_chars=self.settings.chat_max_question_chars,
             )
         except ChatError as error:
-            self.outbox.send(error.frame())
+            self.reply_only(error.frame())
             return
+        conversation = self.conversation
         match message:
             case Question(message=text):
-                await self.interrupt()
-                self.outbox.send(ChatResponse.echo(text))
-                self.reply = asyncio.create_task(self.answer(text), name="chat-reply")
+                if self.conversations.draining:
+                    self.reply_only(
+                        ChatError(
+                            "shutting_down",
+                            "The server is restarting; ask again in a moment.",
+                        ).frame()
+                    )
+                    return
+                await conversation.ask(text)
             case Stop():
-                if not await self.interrupt():
-                    self.outbox.send(
+                if not await conversation.stop():
+                    self.reply_only(
                         ChatResponse.bot("info", "No reply is in progress; nothing to stop.")
                     )
+            case Regenerate():
+                if not await conversation.regenerate():
+                    self.reply_only(
+                        ChatError("bad_request", "There is no question to answer again.").frame()
+                    )
             case Reset():
-                await self.interrupt()
-                self.history.clear()
-                self.outbox.send(ChatResponse.bot("info", "Conversation cleared."))
+                await conversation.stop()
+                conversation.leave(self.outbox)
+                self.conversation = fresh = self.conversations.new()
+                fresh.join(self.outbox, 0)
+                ack = ChatResponse.bot("info", "Conversation cleared.")
+                ack.conversation = fresh.id
+                fresh.emit(ack)
 
-    async def answer(self, question: str) -> None:
-        """Run one reply; a client that left mid-reply simply ends it."""
-        try:
-            await self.replier.answer(Turn(question, self.outbox), self.history)
-        except ClientGone:
-            log.info("client left during a reply; generation stopped")
-
-    async def interrupt(self) -> bool:
-        """Cancel the reply in progress and wait for its `end` frame; False if there was none."""
-        reply, self.reply = self.reply, None
-        if reply is None or reply.done():
-            return False
-        # A library that swallows the cancellation would let the model run on unheard, so
-        # cancel again until the task really ends.
-        while not reply.done():
-            reply.cancel()
-            await asyncio.wait([reply], timeout=RECANCEL_AFTER)
-            if not reply.done():
-                log.warning("reply ignored its cancellation; cancelling again")
-        return True
+    def reply_only(self, frame: ChatResponse) -> None:
+        """A frame for this socket alone (no `seq`)."""
+        if not self.outbox.gone:
+            self.outbox.send(frame)

@@ -24,10 +24,11 @@ class Turn:
     conversation keeps is exactly what the client was sent.
     """
 
-    def __init__(self, question: str, sink: FrameSink) -> None:
+    def __init__(self, question: str, sink: FrameSink, parts: list[str] | None = None) -> None:
         self.question = question
         self.sink = sink
-        self._parts: list[str] = []
+        # The list the text is kept in: a stored turn's own, so that it is never copied.
+        self._parts = [] if parts is None else parts
 
     @property
     def text(self) -> str:

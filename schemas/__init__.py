@@ -7,6 +7,7 @@ from schemas.frames import (
     EndStatus,
     ErrorCode,
     Question,
+    Regenerate,
     Reset,
     Stop,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "EndStatus",
     "ErrorCode",
     "Question",
+    "Regenerate",
     "Reset",
     "Stop",
 ]

@@ -19,6 +19,7 @@ ErrorCode = Literal[
     "upstream_timeout",
     "upstream_dropped",
     "upstream_rejected",
+    "shutting_down",
     "internal",
 ]
 
@@ -37,6 +38,25 @@ class ChatResponse(BaseModel):
     code: ErrorCode | None = Field(
         default=None, description="Only on `error` frames: what kind of failure it was."
     )
+    seq: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "On frames that belong to the conversation: strictly increasing within it, the same "
+            "for every socket. Not consecutive: a `stream` frame advances it by the length of "
+            "its text. Absent on frames that answer one socket only."
+        ),
+    )
+    conversation: str | None = Field(
+        default=None,
+        description="On the `info` frame that opens a socket, and on the reset acknowledgement: "
+        "the id of the conversation the socket is now in.",
+    )
+    regenerate: bool | None = Field(
+        default=None,
+        description="On a `start` frame: this reply replaces the last reply shown, which the "
+        "client should remove.",
+    )
 
     @classmethod
     def bot(
@@ -51,14 +71,14 @@ class ChatResponse(BaseModel):
         return cls(sender="bot", message=message, type=type, status=status, code=code)
 
     @classmethod
-    def tokens(cls, text: str) -> ChatResponse:
-        """A piece of the bot's reply: one token, or several merged."""
-        return cls(sender="bot", message=text, type="stream")
+    def tokens(cls, text: str, seq: int | None = None) -> ChatResponse:
+        """A piece of the bot's reply: one token, or several merged (with the last one's `seq`)."""
+        return cls(sender="bot", message=text, type="stream", seq=seq)
 
     @classmethod
-    def echo(cls, question: str) -> ChatResponse:
+    def echo(cls, question: str, seq: int | None = None) -> ChatResponse:
         """The user's question, said back before the reply starts."""
-        return cls(sender="you", message=question, type="stream")
+        return cls(sender="you", message=question, type="stream", seq=seq)
 
     def to_json(self) -> str:
         """Serialise without the fields that do not apply to this frame type."""
@@ -79,12 +99,18 @@ class Stop(BaseModel):
 
 
 class Reset(BaseModel):
-    """Interrupt the reply in progress, if any, and forget the conversation."""
+    """Interrupt the reply in progress, if any, and move this socket to a new conversation."""
 
     type: Literal["reset"]
 
 
-ClientMessage = Annotated[Question | Stop | Reset, Field(discriminator="type")]
-CLIENT_MESSAGE: TypeAdapter[Question | Stop | Reset] = TypeAdapter(ClientMessage)
-CLIENT_TYPES: tuple[str, ...] = ("question", "stop", "reset")
+class Regenerate(BaseModel):
+    """Answer the last question again, replacing the last reply (interrupted if streaming)."""
+
+    type: Literal["regenerate"]
+
+
+ClientMessage = Annotated[Question | Stop | Reset | Regenerate, Field(discriminator="type")]
+CLIENT_MESSAGE: TypeAdapter[Question | Stop | Reset | Regenerate] = TypeAdapter(ClientMessage)
+CLIENT_TYPES: tuple[str, ...] = ("question", "stop", "reset", "regenerate")
 CHAT_RESPONSE: TypeAdapter[ChatResponse] = TypeAdapter(ChatResponse)

@@ -6,19 +6,22 @@ import asyncio
 import json
 import signal
 import sys
+import tempfile
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import uvicorn
+from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
 from backend.app import create_app
 from backend.config import Settings
-from backend.server import bind, uvicorn_config
+from backend.server import bind, chat_server
 from fakes.openai_server import FakeUpstream
 
 # Every wait in the tests is a multiple of this, so a slow machine needs one change.
@@ -28,8 +31,22 @@ Frame = dict[str, Any]
 SettingsFactory = Callable[..., Settings]
 
 
+_DATA = tempfile.TemporaryDirectory(prefix="chat-tests-")
+
+
+def temp_database() -> str:
+    """The URL of a new, empty SQLite database in a folder removed when the tests end."""
+    folder = tempfile.mkdtemp(dir=_DATA.name)
+    return f"sqlite+aiosqlite:///{folder}/chat.db"
+
+
 class IsolatedSettings(Settings):
-    """Settings from keyword arguments only: the environment and `.env` are ignored."""
+    """Settings from keyword arguments only: the environment and `.env` are ignored.
+
+    Each instance has a database of its own unless one is given.
+    """
+
+    chat_database_url: str = Field(default_factory=temp_database)
 
     @classmethod
     def settings_customise_sources(
@@ -50,9 +67,8 @@ class LiveServer:
         self.settings = settings
         self.sock = bind("127.0.0.1", port)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn_config(create_app(settings), settings, "127.0.0.1", self.port)
-        config.log_level = "warning"
-        self.server = uvicorn.Server(config)
+        self.server = chat_server(create_app(settings), settings, "127.0.0.1", self.port)
+        self.server.config.log_level = "warning"
         self.thread = threading.Thread(target=self._run, name="app-server", daemon=True)
 
     def _run(self) -> None:
@@ -145,6 +161,28 @@ async def wait_hung_up(fake: FakeUpstream, index: int, within: float = 1.0) -> f
     return record.hung_up_at - record.started
 
 
+@asynccontextmanager
+async def connect(url: str, **options: Any) -> AsyncIterator[ClientConnection]:
+    """A socket to `url` whose opening `info` frame (the conversation id) is already read.
+
+    The id is in `conversation_of(ws)`.
+    """
+    async with ws_connect(url, **options) as ws:
+        hello = await recv(ws)
+        assert hello["type"] == "info", hello
+        assert "seq" not in hello, hello
+        _CONVERSATIONS[ws] = hello["conversation"]
+        yield ws
+
+
+_CONVERSATIONS: weakref.WeakKeyDictionary[ClientConnection, str] = weakref.WeakKeyDictionary()
+
+
+def conversation_of(ws: ClientConnection) -> str:
+    """The id of the conversation `ws` opened in."""
+    return _CONVERSATIONS[ws]
+
+
 async def recv(ws: ClientConnection, within: float = UNIT) -> Frame:
     """The next frame, parsed; fails the test rather than hang."""
     async with asyncio.timeout(within):
@@ -169,6 +207,11 @@ async def ask(ws: ClientConnection, question: str) -> list[Frame]:
     """Send a question and collect its frames, echo to `end`."""
     await ws.send(json.dumps({"type": "question", "message": question}))
     return await until_end(ws)
+
+
+def bare(frame: Frame) -> Frame:
+    """`frame` without its `seq`, to compare with what a frame says."""
+    return {key: value for key, value in frame.items() if key != "seq"}
 
 
 def text_of(frames: list[Frame]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from fakes.openai_server import Behaviour, FakeUpstream
@@ -13,6 +12,7 @@ from tests.harness import (
     LiveServer,
     SettingsFactory,
     ask,
+    connect,
     live_server,
     recv,
     text_of,

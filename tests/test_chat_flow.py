@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from websockets.asyncio.client import connect
-
 from backend.config import LOCAL_TEMPERATURE
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
@@ -11,6 +9,7 @@ from tests.harness import (
     LiveServer,
     SettingsFactory,
     ask,
+    connect,
     kinds,
     live_server,
     text_of,
@@ -21,11 +20,20 @@ from tests.harness import (
 async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         frames = await ask(ws, "hello there")
-    assert frames[0] == {"sender": "you", "message": "hello there", "type": "stream"}
-    assert frames[1] == {"sender": "bot", "message": "", "type": "start"}
+    assert frames[0] == {"sender": "you", "message": "hello there", "type": "stream", "seq": 1}
+    assert frames[1] == {"sender": "bot", "message": "", "type": "start", "seq": 2}
     assert kinds(frames) == ["you:stream", "start", "info", "stream", "end"]
-    assert frames[-1] == {"sender": "bot", "message": "", "type": "end", "status": "completed"}
-    assert text_of(frames) == "You said: hello there"
+    text = text_of(frames)
+    assert text == "You said: hello there"
+    # Reply text advances `seq` by its length, so a `seq` says where in the text it ends.
+    assert frames[-2]["seq"] == 3 + len(text)
+    assert frames[-1] == {
+        "sender": "bot",
+        "message": "",
+        "type": "end",
+        "status": "completed",
+        "seq": 4 + len(text),
+    }
 
 
 async def test_plain_text_frame_is_a_question(server: LiveServer, fake: FakeUpstream) -> None:

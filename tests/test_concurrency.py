@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from websockets.asyncio.client import connect
-
 from fakes.openai_server import Behaviour, FakeUpstream
-from tests.harness import LiveServer, ask, text_of
+from tests.harness import LiveServer, ask, connect, text_of
 
 
 async def test_fifty_concurrent_sockets_each_get_their_own_reply(

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from fakes.openai_server import Behaviour, FakeUpstream
-from tests.harness import UNIT, Frame, LiveServer, ask, recv, text_of, until_end, wait_hung_up
+from tests.conftest import fake_settings
+from tests.harness import (
+    UNIT,
+    Frame,
+    LiveServer,
+    ask,
+    bare,
+    connect,
+    live_server,
+    recv,
+    text_of,
+    until_end,
+    wait_hung_up,
+)
 
 SLOW = Behaviour(tokens=[f" t{i}" for i in range(200)], delay=0.02)
 
@@ -31,7 +45,12 @@ async def test_stop_ends_reply_closes_upstream_and_keeps_partial(
         seen = await read_some_tokens(ws, 12)
         await ws.send(json.dumps({"type": "stop"}))
         rest = await until_end(ws)
-        assert rest[-1] == {"sender": "bot", "message": "", "type": "end", "status": "interrupted"}
+        assert bare(rest[-1]) == {
+            "sender": "bot",
+            "message": "",
+            "type": "end",
+            "status": "interrupted",
+        }
         assert all(f["type"] == "stream" for f in rest[:-1])
         shown = text_of(seen + rest)
         # Nothing of that reply follows its end, although the model had 150+ tokens to go.
@@ -69,7 +88,7 @@ async def test_question_preempts_reply_in_progress(server: LiveServer, fake: Fak
         assert rest[-1]["status"] == "interrupted"
         shown = text_of(seen + rest)
         following = await until_end(ws)
-    assert following[0] == {"sender": "you", "message": "second", "type": "stream"}
+    assert bare(following[0]) == {"sender": "you", "message": "second", "type": "stream"}
     assert following[-1]["status"] == "completed"
     assert text_of(following) == "second answer"
     await wait_hung_up(fake, 0)
@@ -104,9 +123,18 @@ async def test_reset_when_idle_is_acknowledged(server: LiveServer, fake: FakeUps
     assert [m["role"] for m in fake.requests[1].messages] == ["system", "user"]
 
 
-async def test_disconnect_mid_reply_closes_upstream(server: LiveServer, fake: FakeUpstream) -> None:
+@pytest.fixture(scope="module")
+def no_grace(upstream_server: FakeUpstream) -> Iterator[LiveServer]:
+    """A server that stops a reply as soon as its last client leaves (no resume grace)."""
+    with live_server(fake_settings(upstream_server, chat_resume_grace=0)) as live:
+        yield live
+
+
+async def test_disconnect_mid_reply_closes_upstream(
+    no_grace: LiveServer, fake: FakeUpstream
+) -> None:
     fake.then(Behaviour(tokens=[" x"] * 500, delay=0.02))
-    async with connect(server.ws) as ws:
+    async with connect(no_grace.ws) as ws:
         await ws.send("go on forever")
         await read_some_tokens(ws, 4)
         closed_at = time.monotonic()
@@ -118,10 +146,10 @@ async def test_disconnect_mid_reply_closes_upstream(server: LiveServer, fake: Fa
 
 
 async def test_disconnect_before_first_token_closes_upstream(
-    server: LiveServer, fake: FakeUpstream
+    no_grace: LiveServer, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(first_delay=UNIT * 2))
-    async with connect(server.ws) as ws:
+    async with connect(no_grace.ws) as ws:
         await ws.send("slow to start")
         await recv(ws)  # the echo
         await fake.arrived(1)

@@ -16,7 +16,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from backend.local_model import bundled_model_path, gguf_token_counter
 from backend.server import free_port
@@ -27,10 +27,12 @@ from tests.harness import (
     LiveServer,
     alive,
     ask,
+    connect,
     live_server,
     python_process,
     recv,
     signal_leaves_no_orphan,
+    temp_database,
     text_of,
     until_end,
     wait_gone,
@@ -254,6 +256,7 @@ async def test_no_orphan_when_the_server_stops() -> None:
     # The stand-in child's tests cover SIGKILL and SIGINT; this is uvicorn's shutdown path.
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env["CHAT_DATABASE_URL"] = temp_database()
     async with python_process(
         "-m",
         "backend",

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from backend.origin import origin_allowed
 from fakes.openai_server import FakeUpstream
-from tests.harness import UNIT, LiveServer, SettingsFactory, ask, live_server
+from tests.harness import UNIT, LiveServer, SettingsFactory, ask, connect, live_server
 
 
 async def test_foreign_origin_is_refused_with_403(server: LiveServer, fake: FakeUpstream) -> None:
     with pytest.raises(InvalidStatus) as refused:
-        async with connect(server.ws, origin="https://evil.example"):  # type: ignore[arg-type]
+        async with connect(server.ws, origin="https://evil.example"):
             pass
     assert refused.value.response.status_code == 403
     assert b"CHAT_ALLOWED_ORIGINS" in refused.value.response.body
@@ -23,7 +22,7 @@ async def test_foreign_origin_is_refused_with_403(server: LiveServer, fake: Fake
 async def test_same_origin_and_no_origin_are_accepted(
     server: LiveServer, fake: FakeUpstream
 ) -> None:
-    async with connect(server.ws, origin=server.http) as ws:  # type: ignore[arg-type]
+    async with connect(server.ws, origin=server.http) as ws:
         assert (await ask(ws, "from the page"))[-1]["status"] == "completed"
     async with connect(server.ws) as ws:
         assert (await ask(ws, "from a script"))[-1]["status"] == "completed"
@@ -34,10 +33,10 @@ async def test_allowed_origins_setting_adds_origins(
 ) -> None:
     settings = make_settings(chat_allowed_origins="https://app.example, http://localhost:5173")
     with live_server(settings) as server:
-        async with connect(server.ws, origin="https://app.example") as ws:  # type: ignore[arg-type]
+        async with connect(server.ws, origin="https://app.example") as ws:
             assert (await ask(ws, "hi"))[-1]["status"] == "completed"
         with pytest.raises(InvalidStatus):
-            async with connect(server.ws, origin="https://other.example"):  # type: ignore[arg-type]
+            async with connect(server.ws, origin="https://other.example"):
                 pass
 
 

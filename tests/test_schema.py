@@ -6,11 +6,10 @@ import json
 
 import jsonschema
 import pytest
-from websockets.asyncio.client import connect
 
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render
-from tests.harness import LiveServer, ask, recv
+from tests.harness import LiveServer, ask, connect, recv
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMA_FILES))

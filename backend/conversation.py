@@ -1,0 +1,287 @@
+"""One conversation while anyone uses it: its turns, its clients and its one reply in flight.
+
+Every client joined to a conversation (sockets, SSE streams) gets the same frames with the same
+`seq`. A question, stop, regenerate or reset from any of them acts on the conversation, which
+runs at most one reply at a time. A reply outlives its clients by the resume grace, so a
+client that reconnects finds it still going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from backend.config import Settings
+from backend.errors import ClientGone
+from backend.history import History
+from backend.outbox import Outbox
+from backend.records import ConversationRecord, TurnRecord, now, title_for
+from backend.reply import Replier
+from backend.turn import Turn
+from backend.write_behind import WriteBehind
+from schemas import ChatResponse
+
+log = logging.getLogger(__name__)
+
+# Seconds a cancelled reply gets to wind down before it is cancelled again.
+RECANCEL_AFTER = 0.25
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every conversation of an app shares."""
+
+    replier: Replier
+    settings: Settings
+    writer: WriteBehind
+    # Called when a conversation has no clients and no reply: it may leave memory.
+    on_idle: Callable[[Conversation], None]
+
+
+class LiveTurn:
+    """The `FrameSink` of a reply: numbers its frames, records them and sends them to all."""
+
+    def __init__(self, conversation: Conversation, record: TurnRecord, regenerate: bool) -> None:
+        self.conversation = conversation
+        self.record = record
+        self.regenerate = regenerate
+
+    def send(self, frame: ChatResponse) -> None:
+        if frame.type == "start" and self.regenerate:
+            frame.regenerate = True
+        if frame.type == "end":
+            self.record.status = frame.status
+        self.record.events.append(frame)
+        self.conversation.emit(frame)
+
+    def token(self, text: str) -> None:
+        conversation = self.conversation
+        if self.record.text_base is None:
+            self.record.text_base = conversation.seq
+        conversation.seq += len(text)
+        seq = conversation.seq
+        for client in tuple(conversation.clients):
+            try:
+                client.token(text, seq)
+            except ClientGone:
+                conversation.leave(client)
+
+
+class Conversation:
+    """A conversation in memory; the store has everything it said once it is written."""
+
+    def __init__(
+        self, conversation_id: str, services: Services, record: ConversationRecord | None = None
+    ) -> None:
+        self.id = conversation_id
+        self.services = services
+        self.turns: list[TurnRecord] = record.turns if record else []
+        self.seq = record.last_seq if record else 0
+        self.title = record.title if record else None
+        self.created_at = record.created_at if record else now()
+        self.updated_at = record.updated_at if record else self.created_at
+        self.clients: set[Outbox] = set()
+        self.deleted = False
+        self.reply: asyncio.Task[None] | None = None
+        self._streaming: TurnRecord | None = None
+        self._saved_length = (-1, -1)
+        self._changed: set[int] = set()
+        self._lock = asyncio.Lock()
+        self._grace: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def stored(self) -> bool:
+        """Whether anything was ever asked here (an unused id is never stored)."""
+        return self.title is not None
+
+    @property
+    def idle(self) -> bool:
+        """No clients and no reply: nothing keeps it in memory."""
+        return not self.clients and not self.replying
+
+    @property
+    def replying(self) -> bool:
+        """Whether a reply is in flight."""
+        return self.reply is not None and not self.reply.done()
+
+    # Frames.
+
+    def emit(self, frame: ChatResponse) -> None:
+        """Number `frame` as the conversation's next and send it to every client."""
+        self.seq += 1
+        frame.seq = self.seq
+        self._broadcast(frame)
+
+    def _broadcast(self, frame: ChatResponse) -> None:
+        for client in tuple(self.clients):
+            try:
+                client.send(frame)
+            except ClientGone:
+                self.leave(client)
+
+    def frames_after(self, after: int) -> Iterator[ChatResponse]:
+        """Every frame with `seq` above `after`: the history, then the reply so far."""
+        for turn in self.turns:
+            if turn.last_seq > after:
+                yield from turn.frames_after(after)
+
+    # Clients.
+
+    def join(self, client: Outbox, after: int) -> None:
+        """Send `client` what it missed after `after`, then every frame as it happens."""
+        client.preload(self.frames_after(after))
+        self.clients.add(client)
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def leave(self, client: Outbox) -> None:
+        """`client` is gone; a reply nobody watches is stopped after the resume grace."""
+        if client not in self.clients:
+            return
+        self.clients.discard(client)
+        if self.clients:
+            return
+        if self.replying:
+            grace = self.services.settings.chat_resume_grace
+            if grace <= 0:
+                self._spawn(self._stop_unwatched())
+            elif self._grace is None:
+                loop = asyncio.get_running_loop()
+                self._grace = loop.call_later(grace, lambda: self._spawn(self._stop_unwatched()))
+        else:
+            self.services.on_idle(self)
+
+    def close_all(self, code: int, reason: str) -> None:
+        """End every client's connection with `code`."""
+        clients, self.clients = self.clients, set()
+        for client in clients:
+            client.close(code, reason)
+
+    async def _stop_unwatched(self) -> None:
+        self._grace = None
+        if not self.clients and await self.stop():
+            log.info("no client came back within the resume grace; reply stopped")
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # Acting on the conversation.
+
+    async def ask(self, question: str) -> None:
+        """Answer `question`, pre-empting the reply in flight."""
+        async with self._lock:
+            await self._interrupt()
+            if self.title is None:
+                self.title = title_for(question)
+                self.created_at = now()
+            self.seq += 1
+            record = TurnRecord(position=len(self.turns), question=question, echo_seq=self.seq)
+            self.turns.append(record)
+            self.updated_at = now()
+            self._broadcast(ChatResponse.echo(question, seq=record.echo_seq))
+            self._start(record, regenerate=False)
+
+    async def regenerate(self) -> bool:
+        """Answer the last question again in place of its reply; False if nothing was asked."""
+        async with self._lock:
+            await self._interrupt()
+            if not self.turns:
+                return False
+            record = self.turns[-1]
+            record.restart()
+            self.updated_at = now()
+            self._start(record, regenerate=True)
+            return True
+
+    async def stop(self) -> bool:
+        """Stop the reply in flight and wait for its `end`; False if there was none."""
+        async with self._lock:
+            return await self._interrupt()
+
+    def _start(self, record: TurnRecord, regenerate: bool) -> None:
+        settings = self.services.settings
+        earlier = [
+            (turn.question, turn.text)
+            for turn in self.turns[: record.position]
+            if turn.parts or turn.status == "completed"
+        ]
+        history = History.of(earlier, settings.chat_history_tokens)
+        self.reply = asyncio.create_task(
+            self._run(record, history, regenerate), name=f"reply-{self.id}"
+        )
+
+    async def _run(self, record: TurnRecord, history: History, regenerate: bool) -> None:
+        writer = self.services.writer
+        self._streaming = record
+        self._changed.add(record.position)
+        writer.streaming(self, on=True)
+        try:
+            sink = LiveTurn(self, record, regenerate)
+            await self.services.replier.answer(Turn(record.question, sink, record.parts), history)
+        finally:
+            self._streaming = None
+            self.updated_at = now()
+            self._changed.add(record.position)
+            writer.streaming(self, on=False)
+            if self.reply is asyncio.current_task():
+                self.reply = None
+            if not self.clients:
+                self.services.on_idle(self)
+
+    async def _interrupt(self) -> bool:
+        reply, self.reply = self.reply, None
+        if reply is None or reply.done():
+            return False
+        # A library that swallows the cancellation would let the model run on unheard, so
+        # cancel again until the task really ends.
+        while not reply.done():
+            reply.cancel()
+            await asyncio.wait([reply], timeout=RECANCEL_AFTER)
+            if not reply.done():
+                log.warning("reply ignored its cancellation; cancelling again")
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            reply.result()
+        return True
+
+    # Storage.
+
+    def snapshot(self) -> ConversationRecord | None:
+        """The row and the turns changed since the last snapshot, copied; None if unstored."""
+        if self.title is None or self.deleted:
+            return None
+        changed = set(self._changed)
+        self._changed.clear()
+        streaming = self._streaming
+        if streaming is not None:
+            length = (len(streaming.parts), len(streaming.events))
+            if length != self._saved_length:
+                changed.add(streaming.position)
+                self._saved_length = length
+        turns = [
+            replace(self.turns[position], events=list(self.turns[position].events))
+            for position in sorted(changed)
+            if position < len(self.turns)
+        ]
+        for turn in turns:
+            turn.parts = [turn.text] if turn.parts else []
+        return ConversationRecord(
+            id=self.id,
+            title=self.title,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            last_seq=self.seq,
+            turn_count=len(self.turns),
+            turns=turns,
+        )
+
+    def unsaved(self, record: ConversationRecord) -> None:
+        self._changed.update(turn.position for turn in record.turns)
+        self._saved_length = (-1, -1)

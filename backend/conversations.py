@@ -1,0 +1,135 @@
+"""Every conversation of an app: new ones, joining stored ones, deleting, and draining at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from typing import Any
+
+from starlette import status
+
+from backend.config import Settings
+from backend.conversation import Conversation, Services
+from backend.records import ConversationRecord
+from backend.reply import Replier
+from backend.store import Store
+from backend.write_behind import WriteBehind
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+RESTARTING = "The server is restarting; reconnect to resume the conversation."
+DELETED = "This conversation was deleted."
+
+
+class UnknownConversation(Exception):
+    """A conversation id that is malformed, was never stored, or was deleted."""
+
+
+class Conversations:
+    """Keeps in memory the conversations someone uses, and only those.
+
+    A conversation is loaded when a client joins it and leaves memory once it has no client,
+    no reply in flight and nothing left to store.
+    """
+
+    def __init__(self, replier: Replier, settings: Settings, store: Store) -> None:
+        self.store = store
+        self.writer = WriteBehind(store)
+        self.services = Services(replier, settings, self.writer, self._on_idle)
+        self.draining = False
+        self._live: dict[str, Conversation] = {}
+        self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store and start writing to it."""
+        await self.store.start()
+        self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")
+
+    async def close(self) -> None:
+        """Store what is pending and close the store."""
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            await asyncio.wait([self._writer_task])
+        try:
+            await self.writer.flush()
+        finally:
+            await self.store.close()
+
+    def new(self) -> Conversation:
+        """A fresh conversation; it is stored from its first question on."""
+        conversation = Conversation(uuid.uuid4().hex, self.services)
+        self._live[conversation.id] = conversation
+        return conversation
+
+    def live(self, conversation_id: str) -> Conversation | None:
+        """The conversation if it is in memory."""
+        return self._live.get(conversation_id)
+
+    async def open(self, conversation_id: str) -> Conversation:
+        """The conversation with this id, loaded if need be; raises `UnknownConversation`."""
+        if not ID_PATTERN.fullmatch(conversation_id):
+            raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
+        conversation = self._live.get(conversation_id)
+        if conversation is not None:
+            return conversation
+        # Two clients joining at once share one load, and so one conversation.
+        loading = self._loading.get(conversation_id)
+        if loading is None:
+            loading = asyncio.create_task(self.store.load(conversation_id))
+            self._loading[conversation_id] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(conversation_id, None))
+        record = await asyncio.shield(loading)
+        conversation = self._live.get(conversation_id)
+        if conversation is not None:
+            return conversation
+        if record is None:
+            raise UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
+        conversation = Conversation(conversation_id, self.services, record)
+        self._live[conversation_id] = conversation
+        return conversation
+
+    async def delete(self, conversation_id: str) -> bool:
+        """Stop, disconnect and remove a conversation; False if there was none."""
+        conversation = self._live.pop(conversation_id, None)
+        if conversation is not None:
+            conversation.deleted = True
+            await conversation.stop()
+            conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
+        removed = await self.writer.delete(conversation_id)
+        return removed or (conversation is not None and conversation.stored)
+
+    async def drain(self, grace: float) -> None:
+        """Let replies in flight finish for up to `grace` seconds, stop the rest, store
+        everything, then close every client with 1012 so it reconnects and resumes."""
+        self.draining = True
+        replies = [c.reply for c in self._live.values() if c.reply is not None and c.replying]
+        if replies:
+            log.info("waiting up to %.1f s for %d replies to finish", grace, len(replies))
+            await asyncio.wait(replies, timeout=grace)
+        stopped = 0
+        for conversation in list(self._live.values()):
+            stopped += await conversation.stop()
+        if stopped:
+            log.warning("%d replies did not finish in time; stored as interrupted", stopped)
+        await self.writer.flush()
+        for conversation in list(self._live.values()):
+            conversation.close_all(status.WS_1012_SERVICE_RESTART, RESTARTING)
+
+    def _on_idle(self, conversation: Conversation) -> None:
+        task = asyncio.create_task(self._evict(conversation))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _evict(self, conversation: Conversation) -> None:
+        if conversation.stored:
+            try:
+                await self.writer.flush()
+            except Exception:
+                return  # kept in memory until what it said is stored
+        if conversation.idle and self._live.get(conversation.id) is conversation:
+            del self._live[conversation.id]

@@ -1,0 +1,118 @@
+"""What a conversation is made of, live or stored, and how it is replayed as frames.
+
+Sequence numbers: every frame of a conversation takes the next `seq`, except reply text, which
+advances it by its length in characters. A turn therefore only needs the `seq` just before its
+first character (`text_base`) to say exactly which part of its text any `seq` ends at, so a
+client that resumes `after` some `seq` gets the rest of the text, to the character, whether the
+turn is still streaming or was stored long ago.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from schemas import ChatResponse, EndStatus
+
+TITLE_CHARS = 80
+
+
+def now() -> datetime:
+    """The current time, in UTC."""
+    return datetime.now(UTC)
+
+
+def title_for(question: str) -> str:
+    """A conversation's title: its first question, on one line, cut to `TITLE_CHARS`."""
+    line = " ".join(question.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+@dataclass
+class TurnRecord:
+    """A question and its reply: the frames the reply sent, other than its text, and the text.
+
+    `events` are the bot's `start`, `info`, `error` and `end` frames with their `seq`; `parts`
+    is the reply text as it arrived (a live turn appends to it as tokens come). `status` stays
+    None while the reply streams.
+    """
+
+    position: int
+    question: str
+    echo_seq: int
+    asked_at: datetime = field(default_factory=now)
+    events: list[ChatResponse] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    text_base: int | None = None
+    status: EndStatus | None = None
+
+    @property
+    def text(self) -> str:
+        """The reply so far."""
+        return "".join(self.parts)
+
+    @property
+    def last_seq(self) -> int:
+        """The highest `seq` of any frame of this turn."""
+        last = self.echo_seq
+        if self.events:
+            last = max(last, self.events[-1].seq or 0)
+        if self.text_base is not None:
+            last = max(last, self.text_base + sum(map(len, self.parts)))
+        return last
+
+    def restart(self) -> None:
+        """Forget the reply, keeping the question: the turn is about to be answered again."""
+        self.events = []
+        self.parts = []
+        self.text_base = None
+        self.status = None
+
+    def frames_after(self, after: int) -> Iterator[ChatResponse]:
+        """This turn's frames with `seq` above `after`, in order; the text as one frame."""
+        if self.echo_seq > after:
+            yield ChatResponse.echo(self.question, seq=self.echo_seq)
+        text_pending = self.text_base is not None
+        for event in self.events:
+            if text_pending and (event.seq or 0) > (self.text_base or 0):
+                yield from self._text_after(after)
+                text_pending = False
+            if (event.seq or 0) > after:
+                yield event
+        if text_pending:
+            yield from self._text_after(after)
+
+    def _text_after(self, after: int) -> Iterator[ChatResponse]:
+        assert self.text_base is not None
+        text = self.text
+        end = self.text_base + len(text)
+        if end > after:
+            yield ChatResponse.tokens(text[max(0, after - self.text_base) :], seq=end)
+
+
+@dataclass
+class ConversationRecord:
+    """A conversation as stored: its title, times, the last `seq` used and its turns.
+
+    When saving, `turns` holds only the turns that changed; when loading, all of them.
+    """
+
+    id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    last_seq: int
+    turn_count: int
+    turns: list[TurnRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    """One entry of the conversation list."""
+
+    id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    turn_count: int

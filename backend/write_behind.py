@@ -1,0 +1,105 @@
+"""Writing conversations to the store off the token path, in one transaction a second.
+
+Tokens only append to lists in memory. This writer wakes every `interval` seconds (or at once
+when a reply ends), takes a snapshot of every conversation that changed or is streaming, and
+saves them together, so a crash loses at most about `interval` seconds of a reply's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from backend.records import ConversationRecord
+from backend.store import Store
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 1.0
+
+
+class Snapshotting(Protocol):
+    """A conversation as the writer sees it."""
+
+    @property
+    def id(self) -> str:
+        """Its id."""
+
+    def snapshot(self) -> ConversationRecord | None:
+        """Its row and the turns changed since the last snapshot; None if nothing to store."""
+
+    def unsaved(self, record: ConversationRecord) -> None:
+        """A snapshot could not be written: take its turns as changed again."""
+
+
+class WriteBehind:
+    """Saves changed conversations in batches; one per app."""
+
+    def __init__(self, store: Store, interval: float = FLUSH_INTERVAL) -> None:
+        self.store = store
+        self.interval = interval
+        self._changed: dict[str, Snapshotting] = {}
+        self._streaming: dict[str, Snapshotting] = {}
+        self._wake = asyncio.Event()
+        # Saves and deletes one at a time, so a delete is never undone by a save in flight.
+        self._lock = asyncio.Lock()
+
+    def changed(self, conversation: Snapshotting, soon: bool = False) -> None:
+        """`conversation` has something to store; with `soon`, store it now, not next tick."""
+        self._changed[conversation.id] = conversation
+        if soon:
+            self._wake.set()
+
+    def streaming(self, conversation: Snapshotting, on: bool) -> None:
+        """While on, `conversation` is stored every tick (its reply text grows)."""
+        if on:
+            self._streaming[conversation.id] = conversation
+        else:
+            self._streaming.pop(conversation.id, None)
+            self.changed(conversation, soon=True)
+
+    def pending(self, conversation_id: str) -> bool:
+        """Whether a conversation has changes not yet stored."""
+        return conversation_id in self._changed or conversation_id in self._streaming
+
+    async def run(self) -> None:
+        """Flush every `interval` seconds, or as soon as woken, until cancelled."""
+        while True:
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("could not store conversations; will retry")
+
+    async def flush(self) -> None:
+        """Store every pending change now."""
+        async with self._lock:
+            batch = {**self._streaming, **self._changed}
+            self._changed.clear()
+            records = [
+                (conversation, record)
+                for conversation in batch.values()
+                if (record := conversation.snapshot()) is not None
+            ]
+            if not records:
+                return
+            try:
+                await self.store.save([record for _, record in records])
+            except BaseException:
+                for conversation, record in records:
+                    conversation.unsaved(record)
+                    self._changed.setdefault(conversation.id, conversation)
+                raise
+
+    async def delete(self, conversation_id: str) -> bool:
+        """Forget a conversation's pending changes and remove it from the store."""
+        async with self._lock:
+            self._changed.pop(conversation_id, None)
+            self._streaming.pop(conversation_id, None)
+            return await self.store.delete(conversation_id)
