@@ -12,6 +12,7 @@ from fastapi import FastAPI, HTTPException, WebSocket, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
+from backend.api import build_api
 from backend.chain import build_chain
 from backend.config import Settings
 from backend.conversation import Conversation
@@ -74,7 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
     app.state.conversations = conversations
-    app.include_router(build_router(replier, settings))
+    app.include_router(build_router(replier, conversations, settings))
+    app.include_router(build_api(conversations))
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:

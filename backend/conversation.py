@@ -285,3 +285,15 @@ class Conversation:
     def unsaved(self, record: ConversationRecord) -> None:
         self._changed.update(turn.position for turn in record.turns)
         self._saved_length = (-1, -1)
+
+
+def hello(conversation: Conversation) -> ChatResponse:
+    """The first frame on every socket: which conversation it is in."""
+    if conversation.stored:
+        turns = len(conversation.turns)
+        text = f"Joined a conversation of {turns} turn{'s' if turns != 1 else ''}."
+    else:
+        text = "New conversation."
+    frame = ChatResponse.bot("info", text)
+    frame.conversation = conversation.id
+    return frame

@@ -95,13 +95,16 @@ class Conversations:
 
     async def delete(self, conversation_id: str) -> bool:
         """Stop, disconnect and remove a conversation; False if there was none."""
-        conversation = self._live.pop(conversation_id, None)
+        conversation = self._live.get(conversation_id)
+        if conversation is not None and not conversation.stored:
+            return False  # an id nothing was asked in is not a conversation yet
         if conversation is not None:
+            del self._live[conversation_id]
             conversation.deleted = True
             await conversation.stop()
             conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
         removed = await self.writer.delete(conversation_id)
-        return removed or (conversation is not None and conversation.stored)
+        return removed or conversation is not None
 
     async def drain(self, grace: float) -> None:
         """Let replies in flight finish for up to `grace` seconds, stop the rest, store

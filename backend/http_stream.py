@@ -1,4 +1,9 @@
-"""Replies as plain HTTP streams: chunked text for `curl --no-buffer`, and Server-Sent Events."""
+"""Replies as plain HTTP streams: chunked text for `curl --no-buffer`, and Server-Sent Events.
+
+`/stream?prompt=` and `/sse?prompt=` answer one question with no conversation around it.
+`/sse?conversation=ID` joins a stored conversation like a socket does, read-only: every event
+carries `id: SEQ`, so a browser's `EventSource` resumes after the last one by itself.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,20 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
 
 from backend.config import Settings
+from backend.conversation import Conversation, hello
+from backend.conversations import Conversations, UnknownConversation
 from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
 from backend.origin import origin_refusal
+from backend.outbox import Close, Outbox, as_frame
 from backend.reply import Replier
 from backend.turn import Turn
 from schemas import ChatResponse
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How soon a browser's EventSource reconnects after the stream ends (a server restart).
+RECONNECT_MS = 1000
 
 # A queued item: a token's text, a whole frame, or None once the reply has ended.
 Item = str | ChatResponse | None
@@ -65,22 +75,62 @@ async def as_text(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str
             yield "\n"
 
 
+def event(frame: ChatResponse) -> str:
+    """One SSE event: the frame's JSON, with its `seq` as the event id when it has one."""
+    if frame.seq is None:
+        return f"data: {frame.to_json()}\n\n"
+    return f"id: {frame.seq}\ndata: {frame.to_json()}\n\n"
+
+
 async def as_events(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str]:
     """Each frame, `start` to `end`, as one SSE event whose data is the frame's JSON."""
     async for item in items:
         if isinstance(item, str):
             item = ChatResponse.tokens(item)
-        yield f"data: {item.to_json()}\n\n"
+        yield event(item)
 
 
-def build_router(replier: Replier, settings: Settings) -> APIRouter:
+async def joined_events(conversation: Conversation, after: int) -> AsyncIterator[str]:
+    """A conversation's frames after `after`, then live, as SSE, until the client leaves."""
+    outbox = Outbox()
+    outbox.send(hello(conversation))
+    conversation.join(outbox, after)
+    try:
+        yield f"retry: {RECONNECT_MS}\n\n"
+        while True:
+            chunk: list[str] = []
+            for item in await outbox.take():
+                if isinstance(item, Close):
+                    yield "".join(chunk)
+                    return
+                chunk.append(event(as_frame(item)))
+            yield "".join(chunk)
+    finally:
+        outbox.stop()
+        conversation.leave(outbox)
+
+
+def resume_point(request: Request) -> int:
+    """The `seq` to resume after: `Last-Event-ID` (an EventSource reconnecting), else `?after=`."""
+    value = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+    if not value.isdigit() or len(value) > 18:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"The seq to resume after must be a whole number, not {value[:32]!r}.",
+        )
+    return int(value)
+
+
+def build_router(replier: Replier, conversations: Conversations, settings: Settings) -> APIRouter:
     """`GET /stream` and `GET /sse`."""
     router = APIRouter()
 
-    def question_from(request: Request) -> str:
+    def check_origin(request: Request) -> None:
         refused = origin_refusal(request.headers, settings.chat_allowed_origins)
         if refused is not None:
             raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
+
+    def question_from(request: Request) -> str:
         params = request.query_params
         text = params.get("prompt", params.get("user_input"))
         if text is None:
@@ -94,6 +144,7 @@ def build_router(replier: Replier, settings: Settings) -> APIRouter:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.message) from error
 
     def reply_to(request: Request) -> AsyncIterator[str | ChatResponse]:
+        check_origin(request)
         history = History(settings.chat_history_tokens)
         return reply_items(replier, question_from(request), history)
 
@@ -105,10 +156,27 @@ def build_router(replier: Replier, settings: Settings) -> APIRouter:
             headers=STREAM_HEADERS,
         )
 
-    @router.get("/sse", summary="Stream a reply as Server-Sent Events")
+    @router.get(
+        "/sse",
+        summary="Stream a reply (?prompt=), or join a conversation (?conversation=), as SSE",
+        responses={404: {"description": "No such conversation"}},
+    )
     async def sse(request: Request) -> StreamingResponse:
-        return StreamingResponse(
-            as_events(reply_to(request)), media_type="text/event-stream", headers=STREAM_HEADERS
-        )
+        conversation_id = request.query_params.get("conversation")
+        if conversation_id is None:
+            events = as_events(reply_to(request))
+        else:
+            check_origin(request)
+            after = resume_point(request)
+            if conversations.draining:
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting."
+                )
+            try:
+                conversation = await conversations.open(conversation_id)
+            except UnknownConversation as unknown:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, str(unknown)) from unknown
+            events = joined_events(conversation, after)
+        return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
 
     return router

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backend.config import Settings
-from backend.conversation import Conversation
+from backend.conversation import Conversation, hello
 from backend.conversations import Conversations
 from backend.errors import ChatError
 from backend.inbound import parse_client_frame
@@ -22,18 +22,6 @@ from backend.outbox import Close, Outbox, as_frame
 from schemas import ChatResponse, Question, Regenerate, Reset, Stop
 
 log = logging.getLogger(__name__)
-
-
-def hello(conversation: Conversation) -> ChatResponse:
-    """The first frame on every socket: which conversation it is in."""
-    if conversation.stored:
-        turns = len(conversation.turns)
-        text = f"Joined a conversation of {turns} turn{'s' if turns != 1 else ''}."
-    else:
-        text = "New conversation."
-    frame = ChatResponse.bot("info", text)
-    frame.conversation = conversation.id
-    return frame
 
 
 async def write(outbox: Outbox, websocket: WebSocket) -> None:

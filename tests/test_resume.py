@@ -129,7 +129,8 @@ async def test_a_question_from_the_other_socket_preempts_the_reply(
 ) -> None:
     fake.then(LONG, Behaviour(tokens=["two"]))
     async with connect(server.ws) as first:
-        async with connect(join_url(server, conversation_of(first))) as second:
+        second_url = join_url(server, conversation_of(first))
+        async with connect(second_url) as second:
             await first.send("one")
             await read_until(second, 5)
             await second.send("two")

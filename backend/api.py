@@ -1,0 +1,89 @@
+"""`/api/conversations`: list, read and delete stored conversations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+
+from backend.conversations import ID_PATTERN, Conversations
+from backend.records import ConversationRecord, ConversationSummary
+from schemas import conversations as api
+
+
+def summary_of(row: ConversationSummary) -> api.ConversationSummary:
+    return api.ConversationSummary(
+        id=row.id,
+        title=row.title,
+        created=row.created_at,
+        updated=row.updated_at,
+        messages=row.turn_count * 2,
+    )
+
+
+def conversation_of(record: ConversationRecord) -> api.Conversation:
+    messages: list[api.Message] = []
+    for turn in record.turns:
+        messages.append(api.Message(role="user", text=turn.question, time=turn.asked_at))
+        messages.append(
+            api.Message(
+                role="assistant",
+                text=turn.text,
+                time=turn.asked_at,
+                status=turn.status or "streaming",
+            )
+        )
+    return api.Conversation(
+        id=record.id,
+        title=record.title,
+        created=record.created_at,
+        updated=record.updated_at,
+        messages=messages,
+    )
+
+
+def build_api(conversations: Conversations) -> APIRouter:
+    """The REST routes over `conversations`."""
+    router = APIRouter(prefix="/api/conversations", tags=["conversations"])
+
+    def not_found(conversation_id: str) -> HTTPException:
+        return HTTPException(
+            status.HTTP_404_NOT_FOUND, f"No conversation {conversation_id[:64]!r}."
+        )
+
+    @router.get("", summary="List conversations, most recently updated first")
+    async def list_conversations(
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> api.ConversationPage:
+        # What is only in memory yet is written first, so the list is never behind the chat.
+        await conversations.writer.flush()
+        rows = await conversations.store.page(limit + 1, offset)
+        return api.ConversationPage(
+            conversations=[summary_of(row) for row in rows[:limit]],
+            next_offset=offset + limit if len(rows) > limit else None,
+        )
+
+    @router.get("/{conversation_id}", summary="A conversation with all its messages")
+    async def get_conversation(conversation_id: str) -> api.Conversation:
+        if not ID_PATTERN.fullmatch(conversation_id):
+            raise not_found(conversation_id)
+        await conversations.writer.flush()
+        record = await conversations.store.load(conversation_id)
+        if record is None:
+            raise not_found(conversation_id)
+        return conversation_of(record)
+
+    @router.delete(
+        "/{conversation_id}",
+        status_code=status.HTTP_204_NO_CONTENT,
+        summary="Delete a conversation; its sockets are closed (1008)",
+    )
+    async def delete_conversation(conversation_id: str) -> Response:
+        if not ID_PATTERN.fullmatch(conversation_id) or not await conversations.delete(
+            conversation_id
+        ):
+            raise not_found(conversation_id)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return router

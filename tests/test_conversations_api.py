@@ -1,0 +1,149 @@
+"""`/api/conversations` (list, read, delete) and joining a conversation over SSE."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from fakes.openai_server import Behaviour, FakeUpstream
+from tests.harness import (
+    UNIT,
+    Frame,
+    LiveServer,
+    SettingsFactory,
+    ask,
+    connect,
+    conversation_of,
+    live_server,
+    recv,
+    text_of,
+)
+
+
+async def events(response: httpx.Response) -> AsyncIterator[tuple[str | None, Frame]]:
+    """(id, frame) for each SSE event of `response`, as they arrive."""
+    event_id: str | None = None
+    async for line in response.aiter_lines():
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, json.loads(line[6:])
+            event_id = None
+
+
+async def test_list_get_and_delete(make_settings: SettingsFactory, fake: FakeUpstream) -> None:
+    with live_server(make_settings()) as server:
+        ids = []
+        for n in range(3):
+            async with connect(server.ws) as ws:
+                ids.append(conversation_of(ws))
+                await ask(ws, f"question {n}\nwith a second line")
+                if n == 2:
+                    await ask(ws, "and a follow-up")
+        async with connect(server.ws):
+            pass  # a conversation nothing was asked in is not listed
+        async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+            page = (await client.get("/api/conversations", params={"limit": 2})).json()
+            assert [c["id"] for c in page["conversations"]] == [ids[2], ids[1]]
+            assert page["conversations"][0]["title"] == "question 2 with a second line"
+            assert page["conversations"][0]["messages"] == 4
+            assert page["next_offset"] == 2
+            rest = (await client.get("/api/conversations", params={"offset": 2})).json()
+            assert [c["id"] for c in rest["conversations"]] == [ids[0]]
+            assert rest["next_offset"] is None
+
+            one = (await client.get(f"/api/conversations/{ids[2]}")).json()
+            assert [(m["role"], m["text"], m.get("status")) for m in one["messages"]] == [
+                ("user", "question 2\nwith a second line", None),
+                ("assistant", "You said: question 2\nwith a second line", "completed"),
+                ("user", "and a follow-up", None),
+                ("assistant", "You said: and a follow-up", "completed"),
+            ]
+
+            assert (await client.delete(f"/api/conversations/{ids[1]}")).status_code == 204
+            assert (await client.get(f"/api/conversations/{ids[1]}")).status_code == 404
+            assert (await client.delete(f"/api/conversations/{ids[1]}")).status_code == 404
+            assert (await client.get("/api/conversations/not-an-id")).status_code == 404
+            listed = (await client.get("/api/conversations")).json()["conversations"]
+            assert [c["id"] for c in listed] == [ids[2], ids[0]]
+        async with ws_connect(f"{server.ws}?conversation={ids[1]}") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+
+
+async def test_deleting_closes_the_sockets_and_stops_the_reply(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[" x"] * 2000, delay=0.005))
+    async with connect(server.ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("go on")
+        while (await recv(ws))["type"] != "stream":
+            pass
+        async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+            deleted = await client.delete(f"/api/conversations/{conversation}")
+        assert deleted.status_code == 204
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await recv(ws)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+    assert "deleted" in closed.value.rcvd.reason
+    record = fake.requests[0]
+    await fake.until(lambda: record.hung_up_at is not None, UNIT)
+
+
+async def test_openapi_lists_the_conversation_routes(server: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert set(paths["/api/conversations"]) == {"get"}
+    assert set(paths["/api/conversations/{conversation_id}"]) == {"get", "delete"}
+
+
+async def test_sse_joins_and_resumes_with_last_event_id(
+    server: LiveServer, fake: FakeUpstream
+) -> None:
+    words = [f" w{n}" for n in range(200)]
+    fake.then(Behaviour(tokens=words, delay=0.005))
+    async with connect(server.ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("a story")
+        await recv(ws)
+    # The socket left; the reply goes on for whoever joins next.
+    url = f"{server.http}/sse"
+    received: list[Frame] = []
+    last_id: str | None = None
+    async with httpx.AsyncClient(timeout=UNIT * 5) as client:
+        for drop in range(4):  # three drops, then read to the end
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            params = {"conversation": conversation}
+            async with client.stream("GET", url, params=params, headers=headers) as response:
+                assert response.status_code == 200
+                count = 0
+                async for event_id, frame in events(response):
+                    if event_id is None:
+                        assert frame["conversation"] == conversation  # the opening info
+                        continue
+                    assert int(event_id) == frame["seq"]
+                    received.append(frame)
+                    last_id = event_id
+                    count += 1
+                    if frame["type"] == "end" or (drop < 3 and count == 5):
+                        break
+    assert received[0]["sender"] == "you"
+    assert text_of(received) == "".join(words)
+    assert [f["seq"] for f in received] == sorted({f["seq"] for f in received})
+
+
+async def test_sse_for_an_unknown_conversation_is_404(server: LiveServer) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        response = await client.get(f"{server.http}/sse", params={"conversation": "0" * 32})
+    assert response.status_code == 404
+    assert "No conversation" in response.json()["detail"]
