@@ -18,6 +18,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from backend.app import create_app
 from backend.config import Settings
@@ -207,6 +208,19 @@ async def ask(ws: ClientConnection, question: str) -> list[Frame]:
     """Send a question and collect its frames, echo to `end`."""
     await ws.send(json.dumps({"type": "question", "message": question}))
     return await until_end(ws)
+
+
+async def close_of(ws: ClientConnection, within: float = UNIT * 2) -> tuple[int, str]:
+    """Read until the server closes `ws`; its close code and reason."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as closed:
+        received = closed.rcvd
+    if received is None:
+        raise AssertionError("closed without a close frame from the server")
+    return received.code, received.reason
 
 
 def bare(frame: Frame) -> Frame:
