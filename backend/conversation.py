@@ -157,11 +157,12 @@ class Conversation:
         else:
             self.services.on_idle(self)
 
-    def close_all(self, code: int, reason: str) -> None:
-        """End every client's connection with `code`."""
+    def close_all(self, code: int, reason: str) -> list[Outbox]:
+        """End every client's connection with `code`; the clients that were closed."""
         clients, self.clients = self.clients, set()
         for client in clients:
             client.close(code, reason)
+        return list(clients)
 
     async def _stop_unwatched(self) -> None:
         self._grace = None
@@ -188,6 +189,8 @@ class Conversation:
             self.updated_at = now()
             self._broadcast(ChatResponse.echo(question, seq=record.echo_seq))
             self._start(record, regenerate=False)
+            # A question is stored at once, not at the next tick.
+            self.services.writer.changed(self, soon=True)
 
     async def regenerate(self) -> bool:
         """Answer the last question again in place of its reply; False if nothing was asked."""

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 RESTARTING = "The server is restarting; reconnect to resume the conversation."
 DELETED = "This conversation was deleted."
+# Seconds the clients' writers get to send their close frames when draining.
+CLOSE_WAIT = 1.0
 
 
 class UnknownConversation(Exception):
@@ -120,8 +122,17 @@ class Conversations:
         if stopped:
             log.warning("%d replies did not finish in time; stored as interrupted", stopped)
         await self.writer.flush()
-        for conversation in list(self._live.values()):
-            conversation.close_all(status.WS_1012_SERVICE_RESTART, RESTARTING)
+        closed = [
+            client
+            for conversation in list(self._live.values())
+            for client in conversation.close_all(status.WS_1012_SERVICE_RESTART, RESTARTING)
+        ]
+        # Let the writers send the close, with its reason, before uvicorn closes what is left.
+        if closed:
+            waits = [asyncio.create_task(client.stopped.wait()) for client in closed]
+            _, pending = await asyncio.wait(waits, timeout=CLOSE_WAIT)
+            for task in pending:
+                task.cancel()
 
     def _on_idle(self, conversation: Conversation) -> None:
         task = asyncio.create_task(self._evict(conversation))

@@ -64,6 +64,7 @@ class Outbox:
         self._preloaded = 0
         self._wake = asyncio.Event()
         self._gone = False
+        self.stopped = asyncio.Event()
 
     @property
     def gone(self) -> bool:
@@ -125,3 +126,4 @@ class Outbox:
     def stop(self) -> None:
         """The writer has stopped: the client is gone."""
         self._gone = True
+        self.stopped.set()
