@@ -169,16 +169,15 @@ async def test_sigterm_stores_a_long_reply_as_interrupted_and_the_client_resumes
 async def test_sigkill_loses_at_most_about_a_second_of_text(fake: FakeUpstream) -> None:
     database = temp_database()
     fake.then(Behaviour(tokens=WORDS, delay=TOKEN_DELAY))
-    async with served(fake, database) as server:
-        async with connect(server.ws) as ws:
-            conversation = conversation_of(ws)
-            await ws.send("a long story")
-            # Long enough for several writes, then a kill at a random moment between two.
-            frames = await read_text(ws, 1500)
-            server.process.kill()
-            with contextlib.suppress(Exception):
-                while True:
-                    frames.append(await recv(ws, within=UNIT))
+    async with served(fake, database) as server, connect(server.ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("a long story")
+        # Long enough for several writes, then a kill at a random moment between two.
+        frames = await read_text(ws, 1500)
+        server.process.kill()
+        with contextlib.suppress(Exception):
+            while True:
+                frames.append(await recv(ws, within=UNIT))
     seen = text_of(frames)
     async with served(fake, database) as server:
         reply = await stored(server, conversation)
