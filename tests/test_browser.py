@@ -165,31 +165,107 @@ async def test_upstream_error_is_shown(
     await expect(page.locator("#stop")).to_be_disabled()
 
 
-async def test_reconnects_after_server_restart(
+async def test_reconnects_after_server_restart_in_the_same_conversation(
     browser: BrowserContext, make_settings: SettingsFactory, fake: FakeUpstream
 ) -> None:
-    settings = make_settings()
+    settings = make_settings(chat_shutdown_grace=0.2)
     first = LiveServer(settings).start()
     port = first.port
     fake.then(Behaviour(tokens=[" cut"] * 400, delay=0.02))
     page = await open_chat(browser, first)
     await ask(page, "before the restart")
     await expect(last_reply(page)).to_contain_text("cut cut")
-    first.stop()  # mid-reply
+    first.stop()  # mid-reply: the server stores it as interrupted and closes with 1012
     await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
-    # The reply that was cut off is finished like any other: no longer busy, marked stopped.
     await expect(last_reply(page)).to_have_attribute("data-status", "interrupted")
     assert await last_reply(page).get_attribute("aria-busy") is None
     await expect(page.locator("#connection")).to_contain_text("retrying")
+    shown = await last_reply(page).inner_text()
     with live_server(settings, port=port):
         await expect(page.locator("#connection")).to_have_attribute(
             "data-state", "open", timeout=UNIT * 8 * 1000
         )
-        await expect(page.locator("#messages .info")).to_contain_text("Reconnected")
         await ask(page, "back again")
         await expect(last_reply(page)).to_have_text("You said: back again")
-    # The new connection is a new conversation on the server, as the notice said.
-    assert [m["role"] for m in fake.requests[-1].messages] == ["system", "user"]
+    # Same conversation: nothing was repeated, and the model saw the earlier turn.
+    await expect(page.locator(".bubble.you")).to_have_text(["before the restart", "back again"])
+    history = fake.requests[-1].messages
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user"]
+    assert history[2]["content"].strip() == shown.removesuffix("Stopped").strip()
+
+
+async def test_reload_mid_reply_resumes_the_reply(
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+) -> None:
+    words = [f" w{n}" for n in range(150)]
+    fake.then(Behaviour(tokens=words, delay=0.02))
+    page = await open_chat(browser, server)
+    await ask(page, "a long story")
+    await expect(last_reply(page)).to_contain_text("w10")
+    assert "conversation=" in page.url
+    await page.reload()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+    await expect(page.locator(".bubble.you")).to_have_text(["a long story"])
+    reply = last_reply(page)
+    await expect(reply).to_have_attribute("data-status", "completed", timeout=UNIT * 5 * 1000)
+    assert await page.locator(".bubble.bot").count() == 1
+    assert (await reply.inner_text()).strip() == "".join(words).strip()
+    assert len(fake.requests) == 1
+
+
+async def test_conversation_list_opens_and_deletes(
+    browser: BrowserContext, make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    with live_server(make_settings()) as server:  # an empty list to start with
+        await conversation_list_opens_and_deletes(browser, server, fake)
+
+
+async def conversation_list_opens_and_deletes(
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+) -> None:
+    page = await open_chat(browser, server)
+    await ask(page, "first topic")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
+    await page.locator("#new-chat").click()
+    await expect(page.locator(".bubble")).to_have_count(0)
+    await ask(page, "second topic")
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
+    items = page.locator("#conversations li")
+    await expect(items.locator(".open")).to_have_text(["second topic", "first topic"])
+    await expect(items.first).to_have_class("current")
+    await items.nth(1).locator(".open").click()
+    await expect(page.locator(".bubble.you")).to_have_text(["first topic"])
+    await expect(last_reply(page)).to_contain_text("You said: first topic")
+    await ask(page, "more on it")
+    await expect(page.locator(".bubble.you")).to_have_text(["first topic", "more on it"])
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
+    assert [m["content"] for m in fake.requests[-1].messages[1:]] == [
+        "first topic",
+        "You said: first topic",
+        "more on it",
+    ]
+    # Deleting the open conversation leaves an empty new one.
+    await expect(items.locator(".open")).to_have_text(["first topic", "second topic"])
+    await items.first.locator(".delete").click()
+    await expect(items.locator(".open")).to_have_text(["second topic"])
+    await expect(page.locator(".bubble")).to_have_count(0)
+    assert "conversation=" not in page.url
+
+
+async def test_regenerate_button_replaces_the_last_reply(
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=["first try"]), Behaviour(tokens=["second try"]))
+    page = await open_chat(browser, server)
+    await ask(page, "answer twice")
+    await expect(last_reply(page)).to_contain_text("first try")
+    await page.locator(".regenerate").click()
+    await expect(last_reply(page)).to_contain_text("second try")
+    await expect(page.locator(".bubble.bot")).to_have_count(1)
+    await expect(page.locator(".regenerate")).to_have_count(1)
+    await page.reload()
+    await expect(last_reply(page)).to_contain_text("second try")
+    await expect(page.locator(".bubble.bot")).to_have_count(1)
 
 
 async def test_model_html_renders_inert_and_markdown_renders(

@@ -1,6 +1,10 @@
 // The chat client: renders ChatResponse frames from /chat as they arrive.
 // Model output is untrusted: it is rendered as markdown and sanitised by DOMPurify before it
 // reaches the DOM; everything else goes in through textContent.
+//
+// A conversation outlives the socket: the page keeps the conversation's id (also in the URL)
+// and the last `seq` it rendered, and reconnects with `?conversation=ID&after=SEQ`, so a
+// dropped connection or a server restart carries on where it was, with nothing repeated.
 
 import markdownit from "./vendor/markdown-it.mjs";
 import DOMPurify from "./vendor/purify.mjs";
@@ -15,6 +19,7 @@ const input = document.getElementById("question");
 const sendButton = document.getElementById("send");
 const stopButton = document.getElementById("stop");
 const newChatButton = document.getElementById("new-chat");
+const conversationList = document.getElementById("conversations");
 
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 8000;
@@ -24,13 +29,32 @@ let retryMs = RETRY_FIRST_MS;
 let reply = null; // { node, text } while a reply streams
 let renderQueued = false;
 let followBottom = true;
-let wasConnected = false;
+// The conversation shown, and the last of its frames rendered (0: none yet).
+let conversationId = new URL(location.href).searchParams.get("conversation");
+let lastSeq = 0;
 
 /** The socket's URL, next to the page: works behind a path prefix and on https (wss). */
 function socketUrl() {
   const url = new URL("chat", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "";
+  if (conversationId) {
+    url.searchParams.set("conversation", conversationId);
+    if (lastSeq > 0) url.searchParams.set("after", String(lastSeq));
+  }
   return url.href;
+}
+
+function apiUrl(path) {
+  return new URL(`api/conversations${path}`, location.href).href;
+}
+
+/** Keep the conversation's id in the address bar once it is stored, so reloads reopen it. */
+function showInUrl(id) {
+  const url = new URL(location.href);
+  if (id) url.searchParams.set("conversation", id);
+  else url.searchParams.delete("conversation");
+  if (url.href !== location.href) history.replaceState(null, "", url.href);
 }
 
 function setConnection(state, text) {
@@ -42,6 +66,7 @@ function setConnection(state, text) {
 function setStreaming(streaming) {
   stopButton.disabled = !streaming;
   document.body.dataset.streaming = streaming ? "true" : "false";
+  updateRegenerate();
 }
 
 function scrollToEnd() {
@@ -61,13 +86,6 @@ function bubble(kind, text) {
   return append(node);
 }
 
-function notice(text) {
-  const node = document.createElement("p");
-  node.className = "info";
-  node.textContent = text;
-  return node;
-}
-
 function renderMarkdown(node, text) {
   node.innerHTML = DOMPurify.sanitize(markdown.render(text));
 }
@@ -85,29 +103,76 @@ function queueRender() {
   });
 }
 
-/** The one way a reply ends, whether by its `end` frame or by a lost connection. */
+/** Only the last reply, once finished, offers to be answered again. */
+function updateRegenerate() {
+  for (const row of messages.querySelectorAll(".reply-actions")) row.remove();
+  const last = messages.lastElementChild;
+  if (reply || !last || !last.matches(".bubble.bot[data-status], .bubble.error")) return;
+  const row = document.createElement("div");
+  row.className = "reply-actions";
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "regenerate";
+  button.textContent = "Regenerate";
+  button.addEventListener("click", () => send({ type: "regenerate" }));
+  row.append(button);
+  append(row);
+}
+
+/** The one way a reply ends: its `end` frame. */
 function finishReply(status) {
-  setStreaming(false);
   statusLine.textContent = "";
-  if (!reply) return;
-  renderMarkdown(reply.node, reply.text);
-  reply.node.classList.remove("streaming");
-  reply.node.removeAttribute("aria-busy");
-  reply.node.dataset.status = status;
-  if (status === "interrupted") {
-    reply.node.classList.add("interrupted");
-    const note = document.createElement("span");
-    note.className = "note";
-    note.textContent = "Stopped";
-    reply.node.append(note);
+  if (reply) {
+    renderMarkdown(reply.node, reply.text);
+    reply.node.classList.remove("streaming");
+    reply.node.removeAttribute("aria-busy");
+    reply.node.dataset.status = status;
+    if (status === "interrupted") {
+      reply.node.classList.add("interrupted");
+      const note = document.createElement("span");
+      note.className = "note";
+      note.textContent = "Stopped";
+      reply.node.append(note);
+    }
+    reply = null;
   }
+  setStreaming(false);
+}
+
+/** Everything after the last question: the reply a regenerated one replaces. */
+function removeLastReply() {
+  const questions = messages.querySelectorAll(".bubble.you");
+  const lastQuestion = questions[questions.length - 1];
+  while (lastQuestion && lastQuestion.nextSibling) lastQuestion.nextSibling.remove();
+}
+
+function clearView() {
   reply = null;
+  messages.replaceChildren();
+  statusLine.textContent = "";
+  setStreaming(false);
 }
 
 /** Update the page for one frame from the server. */
 function applyFrame(frame) {
+  if (frame.conversation) {
+    // The socket's opening frame, or a reset's acknowledgement: which conversation this is.
+    if (frame.conversation !== conversationId) {
+      conversationId = frame.conversation;
+      lastSeq = frame.seq ?? 0;
+      clearView();
+      showInUrl(null);
+      markCurrent();
+    }
+    return;
+  }
+  if (frame.seq !== undefined) {
+    if (frame.seq <= lastSeq) return; // already shown
+    lastSeq = frame.seq;
+  }
   switch (frame.type) {
     case "start":
+      if (frame.regenerate) removeLastReply();
       reply = { node: bubble("bot streaming", ""), text: "" };
       reply.node.setAttribute("aria-busy", "true");
       setStreaming(true);
@@ -115,6 +180,7 @@ function applyFrame(frame) {
     case "stream":
       if (frame.sender === "you") {
         bubble("you", frame.message);
+        showInUrl(conversationId);
       } else if (reply) {
         reply.text += frame.message;
         queueRender();
@@ -125,9 +191,11 @@ function applyFrame(frame) {
       break;
     case "error":
       bubble("error", frame.message).setAttribute("role", "alert");
+      updateRegenerate();
       break;
     case "end":
       finishReply(frame.status);
+      refreshList();
       break;
     default:
       console.warn("unknown frame type", frame);
@@ -136,19 +204,26 @@ function applyFrame(frame) {
 
 function connect() {
   setConnection("connecting", "Connecting…");
-  socket = new WebSocket(socketUrl());
-  socket.addEventListener("open", () => {
+  const current = new WebSocket(socketUrl());
+  socket = current;
+  current.addEventListener("open", () => {
     retryMs = RETRY_FIRST_MS;
     setConnection("open", "Connected");
-    // The server keeps a conversation per connection: say so when a new one begins.
-    if (wasConnected && messages.childElementCount > 0) {
-      append(notice("Reconnected. The messages above are not part of the new conversation."));
-    }
-    wasConnected = true;
   });
-  socket.addEventListener("message", (event) => applyFrame(JSON.parse(event.data)));
-  socket.addEventListener("close", () => {
-    finishReply("interrupted");
+  current.addEventListener("message", (event) => applyFrame(JSON.parse(event.data)));
+  current.addEventListener("close", (event) => {
+    if (socket !== current) return; // replaced on purpose
+    if (event.code === 1008 && /conversation/i.test(event.reason)) {
+      // Deleted, or never stored: start a new conversation instead of retrying this one.
+      statusLine.textContent = event.reason;
+      conversationId = null;
+      lastSeq = 0;
+      clearView();
+      showInUrl(null);
+      connect();
+      return;
+    }
+    // The conversation goes on without us: reconnect and carry on after `lastSeq`.
     const seconds = Math.round(retryMs / 100) / 10;
     setConnection("closed", `Disconnected; retrying in ${seconds} s`);
     setTimeout(connect, retryMs);
@@ -156,10 +231,78 @@ function connect() {
   });
 }
 
+/** Show another conversation (or a new one, for null): a new socket joined to it. */
+function openConversation(id) {
+  if (socket) {
+    const old = socket;
+    socket = null;
+    old.close();
+  }
+  conversationId = id;
+  lastSeq = 0;
+  clearView();
+  showInUrl(id);
+  markCurrent();
+  connect();
+}
+
 function send(message) {
   if (!socket || socket.readyState !== WebSocket.OPEN) return false;
   socket.send(JSON.stringify(message));
   return true;
+}
+
+// The list of earlier conversations.
+
+function markCurrent() {
+  for (const item of conversationList.querySelectorAll("li")) {
+    const current = item.dataset.id === conversationId;
+    item.classList.toggle("current", current);
+    item.querySelector(".open").setAttribute("aria-current", current ? "page" : "false");
+  }
+}
+
+function listItem(conversation) {
+  const item = document.createElement("li");
+  item.dataset.id = conversation.id;
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "open";
+  open.textContent = conversation.title;
+  open.title = new Date(conversation.updated).toLocaleString();
+  open.addEventListener("click", () => openConversation(conversation.id));
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "delete";
+  remove.textContent = "×";
+  remove.setAttribute("aria-label", `Delete “${conversation.title}”`);
+  remove.addEventListener("click", () => deleteConversation(conversation.id));
+  item.append(open, remove);
+  return item;
+}
+
+let listRequest = 0;
+async function refreshList() {
+  const request = ++listRequest;
+  try {
+    const response = await fetch(apiUrl("?limit=50"));
+    if (!response.ok || request !== listRequest) return;
+    const page = await response.json();
+    conversationList.replaceChildren(...page.conversations.map(listItem));
+    markCurrent();
+  } catch (error) {
+    console.warn("could not load the conversation list", error);
+  }
+}
+
+async function deleteConversation(id) {
+  const response = await fetch(apiUrl(`/${id}`), { method: "DELETE" });
+  if (!response.ok && response.status !== 404) {
+    statusLine.textContent = `Could not delete the conversation (HTTP ${response.status}).`;
+    return;
+  }
+  if (id === conversationId) openConversation(null);
+  refreshList();
 }
 
 form.addEventListener("submit", (event) => {
@@ -180,11 +323,8 @@ input.addEventListener("keydown", (event) => {
 stopButton.addEventListener("click", () => send({ type: "stop" }));
 
 newChatButton.addEventListener("click", () => {
-  if (send({ type: "reset" })) {
-    reply = null;
-    messages.replaceChildren();
-    setStreaming(false);
-  }
+  // The server moves this socket to a new conversation; its acknowledgement clears the view.
+  if (!send({ type: "reset" })) openConversation(null);
   input.focus();
 });
 
@@ -195,4 +335,5 @@ messages.addEventListener("scroll", () => {
 
 setStreaming(false);
 connect();
+refreshList();
 input.focus();
