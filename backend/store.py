@@ -85,6 +85,8 @@ class SqlStore:
         if dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"Unsupported database {dialect!r}: use SQLite or PostgreSQL.")
         self._insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        self._conversation_upsert = self._upsert(conversations, ["id"])
+        self._turn_upsert = self._upsert(turns, ["conversation_id", "position"])
 
     async def start(self) -> None:
         await migrate(self.engine)
@@ -95,38 +97,36 @@ class SqlStore:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    def _upsert(self, table: Any, row: dict[str, Any], keys: Sequence[str]) -> Insert:
-        statement = self._insert(table).values(row)
-        changes = {name: statement.excluded[name] for name in row if name not in keys}
+    def _upsert(self, table: Any, keys: Sequence[str]) -> Insert:
+        """Insert, or update every column but `keys` where a row with those keys exists."""
+        statement = self._insert(table)
+        changes = {
+            column.name: statement.excluded[column.name]
+            for column in table.columns
+            if column.name not in keys
+        }
         return statement.on_conflict_do_update(index_elements=list(keys), set_=changes)
 
     async def save(self, records: Sequence[ConversationRecord]) -> None:
         if not records:
             return
+        rows = [
+            {
+                "id": record.id,
+                "title": record.title,
+                "created_at": record.created_at,
+                "updated_at": record.updated_at,
+                "last_seq": record.last_seq,
+                "turn_count": record.turn_count,
+            }
+            for record in records
+        ]
+        turn_rows = [_turn_row(record.id, turn) for record in records for turn in record.turns]
+        # One statement for all conversations and one for all turns, however many there are.
         async with self.engine.begin() as connection:
-            for record in records:
-                row = {
-                    "id": record.id,
-                    "title": record.title,
-                    "created_at": record.created_at,
-                    "updated_at": record.updated_at,
-                    "last_seq": record.last_seq,
-                    "turn_count": record.turn_count,
-                }
-                await connection.execute(self._upsert(conversations, row, ["id"]))
-                for turn in record.turns:
-                    await connection.execute(
-                        self._upsert(
-                            turns, _turn_row(record.id, turn), ["conversation_id", "position"]
-                        )
-                    )
-                # A regenerated or shortened conversation keeps no turns past its end.
-                await connection.execute(
-                    delete(turns).where(
-                        turns.c.conversation_id == record.id,
-                        turns.c.position >= record.turn_count,
-                    )
-                )
+            await connection.execute(self._conversation_upsert, rows)
+            if turn_rows:
+                await connection.execute(self._turn_upsert, turn_rows)
 
     async def load(self, conversation_id: str) -> ConversationRecord | None:
         async with self.engine.connect() as connection:

@@ -1,0 +1,99 @@
+"""The SQL store on a real SQLite file: round trips, replacing a turn, crash recovery, paging."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest_asyncio
+
+from backend.records import ConversationRecord, TurnRecord, now
+from backend.store import CRASH_GAP, SqlStore
+from schemas import ChatResponse
+from tests.harness import temp_database
+
+
+def frame(kind: str, seq: int, **fields: str) -> ChatResponse:
+    made = ChatResponse.bot(kind, **fields)  # type: ignore[arg-type]
+    made.seq = seq
+    return made
+
+
+def turn(position: int, question: str, answer: str, first_seq: int, ended: bool) -> TurnRecord:
+    record = TurnRecord(position, question, echo_seq=first_seq)
+    record.events.append(frame("start", first_seq + 1))
+    record.text_base = first_seq + 1
+    record.parts = [answer]
+    if ended:
+        record.events.append(frame("end", first_seq + 2 + len(answer), status="completed"))
+        record.status = "completed"
+    return record
+
+
+def conversation(id_char: str, turns: list[TurnRecord], age: float = 0) -> ConversationRecord:
+    moment = now() - timedelta(seconds=age)
+    last = max(t.last_seq for t in turns)
+    return ConversationRecord(id_char * 32, "title", moment, moment, last, len(turns), turns)
+
+
+@pytest_asyncio.fixture
+async def store() -> AsyncIterator[SqlStore]:
+    opened = SqlStore(temp_database())
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+async def test_a_conversation_round_trips(store: SqlStore) -> None:
+    saved = conversation("a", [turn(0, "q1", "a1", 1, True), turn(1, "q2", "a2", 10, True)])
+    await store.save([saved])
+    loaded = await store.load("a" * 32)
+    assert loaded is not None
+    assert [(t.question, t.text, t.status) for t in loaded.turns] == [
+        ("q1", "a1", "completed"),
+        ("q2", "a2", "completed"),
+    ]
+    assert loaded.turns[1].events == saved.turns[1].events
+    assert loaded.last_seq == saved.last_seq
+    assert await store.load("b" * 32) is None
+
+
+async def test_saving_a_turn_again_replaces_it(store: SqlStore) -> None:
+    await store.save([conversation("a", [turn(0, "q", "old answer", 1, True)])])
+    await store.save([conversation("a", [turn(0, "q", "new answer", 1, True)])])
+    loaded = await store.load("a" * 32)
+    assert loaded is not None
+    assert [t.text for t in loaded.turns] == ["new answer"]
+
+
+async def test_a_reply_cut_off_by_a_crash_is_closed_on_start(store: SqlStore) -> None:
+    streaming = conversation("a", [turn(0, "q", "half of it", 1, ended=False)])
+    await store.save([streaming])
+    restarted = SqlStore(str(store.engine.url))
+    await restarted.start()
+    loaded = await restarted.load("a" * 32)
+    await restarted.close()
+    assert loaded is not None
+    cut = loaded.turns[0]
+    assert cut.status == "interrupted"
+    assert cut.text == "half of it"
+    # Its `end` comes after anything the dead process may have sent without storing it.
+    assert cut.events[-1].type == "end"
+    assert cut.events[-1].seq == streaming.last_seq + CRASH_GAP
+    assert loaded.last_seq == streaming.last_seq + CRASH_GAP
+
+
+async def test_pages_are_newest_first_and_delete_removes(store: SqlStore) -> None:
+    await store.save(
+        [
+            conversation("a", [turn(0, "q", "x", 1, True)], age=30),
+            conversation("b", [turn(0, "q", "x", 1, True)], age=10),
+            conversation("c", [turn(0, "q", "x", 1, True)], age=20),
+        ]
+    )
+    assert [c.id[0] for c in await store.page(2, 0)] == ["b", "c"]
+    assert [c.id[0] for c in await store.page(2, 2)] == ["a"]
+    assert await store.delete("c" * 32)
+    assert not await store.delete("c" * 32)
+    assert [c.id[0] for c in await store.page(10, 0)] == ["b", "a"]
+    assert await store.load("c" * 32) is None
