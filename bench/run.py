@@ -2,23 +2,29 @@
 
 Every number that depends on the machine is reported next to a baseline measured in the same
 run: the openai SDK calling the same fake directly, and a bare SDK-to-WebSocket relay
-(`bench/bare_relay.py`). Each server runs in a process of its own.
-`python -m bench.run [--quick]`
+(`bench/bare_relay.py`). Each server runs in a process of its own, the chat server with its
+conversation store on (a SQLite file in a temporary folder).
+`python -m bench.run [--quick] [--before CHECKOUT]`: with `--before`, the chat server of
+another checkout (an earlier commit, say) is measured in the same run too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -41,19 +47,28 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+def process(
+    args: list[str], env: dict[str, str] | None = None, cwd: str | None = None
+) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     try:
         yield proc
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -186,92 +201,169 @@ async def paced_streams(
     return lateness, errors
 
 
+async def rejoin_latency(url: str, trials: int) -> list[float]:
+    """A client that left a streaming reply comes back with `after`: connect → first missed frame.
+
+    The reply streams a token every 5 ms all along, so there is always something missed.
+    """
+    async with connect(url, compression=None) as ws:
+        conversation = (await frame(ws))["conversation"]
+        await ws.send("bench tokens=100000 delay=0.005")
+        seen = 0
+        while not seen:
+            got = await frame(ws)
+            if got["type"] == "stream" and got["sender"] == "bot":
+                seen = got["seq"]
+    latencies = []
+    for trial in range(trials):
+        await asyncio.sleep(0.01 + (trial % 5) * 0.01)
+        sent = time.perf_counter()
+        async with connect(
+            f"{url}?conversation={conversation}&after={seen}", compression=None
+        ) as ws:
+            await frame(ws)  # the opening info
+            missed = await frame(ws)
+            latencies.append(time.perf_counter() - sent)
+            assert missed["seq"] > seen, (missed, seen)
+            seen = missed["seq"]
+    async with connect(f"{url}?conversation={conversation}", compression=None) as ws:
+        await ws.send(json.dumps({"type": "stop"}))
+        while (await frame(ws))["type"] != "end":
+            pass
+    return latencies
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-async def measure(ours: str, bare: str, upstream: str, quick: bool) -> dict[str, Any]:
+async def paced_cpu(url: str, pid: int, sockets: int) -> tuple[list[float], int, float]:
+    """`paced_streams` at 20 tokens/s, and the server's CPU time per token relayed."""
+    tokens = 40
+    before = cpu_seconds(pid)
+    late, errors = await paced_streams(url, sockets, tokens, 0.05)
+    return late, errors, (cpu_seconds(pid) - before) / (sockets * tokens)
+
+
+async def measure(
+    ours: Server, bare: Server, upstream: str, quick: bool, earlier: Server | None
+) -> dict[str, Any]:
     trials = 20 if quick else 60
     results: dict[str, Any] = {}
 
-    stops = await stop_latency(ours, trials)
+    stops = await stop_latency(ours.url, trials)
     results["stop_p50"], results["stop_p99"] = percentile(stops, 50), percentile(stops, 99)
     print(
         f"stop latency over {trials} trials: p50 {ms(results['stop_p50'])}, "
         f"p99 {ms(results['stop_p99'])}  (target p99 < 50 ms)"
     )
 
+    rejoins = await rejoin_latency(ours.url, trials)
+    results["rejoin_p50"], results["rejoin_p99"] = percentile(rejoins, 50), percentile(rejoins, 99)
+    print(
+        f"rejoin with after → first missed frame over {trials} trials: p50 "
+        f"{ms(results['rejoin_p50'])}, p99 {ms(results['rejoin_p99'])}  (target p99 < 20 ms)"
+    )
+
     await ttft_direct(upstream, 5)  # warm both paths before timing
-    await ttft_socket(ours, 5)
+    await ttft_socket(ours.url, 5)
     direct = await ttft_direct(upstream, trials)
-    through = await ttft_socket(ours, trials)
+    through = await ttft_socket(ours.url, trials)
     results["ttft_direct_p50"] = statistics.median(direct)
     results["ttft_ours_p50"] = statistics.median(through)
     overhead = results["ttft_ours_p50"] - results["ttft_direct_p50"]
     results["ttft_overhead_p50"] = overhead
     print(
         f"time to first token p50: direct SDK {ms(results['ttft_direct_p50'])}, through the "
-        f"server {ms(results['ttft_ours_p50'])}, overhead {ms(overhead)}  (target < 5 ms)"
+        f"server {ms(results['ttft_ours_p50'])}, overhead {ms(overhead)}  (target < 3.5 ms)"
     )
 
     tokens = 2000 if quick else 5000
     rounds = 3 if quick else 5
-    ours_rates, bare_rates = [], []
-    await throughput(ours, 200)
-    await throughput(bare, 200)
+    servers = [ours, bare] + ([earlier] if earlier else [])
+    rates: dict[str, list[float]] = {server.name: [] for server in servers}
+    for server in servers:
+        await throughput(server.url, 200)
     for _ in range(rounds):
-        ours_rates.append(await throughput(ours, tokens))
-        bare_rates.append(await throughput(bare, tokens))
-    results["tps_ours"] = statistics.median(ours_rates)
-    results["tps_bare"] = statistics.median(bare_rates)
-    results["tps_ratio"] = results["tps_ours"] / results["tps_bare"]
-    print(
-        f"relay throughput, {tokens} tokens, median of {rounds}: server "
-        f"{results['tps_ours']:.0f} tok/s, bare relay {results['tps_bare']:.0f} tok/s, "
-        f"ratio {results['tps_ratio']:.2f}  (target >= 0.8)"
-    )
+        for server in servers:
+            rates[server.name].append(await throughput(server.url, tokens))
+    for server in servers:
+        results[f"tps_{server.name}"] = statistics.median(rates[server.name])
+    for server in servers:
+        if server is not bare:
+            ratio = results[f"tps_{server.name}"] / results["tps_bare"]
+            results[f"tps_ratio_{server.name}"] = ratio
+            print(
+                f"relay throughput, {tokens} tokens, median of {rounds}: {server.name} "
+                f"{results[f'tps_{server.name}']:.0f} tok/s, bare relay "
+                f"{results['tps_bare']:.0f} tok/s, ratio {ratio:.2f}  (target >= 2.0)"
+            )
 
     sockets = 50 if quick else 200
-    late_ours, errors_ours = await paced_streams(ours, sockets, 40, 0.05)
-    late_bare, errors_bare = await paced_streams(bare, sockets, 40, 0.05)
-    results["paced_p99_ours"] = percentile(late_ours, 99)
-    results["paced_p99_bare"] = percentile(late_bare, 99)
-    results["paced_errors"] = errors_ours
-    print(
-        f"{sockets} sockets x 20 tok/s: p99 added inter-token delay {ms(results['paced_p99_ours'])}"
-        f" (bare relay {ms(results['paced_p99_bare'])}), errors {errors_ours} "
-        f"(bare relay {errors_bare})"
-    )
+    for server in servers:
+        late, errors, cpu = await paced_cpu(server.url, server.pid, sockets)
+        results[f"paced_p50_{server.name}"] = percentile(late, 50)
+        results[f"paced_p99_{server.name}"] = percentile(late, 99)
+        results[f"paced_errors_{server.name}"] = errors
+        results[f"cpu_per_token_{server.name}"] = cpu
+        print(
+            f"{sockets} sockets x 20 tok/s, {server.name}: added delay p50 "
+            f"{ms(results[f'paced_p50_{server.name}'])}, p99 "
+            f"{ms(results[f'paced_p99_{server.name}'])}, server CPU per token "
+            f"{cpu * 1e6:.0f} µs, sockets with errors {errors}"
+        )
     return results
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    url: str
+    pid: int
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer trials and sockets")
+    parser.add_argument(
+        "--before", metavar="CHECKOUT", help="also measure the chat server of this checkout"
+    )
     args = parser.parse_args()
-    with process(["-m", "fakes.openai_server"]) as fake:
+    with (
+        tempfile.TemporaryDirectory() as data,
+        process(["-m", "fakes.openai_server"]) as fake,
+    ):
         assert fake.stdout is not None
         upstream = fake.stdout.readline().strip()
-        ours_port, bare_port = free_port(), free_port()
+        ours_port, bare_port, before_port = free_port(), free_port(), free_port()
         env = {
             "OPENAI_BASE_URL": upstream,
             "OPENAI_API_KEY": "",
             "CHAT_MODEL": "fake-model",
             "CHAT_HISTORY_TOKENS": "200",
+            "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{data}/chat.db",
         }
-        server_args = ["-m", "backend", "--port", str(ours_port)]
-        with (
-            process(server_args, env),
-            process(["-m", "bench.bare_relay", str(bare_port), upstream]),
-        ):
+        with contextlib.ExitStack() as stack:
+            ours = stack.enter_context(process(["-m", "backend", "--port", str(ours_port)], env))
+            bare = stack.enter_context(
+                process(["-m", "bench.bare_relay", str(bare_port), upstream])
+            )
+            earlier = None
+            if args.before:
+                before_env = {**env, "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{data}/b.db"}
+                before_args = ["-m", "backend", "--port", str(before_port)]
+                proc = stack.enter_context(process(before_args, before_env, cwd=args.before))
+                wait_for_port(before_port)
+                earlier = Server("before", f"ws://127.0.0.1:{before_port}/chat", proc.pid)
             wait_for_port(ours_port)
             wait_for_port(bare_port)
             asyncio.run(
                 measure(
-                    f"ws://127.0.0.1:{ours_port}/chat",
-                    f"ws://127.0.0.1:{bare_port}/chat",
+                    Server("ours", f"ws://127.0.0.1:{ours_port}/chat", ours.pid),
+                    Server("bare", f"ws://127.0.0.1:{bare_port}/chat", bare.pid),
                     upstream,
                     args.quick,
+                    earlier,
                 )
             )
 
