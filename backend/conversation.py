@@ -62,13 +62,15 @@ class LiveTurn:
         conversation = self.conversation
         if self.record.text_base is None:
             self.record.text_base = conversation.seq
-        conversation.seq += len(text)
-        seq = conversation.seq
-        for client in tuple(conversation.clients):
+        seq = conversation.seq = conversation.seq + len(text)
+        lost: list[Outbox] = []
+        for client in conversation.clients:
             try:
                 client.token(text, seq)
             except ClientGone:
-                conversation.leave(client)
+                lost.append(client)
+        for client in lost:
+            conversation.leave(client)
 
 
 class Conversation:
@@ -189,8 +191,6 @@ class Conversation:
             self.updated_at = now()
             self._broadcast(ChatResponse.echo(question, seq=record.echo_seq))
             self._start(record, regenerate=False)
-            # A question is stored at once, not at the next tick.
-            self.services.writer.changed(self, soon=True)
 
     async def regenerate(self) -> bool:
         """Answer the last question again in place of its reply; False if nothing was asked."""

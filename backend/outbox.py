@@ -7,6 +7,7 @@ every client joined to it and never waits for any of them.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,13 @@ class TokenRun:
     def frame(self) -> ChatResponse:
         """The merged frame, carrying the `seq` of its last piece."""
         return ChatResponse.tokens("".join(self.parts), seq=self.seq)
+
+    def to_json(self) -> str:
+        """The merged frame's JSON, as `frame().to_json()` gives it, without building a model."""
+        text = json.dumps("".join(self.parts), ensure_ascii=False)
+        if self.seq is None:
+            return f'{{"sender":"bot","message":{text},"type":"stream"}}'
+        return f'{{"sender":"bot","message":{text},"type":"stream","seq":{self.seq}}}'
 
 
 @dataclass(frozen=True)
@@ -87,9 +95,11 @@ class Outbox:
 
     def token(self, text: str, seq: int | None = None) -> None:
         """Queue a piece of bot text, merging it with tokens still waiting to go."""
-        self._check()
-        last = self._pending[-1] if self._pending else None
-        if isinstance(last, TokenRun):
+        pending = self._pending
+        if self._gone or len(pending) - self._preloaded >= self._max_pending:
+            self._check()
+        last = pending[-1] if pending else None
+        if type(last) is TokenRun:
             last.parts.append(text)
             last.seq = seq
         else:

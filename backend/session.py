@@ -18,7 +18,7 @@ from backend.conversation import Conversation, hello
 from backend.conversations import Conversations
 from backend.errors import ChatError
 from backend.inbound import parse_client_frame
-from backend.outbox import Close, Outbox, as_frame
+from backend.outbox import Close, Outbox
 from schemas import ChatResponse, Question, Regenerate, Reset, Stop
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ async def write(outbox: Outbox, websocket: WebSocket) -> None:
                 if isinstance(item, Close):
                     await websocket.close(code=item.code, reason=item.reason)
                     return
-                await websocket.send_text(as_frame(item).to_json())
+                await websocket.send_text(item.to_json())
     except (WebSocketDisconnect, OSError, RuntimeError) as exc:
         # Starlette raises WebSocketDisconnect for a peer that left, RuntimeError for a
         # socket already closed on our side.

@@ -57,7 +57,7 @@ class WriteBehind:
             self._streaming[conversation.id] = conversation
         else:
             self._streaming.pop(conversation.id, None)
-            self.changed(conversation, soon=True)
+            self.changed(conversation)
 
     def pending(self, conversation_id: str) -> bool:
         """Whether a conversation has changes not yet stored."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from backend.errors import ClientGone
@@ -51,3 +53,9 @@ async def test_a_close_goes_after_what_was_queued_and_ends_queueing() -> None:
     with pytest.raises(ClientGone):
         outbox.send(ChatResponse.bot("info", "too late"))
     assert await outbox.take() == [TokenRun(["last words"], 3), Close(1012, "restarting")]
+
+
+@pytest.mark.parametrize("seq", [None, 7])
+def test_a_token_run_encodes_as_its_frame_would(seq: int | None) -> None:
+    run = TokenRun(['He said "hi"\n', "\t→ é ✓ \u2028", "\\ \x01"], seq)
+    assert json.loads(run.to_json()) == json.loads(run.frame().to_json())
