@@ -140,10 +140,7 @@ class Conversations:
         task.add_done_callback(self._background.discard)
 
     async def _evict(self, conversation: Conversation) -> None:
-        if conversation.stored:
-            try:
-                await self.writer.flush()
-            except Exception:
-                return  # kept in memory until what it said is stored
+        # Kept in memory until what it said is stored (at the writer's next tick).
+        await self.writer.stored(conversation.id)
         if conversation.idle and self._live.get(conversation.id) is conversation:
             del self._live[conversation.id]

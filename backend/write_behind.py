@@ -41,9 +41,11 @@ class WriteBehind:
         self.interval = interval
         self._changed: dict[str, Snapshotting] = {}
         self._streaming: dict[str, Snapshotting] = {}
+        self._saving: set[str] = set()
         self._wake = asyncio.Event()
         # Saves and deletes one at a time, so a delete is never undone by a save in flight.
         self._lock = asyncio.Lock()
+        self._flushed = asyncio.Event()
 
     def changed(self, conversation: Snapshotting, soon: bool = False) -> None:
         """`conversation` has something to store; with `soon`, store it now, not next tick."""
@@ -61,7 +63,16 @@ class WriteBehind:
 
     def pending(self, conversation_id: str) -> bool:
         """Whether a conversation has changes not yet stored."""
-        return conversation_id in self._changed or conversation_id in self._streaming
+        return (
+            conversation_id in self._changed
+            or conversation_id in self._streaming
+            or conversation_id in self._saving
+        )
+
+    async def stored(self, conversation_id: str) -> None:
+        """Return once nothing of a conversation waits to be stored."""
+        while self.pending(conversation_id):
+            await self._flushed.wait()
 
     async def run(self) -> None:
         """Flush every `interval` seconds, or as soon as woken, until cancelled."""
@@ -87,15 +98,19 @@ class WriteBehind:
                 for conversation in batch.values()
                 if (record := conversation.snapshot()) is not None
             ]
-            if not records:
-                return
-            try:
-                await self.store.save([record for _, record in records])
-            except BaseException:
-                for conversation, record in records:
-                    conversation.unsaved(record)
-                    self._changed.setdefault(conversation.id, conversation)
-                raise
+            if records:
+                self._saving = {conversation.id for conversation, _ in records}
+                try:
+                    await self.store.save([record for _, record in records])
+                except BaseException:
+                    for conversation, record in records:
+                        conversation.unsaved(record)
+                        self._changed.setdefault(conversation.id, conversation)
+                    raise
+                finally:
+                    self._saving = set()
+            flushed, self._flushed = self._flushed, asyncio.Event()
+            flushed.set()
 
     async def delete(self, conversation_id: str) -> bool:
         """Forget a conversation's pending changes and remove it from the store."""
