@@ -1,4 +1,4 @@
-"""Render the JSON Schema files that describe the wire frames."""
+"""Render the JSON Schema files that describe the wire frames and the REST answers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
+from schemas.conversations import Conversation, ConversationPage
 from schemas.frames import CHAT_RESPONSE, CLIENT_MESSAGE
 
 SCHEMA_DIR = Path(__file__).parent
 SCHEMA_FILES: dict[str, Any] = {
     "chat_response.schema.json": CHAT_RESPONSE,
     "client_message.schema.json": CLIENT_MESSAGE,
+    "conversation.schema.json": TypeAdapter(Conversation),
+    "conversation_page.schema.json": TypeAdapter(ConversationPage),
 }
 
 
