@@ -81,16 +81,15 @@ class ChatSession:
             self.reply_only(error.frame())
             return
         conversation = self.conversation
+        if self.conversations.draining and isinstance(message, Question | Regenerate):
+            self.reply_only(
+                ChatError(
+                    "shutting_down", "The server is restarting; ask again in a moment."
+                ).frame()
+            )
+            return
         match message:
             case Question(message=text):
-                if self.conversations.draining:
-                    self.reply_only(
-                        ChatError(
-                            "shutting_down",
-                            "The server is restarting; ask again in a moment.",
-                        ).frame()
-                    )
-                    return
                 await conversation.ask(text)
             case Stop():
                 if not await conversation.stop():

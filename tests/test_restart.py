@@ -115,6 +115,7 @@ async def test_sigterm_lets_a_short_reply_finish_then_closes_with_1012(
             draining = await server.health()
             assert draining.status_code == 503
             assert draining.json()["status"] == "draining"
+            await ws.send("one more, please")
             frames += await until_end(ws)
             assert await close_of(ws) == (
                 1012,
@@ -124,6 +125,10 @@ async def test_sigterm_lets_a_short_reply_finish_then_closes_with_1012(
             await server.process.wait()
     assert frames[-1]["status"] == "completed"
     assert text_of(frames) == "".join(WORDS[:60])
+    # A question while draining is turned away with a clear error, and the reply goes on.
+    refused = [f for f in frames if f["type"] == "error"]
+    assert [f["code"] for f in refused] == ["shutting_down"]
+    assert "seq" not in refused[0]
     async with served(fake, database) as server:
         async with ws_connect(
             f"{server.ws}?conversation={conversation}&after={frames[-1]['seq']}"
