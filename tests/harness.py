@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -61,7 +62,21 @@ class IsolatedSettings(Settings):
         return (init_settings,)
 
 
-class LiveServer:
+class Addressed:
+    """The URLs of a server listening on a loopback port."""
+
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/chat"
+
+
+class LiveServer(Addressed):
     """The app under uvicorn in a thread of its own, on a free loopback port."""
 
     def __init__(self, settings: Settings, port: int = 0) -> None:
@@ -74,14 +89,6 @@ class LiveServer:
 
     def _run(self) -> None:
         asyncio.run(self.server.serve(sockets=[self.sock]))
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/chat"
 
     def start(self) -> LiveServer:
         self.thread.start()
@@ -138,6 +145,25 @@ async def python_process(*args: str, **options: Any) -> AsyncIterator[asyncio.su
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@asynccontextmanager
+async def backend_process(port: int, **env: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m backend --port PORT` with none of the caller's model or chat settings: only
+    `env`, and a database of its own unless `env` names one."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    environment["CHAT_DATABASE_URL"] = temp_database()
+    environment.update(env)
+    async with python_process(
+        "-m",
+        "backend",
+        "--port",
+        str(port),
+        env=environment,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    ) as process:
+        yield process
 
 
 async def signal_leaves_no_orphan(

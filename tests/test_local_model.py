@@ -27,12 +27,11 @@ from tests.harness import (
     LiveServer,
     alive,
     ask,
+    backend_process,
     connect,
     live_server,
-    python_process,
     recv,
     signal_leaves_no_orphan,
-    temp_database,
     text_of,
     until_end,
     wait_gone,
@@ -255,16 +254,6 @@ async def test_child_is_restarted_after_it_dies() -> None:
 async def test_no_orphan_when_the_server_stops() -> None:
     # The stand-in child's tests cover SIGKILL and SIGINT; this is uvicorn's shutdown path.
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
-    env["CHAT_DATABASE_URL"] = temp_database()
-    async with python_process(
-        "-m",
-        "backend",
-        "--port",
-        str(port),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    ) as parent:
+    async with backend_process(port) as parent:
         pid = child_pid(await wait_healthy(f"http://127.0.0.1:{port}"))
         await signal_leaves_no_orphan(parent, signal.SIGTERM, pid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +17,12 @@ from backend.server import free_port
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
     UNIT,
+    Addressed,
     Frame,
+    backend_process,
     close_of,
     connect,
     conversation_of,
-    python_process,
     recv,
     temp_database,
     text_of,
@@ -34,20 +34,12 @@ TOKEN_DELAY = 0.01
 WORDS = [f" w{n}" for n in range(3000)]
 
 
-class Served:
+class Served(Addressed):
     """`python -m backend` on a port of its own, with a database that outlives it."""
 
     def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
         self.process = process
         self.port = port
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/chat"
 
     async def health(self) -> httpx.Response:
         async with httpx.AsyncClient(timeout=UNIT) as client:
@@ -58,23 +50,8 @@ class Served:
 async def served(fake: FakeUpstream, database: str, **env: str) -> AsyncIterator[Served]:
     """The server as its own process until the block ends (or a test stops it)."""
     port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
-    environment.update(
-        OPENAI_BASE_URL=fake.url,
-        CHAT_MODEL="fake-model",
-        CHAT_DATABASE_URL=database,
-        CHAT_RETRY_DELAY="0.05",
-        **env,
-    )
-    async with python_process(
-        "-m",
-        "backend",
-        "--port",
-        str(port),
-        env=environment,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    ) as process:
+    settings = {"OPENAI_BASE_URL": fake.url, "CHAT_MODEL": "fake-model", **env}
+    async with backend_process(port, CHAT_DATABASE_URL=database, **settings) as process:
         server = Served(process, port)
         async with asyncio.timeout(UNIT * 10):
             while True:
