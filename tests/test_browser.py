@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
 from playwright.async_api import (
@@ -19,8 +22,18 @@ from playwright.async_api import (
     expect,
 )
 
+from backend.server import free_port
 from fakes.openai_server import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
+from tests.harness import (
+    UNIT,
+    Addressed,
+    LiveServer,
+    SettingsFactory,
+    backend_process,
+    live_server,
+    temp_database,
+    wait_hung_up,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -66,7 +79,7 @@ async def browser(chromium: Browser) -> AsyncIterator[BrowserContext]:
     assert PAGE_ERRORS == []
 
 
-async def open_chat(browser: BrowserContext, server: LiveServer, width: int = 900) -> Page:
+async def open_chat(browser: BrowserContext, server: Addressed, width: int = 900) -> Page:
     page = await browser.new_page()
     await page.set_viewport_size({"width": width, "height": 700})
     page.on("dialog", lambda dialog: PAGE_ERRORS.append(f"dialog: {dialog.message}"))
@@ -349,3 +362,59 @@ async def test_narrow_screen_and_screenshot(
     screenshot = Path(SCREENSHOT_TO) if SCREENSHOT_TO else tmp_path / "screenshot.png"
     await page.screenshot(path=str(screenshot))
     assert screenshot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.model
+async def test_with_the_real_model_reload_and_restart_lose_nothing(browser: BrowserContext) -> None:
+    """`make run`, ask for a story, reload mid-reply, stop the server with Ctrl-C, start it
+    again: the story finished, the conversation is listed and goes on."""
+    port = free_port()
+    database = temp_database()
+    settings = {"CHAT_DATABASE_URL": database, "CHAT_MAX_REPLY_TOKENS": "160"}
+    async with backend_process(port, **settings) as first:
+        server = await healthy(port)
+        page = await open_chat(browser, server)
+        await ask(page, "Tell me a long story about a lighthouse keeper.")
+        reply = last_reply(page)
+        await expect(reply).to_have_attribute("aria-busy", "true")
+        await expect(reply).not_to_be_empty(timeout=MODEL_WAIT_MS)
+        await page.reload()
+        reply = last_reply(page)
+        await expect(reply).to_have_attribute("data-status", "completed", timeout=MODEL_WAIT_MS)
+        story = await reply.inner_text()
+        assert len(story) > 100
+        first.send_signal(signal.SIGINT)
+        async with asyncio.timeout(UNIT * 10):
+            # uvicorn exits through the signal it caught, once it has shut down.
+            assert await first.wait() in (0, -signal.SIGINT)
+    await expect(page.locator("#connection")).not_to_have_attribute("data-state", "open")
+    async with backend_process(port, **settings):
+        await healthy(port)
+        await expect(page.locator("#connection")).to_have_attribute(
+            "data-state", "open", timeout=UNIT * 8 * 1000
+        )
+        await page.reload()
+        await expect(page.locator("#conversations .open")).to_have_text(
+            ["Tell me a long story about a lighthouse keeper."]
+        )
+        await expect(last_reply(page)).to_have_text(story)
+        await ask(page, "Give it a title.")
+        await expect(page.locator(".bubble.bot")).to_have_count(2)
+        await expect(last_reply(page)).to_have_attribute(
+            "data-status", "completed", timeout=MODEL_WAIT_MS
+        )
+
+
+MODEL_WAIT_MS = UNIT * 30 * 1000
+
+
+async def healthy(port: int) -> Addressed:
+    """The server on `port` once `/healthz` says it can answer."""
+    server = Addressed()
+    server.port = port
+    async with httpx.AsyncClient(timeout=UNIT) as client, asyncio.timeout(MODEL_WAIT_MS / 1000):
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{server.http}/healthz")).status_code == 200:
+                    return server
+            await asyncio.sleep(0.1)
