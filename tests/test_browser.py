@@ -49,6 +49,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # A page a test serves itself through `page.route` counts as public to Chromium, whose
+    # Local Network Access checks would then block its sockets to 127.0.0.1.
+    "--disable-features=LocalNetworkAccessChecks",
 ]
 
 
@@ -418,3 +421,30 @@ async def healthy(port: int) -> Addressed:
                 if (await client.get(f"{server.http}/healthz")).status_code == 200:
                     return server
             await asyncio.sleep(0.1)
+
+
+async def test_a_2023_style_client_works_unchanged(
+    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=["Paris", " is", " the", " capital."]), Behaviour(tokens=["Yes."]))
+    page = await browser.new_page()
+    page.on("pageerror", lambda error: PAGE_ERRORS.append(f"script error: {error}"))
+    legacy = (Path(__file__).parent / "fixtures" / "legacy_chat.html").read_text()
+    # Served from the server's own origin, as the old page was.
+    await page.route(
+        f"{server.http}/legacy.html",
+        lambda route: route.fulfill(body=legacy, content_type="text/html"),
+    )
+    await page.goto(f"{server.http}/legacy.html")
+    for question in ["What is the capital of France?", "Sure?"]:
+        await page.locator("#messageText").fill(question)
+        await page.locator("#messageText").press("Enter")
+        await expect(page.locator("#send")).to_be_enabled()
+    await expect(page.locator(".client-message")).to_have_text(
+        ["You: What is the capital of France?", "You: Sure?"]
+    )
+    await expect(page.locator(".server-message")).to_have_text(
+        ["Chatbot: Paris is the capital.", "Chatbot: Yes."]
+    )
+    await expect(page.locator("#header")).to_have_text("Ask a question")
+    assert fake.requests[1].messages[2]["content"] == "Paris is the capital."
