@@ -34,11 +34,14 @@ run: install
 test: install test-deps
 	$(PY) -m pytest -q
 
-# What only the tests need: Debian's Chromium (and a font for its screenshots), driven by Playwright.
+# What only the tests need: Debian's Chromium (and a font for its screenshots), driven by
+# Playwright; PostgreSQL, Redis and nginx, which the tests start themselves on free ports.
+TEST_PACKAGES := chromium fonts-liberation postgresql redis-server nginx
 test-deps:
-	@test -x /usr/bin/chromium -a -d /usr/share/fonts/truetype/liberation || \
+	@test -x /usr/bin/chromium -a -d /usr/share/fonts/truetype/liberation \
+		-a -x /usr/lib/postgresql/15/bin/postgres -a -x /usr/bin/redis-server -a -x /usr/sbin/nginx || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
-			--no-install-recommends chromium fonts-liberation)
+			--no-install-recommends $(TEST_PACKAGES))
 
 # Refresh the README's picture (docs/screenshot.png) with the browser test that takes it.
 screenshot: install test-deps

@@ -11,6 +11,7 @@ import pytest
 from backend.config import Settings
 from fakes.openai_server import FakeUpstream
 from tests.harness import IsolatedSettings, LiveServer, SettingsFactory, live_server
+from tests.services import Postgres
 
 
 def fake_settings(fake: FakeUpstream, **overrides: Any) -> Settings:
@@ -44,6 +45,15 @@ def fake(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
 def make_settings(fake: FakeUpstream) -> SettingsFactory:
     """Settings pointed at the fake model server, overridable per test."""
     return functools.partial(fake_settings, fake)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster for the whole session; each user makes its own database."""
+    cluster = Postgres()
+    cluster.start()
+    yield cluster
+    cluster.remove()
 
 
 @pytest.fixture(scope="module")

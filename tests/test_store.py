@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import pytest
 import pytest_asyncio
 
 from backend.records import ConversationRecord, TurnRecord, now
@@ -36,9 +37,14 @@ def conversation(id_char: str, turns: list[TurnRecord], age: float = 0) -> Conve
     return ConversationRecord(id_char * 32, "title", moment, moment, last, len(turns), turns)
 
 
-@pytest_asyncio.fixture
-async def store() -> AsyncIterator[SqlStore]:
-    opened = SqlStore(temp_database())
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SqlStore]:
+    """The store on each database it supports."""
+    if request.param == "sqlite":
+        url = temp_database()
+    else:
+        url = request.getfixturevalue("postgres").database()
+    opened = SqlStore(url)
     await opened.start()
     yield opened
     await opened.close()
@@ -69,7 +75,7 @@ async def test_saving_a_turn_again_replaces_it(store: SqlStore) -> None:
 async def test_a_reply_cut_off_by_a_crash_is_closed_on_start(store: SqlStore) -> None:
     streaming = conversation("a", [turn(0, "q", "half of it", 1, ended=False)])
     await store.save([streaming])
-    restarted = SqlStore(str(store.engine.url))
+    restarted = SqlStore(store.engine.url.render_as_string(hide_password=False))
     await restarted.start()
     loaded = await restarted.load("a" * 32)
     await restarted.close()
