@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from backend.api import build_api
 from backend.chain import build_chain
+from backend.cluster import Cluster
 from backend.config import Settings
 from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
@@ -59,7 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
     upstream = make_upstream(settings)
     http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout)
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream)
-    conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url))
+    cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
+    conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
 
     # Where conversations are stored: any SQLAlchemy async URL (SQLite or PostgreSQL).
     chat_database_url: str = DEFAULT_DATABASE_URL
+    # Redis shared by every worker of a deployment (live frames, leases); unset: one process.
+    chat_redis_url: str | None = None
     # Seconds a reply goes on after its last client left, so a reconnecting client finds it;
     # 0 stops it at once.
     chat_resume_grace: float = Field(default=30.0, ge=0)

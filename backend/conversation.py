@@ -62,15 +62,8 @@ class LiveTurn:
         conversation = self.conversation
         if self.record.text_base is None:
             self.record.text_base = conversation.seq
-        seq = conversation.seq = conversation.seq + len(text)
-        lost: list[Outbox] = []
-        for client in conversation.clients:
-            try:
-                client.token(text, seq)
-            except ClientGone:
-                lost.append(client)
-        for client in lost:
-            conversation.leave(client)
+        conversation.seq += len(text)
+        conversation.deliver_token(text, conversation.seq)
 
 
 class Conversation:
@@ -119,6 +112,17 @@ class Conversation:
         frame.seq = self.seq
         self._broadcast(frame)
 
+    def deliver_token(self, text: str, seq: int) -> None:
+        """Send a piece of reply text, numbered `seq`, to every client."""
+        lost: list[Outbox] = []
+        for client in self.clients:
+            try:
+                client.token(text, seq)
+            except ClientGone:
+                lost.append(client)
+        for client in lost:
+            self.leave(client)
+
     def _broadcast(self, frame: ChatResponse) -> None:
         for client in tuple(self.clients):
             try:
@@ -134,7 +138,7 @@ class Conversation:
 
     # Clients.
 
-    def join(self, client: Outbox, after: int) -> None:
+    async def join(self, client: Outbox, after: int) -> None:
         """Send `client` what it missed after `after`, then every frame as it happens."""
         client.preload(self.frames_after(after))
         self.clients.add(client)
@@ -206,6 +210,10 @@ class Conversation:
 
     async def stop(self) -> bool:
         """Stop the reply in flight and wait for its `end`; False if there was none."""
+        return await self.stop_here()
+
+    async def stop_here(self) -> bool:
+        """Stop the reply this worker runs, if any; False if there was none."""
         async with self._lock:
             return await self._interrupt()
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette import status
 
+from backend.cluster import WATCH_TTL, Cluster
+from backend.cluster_conversation import ClusterConversation
 from backend.config import Settings
 from backend.conversation import Conversation, Services
 from backend.records import ConversationRecord
@@ -37,10 +42,13 @@ class Conversations:
     no reply in flight and nothing left to store.
     """
 
-    def __init__(self, replier: Replier, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, replier: Replier, settings: Settings, store: Store, cluster: Cluster | None = None
+    ) -> None:
         self.store = store
         self.writer = WriteBehind(store)
         self.services = Services(replier, settings, self.writer, self._on_idle)
+        self.cluster = cluster
         self.draining = False
         self._live: dict[str, Conversation] = {}
         self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
@@ -48,8 +56,12 @@ class Conversations:
         self._writer_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Open the store and start writing to it."""
+        """Open the store (and the link to the other workers) and start writing."""
         await self.store.start()
+        if self.cluster is not None:
+            self.cluster.on_control(self._on_control)
+            await self.cluster.start()
+            self._spawn(self._keep_watching())
         self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")
 
     async def close(self) -> None:
@@ -57,14 +69,23 @@ class Conversations:
         if self._writer_task is not None:
             self._writer_task.cancel()
             await asyncio.wait([self._writer_task])
+        for task in list(self._background):
+            task.cancel()
         try:
             await self.writer.flush()
         finally:
             await self.store.close()
+            if self.cluster is not None:
+                await self.cluster.close()
+
+    def _make(self, conversation_id: str, record: ConversationRecord | None) -> Conversation:
+        if self.cluster is None:
+            return Conversation(conversation_id, self.services, record)
+        return ClusterConversation(conversation_id, self.services, self.cluster, record)
 
     def new(self) -> Conversation:
         """A fresh conversation; it is stored from its first question on."""
-        conversation = Conversation(uuid.uuid4().hex, self.services)
+        conversation = self._make(uuid.uuid4().hex, None)
         self._live[conversation.id] = conversation
         return conversation
 
@@ -89,11 +110,17 @@ class Conversations:
         conversation = self._live.get(conversation_id)
         if conversation is not None:
             return conversation
-        if record is None:
+        if record is None and not await self._elsewhere(conversation_id):
             raise UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
-        conversation = Conversation(conversation_id, self.services, record)
+        conversation = self._make(conversation_id, record)
         self._live[conversation_id] = conversation
         return conversation
+
+    async def _elsewhere(self, conversation_id: str) -> bool:
+        """Whether another worker has begun a conversation the store does not have yet."""
+        if self.cluster is None:
+            return False
+        return await self.cluster.last_seq(conversation_id) > 1
 
     async def delete(self, conversation_id: str) -> bool:
         """Stop, disconnect and remove a conversation; False if there was none."""
@@ -106,6 +133,8 @@ class Conversations:
             await conversation.stop()
             conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
         removed = await self.writer.delete(conversation_id)
+        if self.cluster is not None:
+            await self.cluster.forget(conversation_id)
         return removed or conversation is not None
 
     async def drain(self, grace: float) -> None:
@@ -118,7 +147,7 @@ class Conversations:
             await asyncio.wait(replies, timeout=grace)
         stopped = 0
         for conversation in list(self._live.values()):
-            stopped += await conversation.stop()
+            stopped += await conversation.stop_here()
         if stopped:
             log.warning("%d replies did not finish in time; stored as interrupted", stopped)
         await self.writer.flush()
@@ -135,9 +164,35 @@ class Conversations:
                 task.cancel()
 
     def _on_idle(self, conversation: Conversation) -> None:
-        task = asyncio.create_task(self._evict(conversation))
+        self._spawn(self._evict(conversation))
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _on_control(self, conversation_id: str, command: str) -> None:
+        """A message from another worker about a conversation."""
+        conversation = self._live.get(conversation_id)
+        if conversation is None:
+            return
+        if command == "stop" and conversation.replying:
+            self._spawn(conversation.stop_here())
+        elif command == "deleted":
+            del self._live[conversation_id]
+            conversation.deleted = True
+            self._spawn(conversation.stop_here())
+            conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
+
+    async def _keep_watching(self) -> None:
+        """Tell the other workers, every few seconds, which conversations have clients here."""
+        assert self.cluster is not None
+        while True:
+            watched = [c.id for c in self._live.values() if c.clients]
+            if watched:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.cluster.watch(watched)
+            await asyncio.sleep(WATCH_TTL / 3)
 
     async def _evict(self, conversation: Conversation) -> None:
         # Kept in memory until what it said is stored (at the writer's next tick).

@@ -20,7 +20,7 @@ from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
 from backend.origin import origin_refusal
-from backend.outbox import Close, Outbox, as_frame
+from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.reply import Replier
 from backend.turn import Turn
 from schemas import ChatResponse
@@ -75,11 +75,12 @@ async def as_text(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str
             yield "\n"
 
 
-def event(frame: ChatResponse) -> str:
+def event(item: ChatResponse | TokenRun | Raw) -> str:
     """One SSE event: the frame's JSON, with its `seq` as the event id when it has one."""
-    if frame.seq is None:
-        return f"data: {frame.to_json()}\n\n"
-    return f"id: {frame.seq}\ndata: {frame.to_json()}\n\n"
+    seq = seq_of(item)
+    if seq is None:
+        return f"data: {item.to_json()}\n\n"
+    return f"id: {seq}\ndata: {item.to_json()}\n\n"
 
 
 async def as_events(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str]:
@@ -94,7 +95,7 @@ async def joined_events(conversation: Conversation, after: int) -> AsyncIterator
     """A conversation's frames after `after`, then live, as SSE, until the client leaves."""
     outbox = Outbox()
     outbox.send(hello(conversation))
-    conversation.join(outbox, after)
+    await conversation.join(outbox, after)
     try:
         yield f"retry: {RECONNECT_MS}\n\n"
         while True:
@@ -103,7 +104,7 @@ async def joined_events(conversation: Conversation, after: int) -> AsyncIterator
                 if isinstance(item, Close):
                     yield "".join(chunk)
                     return
-                chunk.append(event(as_frame(item)))
+                chunk.append(event(item))
             yield "".join(chunk)
     finally:
         outbox.stop()

@@ -41,6 +41,17 @@ class TokenRun:
 
 
 @dataclass(frozen=True)
+class Raw:
+    """A frame already in JSON, as another worker published it, with its `seq`."""
+
+    seq: int
+    text: str
+
+    def to_json(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class Close:
     """The server ends this client's connection, after everything queued before it."""
 
@@ -48,12 +59,12 @@ class Close:
     reason: str
 
 
-Pending = ChatResponse | TokenRun | Close
+Pending = ChatResponse | TokenRun | Raw | Close
 
 
-def as_frame(item: ChatResponse | TokenRun) -> ChatResponse:
-    """The frame a queued item is sent as."""
-    return item.frame() if isinstance(item, TokenRun) else item
+def seq_of(item: ChatResponse | TokenRun | Raw) -> int | None:
+    """The `seq` a queued item is sent with."""
+    return item.seq
 
 
 class Outbox:
@@ -79,13 +90,13 @@ class Outbox:
         """Whether this client can no longer be sent anything."""
         return self._gone
 
-    def send(self, frame: ChatResponse) -> None:
+    def send(self, frame: ChatResponse | Raw) -> None:
         """Queue one frame."""
         self._check()
         self._pending.append(frame)
         self._wake.set()
 
-    def preload(self, frames: Iterable[ChatResponse]) -> None:
+    def preload(self, frames: Iterable[ChatResponse | Raw]) -> None:
         """Queue frames the client missed (a replay), however many, ahead of live ones."""
         self._check()
         before = len(self._pending)

@@ -56,7 +56,7 @@ class ChatSession:
         """Serve the socket until the client leaves; its conversation carries on without it."""
         self.conversation = conversation
         self.outbox.send(hello(conversation))
-        conversation.join(self.outbox, after)
+        await conversation.join(self.outbox, after)
         writer = asyncio.create_task(write(self.outbox, self.websocket), name="chat-writer")
         try:
             while not writer.done():
@@ -80,7 +80,6 @@ class ChatSession:
         except ChatError as error:
             self.reply_only(error.frame())
             return
-        conversation = self.conversation
         if self.conversations.draining and isinstance(message, Question | Regenerate):
             self.reply_only(
                 ChatError(
@@ -88,6 +87,14 @@ class ChatSession:
                 ).frame()
             )
             return
+        try:
+            await self.act(message)
+        except ChatError as error:
+            self.reply_only(error.frame())
+
+    async def act(self, message: Question | Stop | Reset | Regenerate) -> None:
+        """Carry out one client message on the conversation."""
+        conversation = self.conversation
         match message:
             case Question(message=text):
                 await conversation.ask(text)
@@ -105,7 +112,7 @@ class ChatSession:
                 await conversation.stop()
                 conversation.leave(self.outbox)
                 self.conversation = fresh = self.conversations.new()
-                fresh.join(self.outbox, 0)
+                await fresh.join(self.outbox, 0)
                 ack = ChatResponse.bot("info", "Conversation cleared.")
                 ack.conversation = fresh.id
                 fresh.emit(ack)

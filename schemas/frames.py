@@ -20,6 +20,7 @@ ErrorCode = Literal[
     "upstream_dropped",
     "upstream_rejected",
     "shutting_down",
+    "unavailable",
     "internal",
 ]
 

@@ -1,0 +1,244 @@
+"""What the workers of one deployment share through Redis: live frames, leases, control.
+
+- **Frames** of a conversation's latest turn go to a Redis Stream whose entry ids are
+  `SEQ-0`, so "everything after `seq` N" is `XRANGE (N-0 +` / `XREAD` from `N-0`, on any
+  worker. Earlier turns are in the database: a turn is stored before the next one replaces the
+  stream.
+- **A lease** (`SET NX PX`, renewed while the reply runs) says which worker runs a
+  conversation's reply; there is never more than one. A worker that dies loses it within
+  `LEASE_MS`.
+- **Control** messages (`stop`, `deleted`) go over pub/sub to whichever worker acts on them.
+- **Watchers**: each worker with clients of a conversation keeps its entry in a sorted set
+  fresh, so the resume grace counts clients on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+LEASE_MS = 3000
+RENEW_EVERY = 1.0
+WATCH_TTL = 6.0
+# The stream of a turn nobody touches is dropped after this long; the turn is stored by then.
+STREAM_TTL_S = 3600
+CONTROL_PATTERN = "chat:control:*"
+
+# Renew or release a lease only if this worker still holds it.
+RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+Entry = tuple[int, str, dict[str, str]]  # seq, frame JSON, other fields
+ControlHandler = Callable[[str, str], Awaitable[None]]
+
+
+def _entry(raw: tuple[str, dict[str, str]]) -> Entry:
+    entry_id, fields = raw
+    return int(entry_id.split("-", 1)[0]), fields["f"], fields
+
+
+class Cluster:
+    """This worker's connection to the others."""
+
+    def __init__(self, url: str) -> None:
+        self.worker = uuid.uuid4().hex[:12]
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=5)
+        self._handlers: list[ControlHandler] = []
+        self._listener: asyncio.Task[None] | None = None
+
+    # Keys.
+
+    @staticmethod
+    def frames(conversation_id: str) -> str:
+        return f"chat:frames:{conversation_id}"
+
+    @staticmethod
+    def lease(conversation_id: str) -> str:
+        return f"chat:lease:{conversation_id}"
+
+    @staticmethod
+    def seq(conversation_id: str) -> str:
+        return f"chat:seq:{conversation_id}"
+
+    @staticmethod
+    def watchers(conversation_id: str) -> str:
+        return f"chat:watchers:{conversation_id}"
+
+    # Life cycle.
+
+    async def start(self) -> None:
+        """Listen for control messages (and fail here if Redis cannot be reached)."""
+        await cast(Awaitable[Any], self.redis.ping())
+        self._listener = asyncio.create_task(self._listen(), name="cluster-control")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.wait([self._listener])
+        await self.redis.aclose()
+
+    def on_control(self, handler: ControlHandler) -> None:
+        """Call `handler(conversation_id, command)` for every control message."""
+        self._handlers.append(handler)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.psubscribe(CONTROL_PATTERN)
+                    async for message in pubsub.listen():
+                        if message["type"] != "pmessage":
+                            continue
+                        conversation_id = str(message["channel"]).rsplit(":", 1)[1]
+                        for handler in self._handlers:
+                            await handler(conversation_id, str(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("control channel lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+
+    async def control(self, conversation_id: str, command: str) -> None:
+        """Tell every worker `command` about a conversation."""
+        await self.redis.publish(f"chat:control:{conversation_id}", command)
+
+    # Leases.
+
+    async def acquire(self, conversation_id: str) -> bool:
+        """Take the conversation's lease if nobody holds it."""
+        taken = self.redis.set(self.lease(conversation_id), self.worker, nx=True, px=LEASE_MS)
+        return bool(await cast(Awaitable[Any], taken))
+
+    async def renew(self, conversation_id: str) -> bool:
+        """Extend this worker's lease; False if it no longer holds it."""
+        renewed = await self.redis.eval(
+            RENEW, 1, self.lease(conversation_id), self.worker, LEASE_MS
+        )
+        return bool(renewed)
+
+    async def release(self, conversation_id: str) -> None:
+        await self.redis.eval(RELEASE, 1, self.lease(conversation_id), self.worker)
+
+    async def holder(self, conversation_id: str) -> str | None:
+        """The worker that holds the lease, if any."""
+        return cast(
+            str | None, await cast(Awaitable[Any], self.redis.get(self.lease(conversation_id)))
+        )
+
+    # Sequence numbers of conversations nobody runs.
+
+    async def last_seq(self, conversation_id: str) -> int:
+        """The last `seq` a conversation used, as far as Redis knows (0 if it does not)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.seq(conversation_id))
+        pipe.xrevrange(self.frames(conversation_id), count=1)
+        stored, last = await pipe.execute()
+        from_stream = _entry(last[0])[0] if last else 0
+        return max(int(stored or 0), from_stream)
+
+    async def set_last_seq(self, conversation_id: str, seq: int) -> None:
+        await cast(
+            Awaitable[Any], self.redis.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24)
+        )
+
+    # Frames.
+
+    async def publish(
+        self,
+        conversation_id: str,
+        entries: Sequence[tuple[int, str, str]],
+        position: int,
+        fresh: bool,
+    ) -> None:
+        """Append frames (`seq`, JSON, type) of turn `position`; `fresh` starts the stream anew."""
+        key = self.frames(conversation_id)
+        pipe = self.redis.pipeline(transaction=fresh)
+        if fresh:
+            pipe.delete(key)
+        for seq, frame, kind in entries:
+            pipe.xadd(key, {"f": frame, "t": str(position), "k": kind}, id=f"{seq}-0")
+        pipe.expire(key, STREAM_TTL_S)
+        await pipe.execute()
+
+    async def turn_frames(self, conversation_id: str, after: int) -> tuple[int | None, list[Entry]]:
+        """The position of the turn in the stream (None if there is none) and its frames after
+        `after`, read together."""
+        key = self.frames(conversation_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xrange(key, count=1)
+        pipe.xrange(key, min=f"({after}-0")
+        first, rest = await pipe.execute()
+        if not first:
+            return None, []
+        return int(first[0][1]["t"]), [_entry(raw) for raw in rest]
+
+    async def read(self, conversation_id: str, after: int, block_ms: int) -> list[Entry]:
+        """Frames after `after`, waiting up to `block_ms` for the first."""
+        response = await cast(
+            Awaitable[Any],
+            self.redis.xread({self.frames(conversation_id): f"{after}-0"}, block=block_ms),
+        )
+        if not response:
+            return []
+        return [_entry(raw) for raw in response[0][1]]
+
+    async def whole_turn(self, conversation_id: str) -> list[Entry]:
+        """Every frame in the stream."""
+        raws = await cast(Awaitable[Any], self.redis.xrange(self.frames(conversation_id)))
+        return [_entry(raw) for raw in raws]
+
+    async def forget(self, conversation_id: str) -> None:
+        """Drop everything Redis holds about a deleted conversation, and tell every worker."""
+        keys = [
+            self.frames(conversation_id),
+            self.seq(conversation_id),
+            self.watchers(conversation_id),
+        ]
+        await cast(Awaitable[Any], self.redis.delete(*keys))
+        await self.control(conversation_id, "deleted")
+
+    # Watchers.
+
+    async def watch(self, conversation_ids: Sequence[str]) -> None:
+        """Say this worker has clients of these conversations (for the next `WATCH_TTL` s)."""
+        until = time.time() + WATCH_TTL
+        pipe = self.redis.pipeline(transaction=False)
+        for conversation_id in conversation_ids:
+            pipe.zadd(self.watchers(conversation_id), {self.worker: until})
+            pipe.expire(self.watchers(conversation_id), int(WATCH_TTL) * 2)
+        await pipe.execute()
+
+    async def unwatch(self, conversation_id: str) -> None:
+        await cast(Awaitable[Any], self.redis.zrem(self.watchers(conversation_id), self.worker))
+
+    async def watched_elsewhere(self, conversation_id: str) -> bool:
+        """Whether another worker has clients of the conversation."""
+        members = await cast(
+            Awaitable[Any],
+            self.redis.zrangebyscore(self.watchers(conversation_id), time.time(), "+inf"),
+        )
+        return any(member != self.worker for member in members)
+
+
+async def quietly(work: Awaitable[Any]) -> None:
+    """Await `work`, logging (not raising) a Redis failure."""
+    with contextlib.suppress(RedisError, OSError):
+        await work

@@ -1,0 +1,362 @@
+"""A conversation shared by several workers through Redis (see `backend/cluster.py`).
+
+The worker that receives a question takes the conversation's lease (stopping the reply that
+runs elsewhere first, if any), answers it, and publishes every frame to the conversation's
+stream. Every client, on whichever worker, is fed from that stream by a task of its own, so a
+client that joins or rejoins `after` a `seq` on any worker gets exactly what it missed. Before
+a worker lets go of the lease it stores the turn, so the database holds every turn but the
+latest and the stream holds the latest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+from redis.exceptions import RedisError
+
+from backend.cluster import RENEW_EVERY, Cluster, Entry
+from backend.conversation import Conversation, Services
+from backend.errors import ChatError, ClientGone
+from backend.history import History
+from backend.outbox import Close, Outbox, Raw, TokenRun
+from backend.records import ConversationRecord, TurnRecord, now, title_for
+from schemas import ChatResponse
+
+log = logging.getLogger(__name__)
+
+# How long a feed waits on the stream before it checks that the reply's worker is alive.
+FEED_BLOCK_MS = 1000
+# How long a worker waits for another to give up a conversation it was asked to stop.
+TAKE_OVER_WITHIN = 10.0
+UNREACHABLE = "The server cannot reach its shared state (Redis or the database); try again shortly."
+DROPPED = "The worker writing this reply stopped; the text so far is kept. Ask again to go on."
+
+
+class Publisher:
+    """Sends a reply's frames to the stream in order, merging tokens while Redis is busy."""
+
+    def __init__(self, cluster: Cluster, conversation_id: str, position: int) -> None:
+        self.cluster = cluster
+        self.conversation_id = conversation_id
+        self.position = position
+        self.queue = Outbox(max_pending=1_000_000)
+        self.task = asyncio.create_task(self._run(), name=f"publish-{conversation_id}")
+        self._fresh = True
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self.queue.take()
+            entries = [
+                (
+                    item.seq or 0,
+                    item.to_json(),
+                    "stream" if isinstance(item, TokenRun) else item.type,
+                )
+                for item in batch
+                if isinstance(item, ChatResponse | TokenRun)
+            ]
+            while entries:
+                try:
+                    await self.cluster.publish(
+                        self.conversation_id, entries, self.position, self._fresh
+                    )
+                    self._fresh = False
+                    break
+                except (RedisError, OSError) as exc:
+                    log.warning("could not publish frames (%s); retrying", exc)
+                    await asyncio.sleep(0.2)
+            if any(isinstance(item, Close) for item in batch):
+                return
+
+    async def drain(self) -> None:
+        """Publish everything queued, then stop."""
+        self.queue.close(0, "")
+        await asyncio.wait([self.task])
+
+
+def turn_from(entries: list[Entry]) -> TurnRecord | None:
+    """Rebuild a turn from the frames of its stream (after its worker died)."""
+    record: TurnRecord | None = None
+    for seq, text, fields in entries:
+        frame = ChatResponse.model_validate(json.loads(text))
+        if frame.sender == "you":
+            record = TurnRecord(int(fields["t"]), frame.message, echo_seq=seq)
+        elif record is None:
+            continue
+        elif frame.type == "stream":
+            if record.text_base is None:
+                record.text_base = seq - len(frame.message)
+            record.parts.append(frame.message)
+        else:
+            record.events.append(frame)
+            if frame.type == "end":
+                record.status = frame.status
+    return record
+
+
+class ClusterConversation(Conversation):
+    """A `Conversation` whose reply may run on any worker, and whose clients may be on any."""
+
+    def __init__(
+        self,
+        conversation_id: str,
+        services: Services,
+        cluster: Cluster,
+        record: ConversationRecord | None = None,
+    ) -> None:
+        super().__init__(conversation_id, services, record)
+        self.cluster = cluster
+        self._feeds: dict[Outbox, asyncio.Task[None]] = {}
+        self._publisher: Publisher | None = None
+
+    # Frames: published, and fed back to clients from the stream.
+
+    def emit(self, frame: ChatResponse) -> None:
+        self.seq += 1
+        frame.seq = self.seq
+        if self._publisher is not None:
+            self._publisher.queue.send(frame)
+        else:  # the reset acknowledgement of a conversation nothing ran in yet
+            self._spawn(self._publish_alone(frame))
+
+    def deliver_token(self, text: str, seq: int) -> None:
+        if self._publisher is not None:
+            self._publisher.queue.token(text, seq)
+
+    async def _publish_alone(self, frame: ChatResponse) -> None:
+        assert frame.seq is not None
+        with contextlib.suppress(RedisError, OSError):
+            entry = (frame.seq, frame.to_json(), frame.type)
+            await self.cluster.publish(self.id, [entry], 0, fresh=True)
+            await self.cluster.set_last_seq(self.id, frame.seq)
+
+    async def join(self, client: Outbox, after: int) -> None:
+        self.clients.add(client)
+        self._feeds[client] = asyncio.create_task(self._feed(client, after), name=f"feed-{self.id}")
+        with contextlib.suppress(RedisError, OSError):
+            await self.cluster.watch([self.id])
+
+    def leave(self, client: Outbox) -> None:
+        if client not in self.clients:
+            return
+        self.clients.discard(client)
+        feed = self._feeds.pop(client, None)
+        if feed is not None:
+            feed.cancel()
+        if not self.clients:
+            self._spawn(self.cluster.unwatch(self.id))
+            if not self.replying:
+                self.services.on_idle(self)
+
+    def close_all(self, code: int, reason: str) -> list[Outbox]:
+        for feed in self._feeds.values():
+            feed.cancel()
+        self._feeds.clear()
+        return super().close_all(code, reason)
+
+    async def _feed(self, client: Outbox, after: int) -> None:
+        """Replay what `client` missed after `after`, then follow the stream."""
+        while True:
+            try:
+                last, ended = await self._replay(client, after)
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("cannot replay a conversation yet (%s)", exc)
+                await asyncio.sleep(0.5)
+        while True:
+            try:
+                entries = await self.cluster.read(self.id, last, FEED_BLOCK_MS)
+                if not entries:
+                    if not ended and await self.cluster.holder(self.id) is None:
+                        await self._recover()
+                    continue
+                for seq, text, fields in entries:
+                    client.send(Raw(seq, text))
+                    last = seq
+                    ended = fields.get("k") in (None, "end")
+            except ClientGone:
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("lost the conversation's stream (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+
+    async def _replay(self, client: Outbox, after: int) -> tuple[int, bool]:
+        """Queue the stored turns and the stream's turn after `after`: the last `seq` queued,
+        and whether the stream's turn has ended."""
+        position, entries = await self.cluster.turn_frames(self.id, after)
+        record = await self.services.writer.store.load(self.id)
+        frames: list[ChatResponse | Raw] = []
+        if record is not None:
+            for turn in record.turns:
+                if position is None or turn.position < position:
+                    frames.extend(turn.frames_after(after))
+        frames.extend(Raw(seq, text) for seq, text, _ in entries)
+        client.preload(frames)
+        seqs = [frame.seq for frame in frames if frame.seq is not None]
+        ended = position is None or (bool(entries) and entries[-1][2].get("k") == "end")
+        if position is not None and not entries:
+            ended = not await self._turn_in_flight()
+        return max([after, *seqs]), ended
+
+    async def _turn_in_flight(self) -> bool:
+        last = await self.cluster.whole_turn(self.id)
+        return bool(last) and last[-1][2].get("k") not in (None, "end", "info")
+
+    # Acting on the conversation: whoever is asked takes the lease.
+
+    async def ask(self, question: str) -> None:
+        await self._run_turn(question)
+
+    async def regenerate(self) -> bool:
+        return await self._run_turn(None)
+
+    async def _run_turn(self, question: str | None) -> bool:
+        async with self._lock:
+            await self._interrupt()  # a reply of ours gives the lease back as it ends
+            try:
+                await self._take_over()
+            except (RedisError, OSError) as exc:
+                raise ChatError("unavailable", UNREACHABLE) from exc
+            try:
+                await self._load()
+                if question is None:
+                    if not self.turns:
+                        await self.cluster.release(self.id)
+                        return False
+                    record = self.turns[-1]
+                    record.restart()
+                    first = [ChatResponse.echo(record.question, seq=record.echo_seq)]
+                else:
+                    if self.title is None:
+                        self.title = title_for(question)
+                        self.created_at = now()
+                    self.seq += 1
+                    record = TurnRecord(len(self.turns), question, echo_seq=self.seq)
+                    self.turns.append(record)
+                    first = [ChatResponse.echo(question, seq=record.echo_seq)]
+                self.updated_at = now()
+                self._publisher = Publisher(self.cluster, self.id, record.position)
+                for frame in first:
+                    self._publisher.queue.send(frame)
+                self._start(record, regenerate=question is None)
+            except BaseException:
+                await self._let_go()
+                raise
+            return True
+
+    async def _take_over(self) -> None:
+        """Hold the lease, stopping the reply another worker runs if need be."""
+        deadline = time.monotonic() + TAKE_OVER_WITHIN
+        asked = False
+        while not await self.cluster.acquire(self.id):
+            if not asked:
+                await self.cluster.control(self.id, "stop")
+                asked = True
+            if time.monotonic() > deadline:
+                raise ChatError("unavailable", "Another worker did not give up this conversation.")
+            await asyncio.sleep(0.005)
+
+    async def _load(self) -> None:
+        """The conversation as stored, and the last `seq` anyone used: the lease is ours now."""
+        record = await self.services.writer.store.load(self.id)
+        if record is not None:
+            self.turns = record.turns
+            self.title = record.title
+            self.created_at = record.created_at
+        self.seq = max(record.last_seq if record else 0, await self.cluster.last_seq(self.id))
+
+    async def _run(self, record: TurnRecord, history: History, regenerate: bool) -> None:
+        keeper = asyncio.create_task(self._keep_lease(), name=f"lease-{self.id}")
+        try:
+            await super()._run(record, history, regenerate)
+        finally:
+            keeper.cancel()
+            await self._let_go()
+
+    async def _let_go(self) -> None:
+        """Publish what is left, store the turn, then give up the lease."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.drain()
+        with contextlib.suppress(Exception):
+            await self.services.writer.flush()
+        with contextlib.suppress(RedisError, OSError):
+            await self.cluster.set_last_seq(self.id, self.seq)
+            await self.cluster.release(self.id)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease while the reply runs; stop it when no client anywhere watches."""
+        unwatched_since: float | None = None
+        grace = self.services.settings.chat_resume_grace
+        while True:
+            await asyncio.sleep(RENEW_EVERY if grace > RENEW_EVERY else max(grace, 0.05))
+            try:
+                if not await self.cluster.renew(self.id):
+                    log.warning("lost the lease of a conversation mid-reply; stopping it")
+                    self._spawn(self.stop())
+                    return
+                watched = bool(self.clients) or await self.cluster.watched_elsewhere(self.id)
+            except (RedisError, OSError):
+                continue
+            if watched:
+                unwatched_since = None
+                continue
+            unwatched_since = unwatched_since or time.monotonic()
+            if time.monotonic() - unwatched_since >= grace:
+                log.info("no client came back within the resume grace; reply stopped")
+                self._spawn(self.stop())
+                return
+
+    async def stop(self) -> bool:
+        if await self.stop_here():
+            return True
+        try:
+            if await self.cluster.holder(self.id) is None:
+                return False
+            await self.cluster.control(self.id, "stop")
+            deadline = time.monotonic() + TAKE_OVER_WITHIN
+            while await self.cluster.holder(self.id) is not None:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.005)
+        except (RedisError, OSError) as exc:
+            raise ChatError("unavailable", UNREACHABLE) from exc
+        return True
+
+    async def _recover(self) -> None:
+        """The worker running the reply is gone: end the turn as it was, and store it."""
+        if not await self.cluster.acquire(self.id):
+            return
+        try:
+            entries = await self.cluster.whole_turn(self.id)
+            record = turn_from(entries)
+            if record is None or record.status is not None:
+                return
+            log.warning("the worker running a reply died; ending it with the text streamed")
+            await self._load()
+            error = ChatError("upstream_dropped", DROPPED).frame()
+            end = ChatResponse.bot("end", status="error")
+            frames = []
+            for frame in (error, end):
+                self.seq += 1
+                frame.seq = self.seq
+                record.events.append(frame)
+                frames.append((self.seq, frame.to_json(), frame.type))
+            record.status = "error"
+            await self.cluster.publish(self.id, frames, record.position, fresh=False)
+            self.turns[record.position : record.position + 1] = [record]
+            self._changed.add(record.position)
+            if self.title is None:
+                self.title = title_for(record.question)
+            await self.services.writer.store.save([r for r in [self.snapshot()] if r is not None])
+            await self.cluster.set_last_seq(self.id, self.seq)
+        finally:
+            await self.cluster.release(self.id)
+
+    def frames_after(self, after: int) -> Iterator[ChatResponse]:
+        raise NotImplementedError("a shared conversation is replayed from the stream")
