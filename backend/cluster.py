@@ -110,15 +110,26 @@ class Cluster:
                         if message["type"] != "pmessage":
                             continue
                         conversation_id = str(message["channel"]).rsplit(":", 1)[1]
+                        command, _, target = str(message["data"]).partition(" ")
+                        if target not in ("*", self.worker):
+                            continue
                         for handler in self._handlers:
-                            await handler(conversation_id, str(message["data"]))
+                            await handler(conversation_id, command)
             except (RedisError, OSError) as exc:
                 log.warning("control channel lost (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
 
-    async def control(self, conversation_id: str, command: str) -> None:
-        """Tell every worker `command` about a conversation."""
-        await self.redis.publish(f"chat:control:{conversation_id}", command)
+    async def control(self, conversation_id: str, command: str, worker: str = "*") -> None:
+        """Tell `worker` (every worker, by default) `command` about a conversation."""
+        await self.redis.publish(f"chat:control:{conversation_id}", f"{command} {worker}")
+
+    async def stop_elsewhere(self, conversation_id: str) -> bool:
+        """Ask the worker holding the conversation's lease to stop its reply; False if none."""
+        holder = await self.holder(conversation_id)
+        if holder is None:
+            return False
+        await self.control(conversation_id, "stop", holder)
+        return True
 
     # Leases.
 
@@ -153,6 +164,19 @@ class Cluster:
         stored, last = await pipe.execute()
         from_stream = _entry(last[0])[0] if last else 0
         return max(int(stored or 0), from_stream)
+
+    async def known(self, conversation_id: str) -> bool:
+        """Whether any worker has handed out or used this conversation id lately."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.seq(conversation_id), self.frames(conversation_id))
+        (count,) = await pipe.execute()
+        return bool(count)
+
+    async def announce(self, conversation_id: str) -> None:
+        """Make a new conversation's id known to every worker (for an hour, if unused)."""
+        await cast(
+            Awaitable[Any], self.redis.set(self.seq(conversation_id), 0, nx=True, ex=STREAM_TTL_S)
+        )
 
     async def set_last_seq(self, conversation_id: str, seq: int) -> None:
         await cast(

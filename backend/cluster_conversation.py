@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FEED_BLOCK_MS = 1000
 # How long a worker waits for another to give up a conversation it was asked to stop.
 TAKE_OVER_WITHIN = 10.0
+ASK_AGAIN_AFTER = 0.05
 UNREACHABLE = "The server cannot reach its shared state (Redis or the database); try again shortly."
 DROPPED = "The worker writing this reply stopped; the text so far is kept. Ask again to go on."
 
@@ -252,11 +253,12 @@ class ClusterConversation(Conversation):
     async def _take_over(self) -> None:
         """Hold the lease, stopping the reply another worker runs if need be."""
         deadline = time.monotonic() + TAKE_OVER_WITHIN
-        asked = False
+        asked = 0.0
         while not await self.cluster.acquire(self.id):
-            if not asked:
-                await self.cluster.control(self.id, "stop")
-                asked = True
+            # Asked again now and then: the holder may not have started its reply yet.
+            if time.monotonic() - asked > ASK_AGAIN_AFTER:
+                await self.cluster.stop_elsewhere(self.id)
+                asked = time.monotonic()
             if time.monotonic() > deadline:
                 raise ChatError("unavailable", "Another worker did not give up this conversation.")
             await asyncio.sleep(0.005)
@@ -316,9 +318,8 @@ class ClusterConversation(Conversation):
         if await self.stop_here():
             return True
         try:
-            if await self.cluster.holder(self.id) is None:
+            if not await self.cluster.stop_elsewhere(self.id):
                 return False
-            await self.cluster.control(self.id, "stop")
             deadline = time.monotonic() + TAKE_OVER_WITHIN
             while await self.cluster.holder(self.id) is not None:
                 if time.monotonic() > deadline:

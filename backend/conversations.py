@@ -87,7 +87,14 @@ class Conversations:
         """A fresh conversation; it is stored from its first question on."""
         conversation = self._make(uuid.uuid4().hex, None)
         self._live[conversation.id] = conversation
+        if self.cluster is not None:
+            self._spawn(self._announce(conversation.id))
         return conversation
+
+    async def _announce(self, conversation_id: str) -> None:
+        assert self.cluster is not None
+        with contextlib.suppress(RedisError, OSError):
+            await self.cluster.announce(conversation_id)
 
     def live(self, conversation_id: str) -> Conversation | None:
         """The conversation if it is in memory."""
@@ -120,7 +127,7 @@ class Conversations:
         """Whether another worker has begun a conversation the store does not have yet."""
         if self.cluster is None:
             return False
-        return await self.cluster.last_seq(conversation_id) > 1
+        return await self.cluster.known(conversation_id)
 
     async def delete(self, conversation_id: str) -> bool:
         """Stop, disconnect and remove a conversation; False if there was none."""
@@ -176,7 +183,7 @@ class Conversations:
         conversation = self._live.get(conversation_id)
         if conversation is None:
             return
-        if command == "stop" and conversation.replying:
+        if command == "stop":
             self._spawn(conversation.stop_here())
         elif command == "deleted":
             del self._live[conversation_id]

@@ -11,7 +11,7 @@ import pytest
 from backend.config import Settings
 from fakes.openai_server import FakeUpstream
 from tests.harness import IsolatedSettings, LiveServer, SettingsFactory, live_server
-from tests.services import Postgres
+from tests.services import Postgres, Redis
 
 
 def fake_settings(fake: FakeUpstream, **overrides: Any) -> Settings:
@@ -54,6 +54,15 @@ def postgres() -> Iterator[Postgres]:
     cluster.start()
     yield cluster
     cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Redis]:
+    """A Redis server for the whole session."""
+    server = Redis()
+    server.start()
+    yield server
+    server.remove()
 
 
 @pytest.fixture(scope="module")

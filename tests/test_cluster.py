@@ -1,0 +1,147 @@
+"""Several workers on one Redis and one PostgreSQL behave as one server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from fakes.openai_server import Behaviour, FakeUpstream
+from tests.conftest import fake_settings
+from tests.harness import (
+    UNIT,
+    Frame,
+    LiveServer,
+    ask,
+    connect,
+    conversation_of,
+    live_server,
+    recv,
+    text_of,
+    until_end,
+    wait_hung_up,
+)
+from tests.services import Postgres, Redis
+
+
+@pytest.fixture(scope="module")
+def workers(
+    upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
+) -> Iterator[list[LiveServer]]:
+    """Two workers of one deployment."""
+    settings = fake_settings(
+        upstream_server,
+        chat_database_url=postgres.database(),
+        chat_redis_url=redis_server.url,
+    )
+    with live_server(settings) as one, live_server(settings) as two:
+        yield [one, two]
+
+
+def join_url(server: LiveServer, conversation: str, after: int | None = None) -> str:
+    url = f"{server.ws}?conversation={conversation}"
+    return url if after is None else f"{url}&after={after}"
+
+
+def last_seq(frames: list[Frame]) -> int:
+    return max((f["seq"] for f in frames if "seq" in f), default=0)
+
+
+async def test_a_turn_asked_on_one_worker_is_replayed_on_the_other(
+    workers: list[LiveServer], fake: FakeUpstream
+) -> None:
+    one, two = workers
+    async with connect(one.ws) as ws:
+        conversation = conversation_of(ws)
+        first = await ask(ws, "hello")
+    async with ws_connect(join_url(two, conversation)) as ws:
+        assert (await recv(ws))["conversation"] == conversation
+        replayed = await until_end(ws)
+        second = await ask(ws, "again")
+    assert text_of(replayed) == text_of(first) == "You said: hello"
+    assert [f["seq"] for f in replayed if f["type"] != "stream"] == [
+        f["seq"] for f in first if f["type"] != "stream"
+    ]
+    assert second[0]["seq"] > last_seq(first)
+    assert [m["content"] for m in fake.requests[1].messages[1:]] == [
+        "hello",
+        "You said: hello",
+        "again",
+    ]
+
+
+async def test_rejoin_mid_reply_on_the_other_worker_is_exact(
+    workers: list[LiveServer], fake: FakeUpstream
+) -> None:
+    words = [f" w{n}" for n in range(300)]
+    fake.then(Behaviour(tokens=words, delay=0.006))
+    rng = random.Random(9)
+    async with connect(workers[0].ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("a long story")
+        received: list[Frame] = []
+        while len(text_of(received)) < 20:
+            received.append(await recv(ws))
+    drops = 0
+    while received[-1]["type"] != "end":
+        server = workers[drops % 2 - 1]
+        async with ws_connect(join_url(server, conversation, last_seq(received))) as ws:
+            await recv(ws)
+            target = len(text_of(received)) + rng.randint(1, 80)
+            while len(text_of(received)) < target:
+                received.append(await recv(ws))
+                if received[-1]["type"] == "end":
+                    break
+        drops += 1
+    assert drops >= 10
+    assert text_of(received) == "".join(words)
+    assert [f["seq"] for f in received] == sorted({f["seq"] for f in received})
+
+
+async def test_stop_through_the_other_worker(workers: list[LiveServer], fake: FakeUpstream) -> None:
+    fake.then(Behaviour(tokens=[" x"] * 2000, delay=0.005))
+    async with connect(workers[0].ws) as first:
+        conversation = conversation_of(first)
+        async with connect(join_url(workers[1], conversation)) as second:
+            await first.send("go on")
+            while (await recv(second))["type"] != "stream":
+                pass
+            await second.send(json.dumps({"type": "stop"}))
+            assert (await until_end(second))[-1]["status"] == "interrupted"
+            assert (await until_end(first))[-1]["status"] == "interrupted"
+    await wait_hung_up(fake, 0)
+
+
+async def two_replies(ws: ClientConnection) -> list[Frame]:
+    frames: list[Frame] = []
+    async with asyncio.timeout(UNIT * 5):
+        while sum(f["type"] == "end" for f in frames) < 2:
+            frames.append(await recv(ws))
+    return frames
+
+
+async def test_questions_on_two_workers_at_once_give_one_reply_at_a_time(
+    workers: list[LiveServer], fake: FakeUpstream
+) -> None:
+    fake.default = Behaviour(tokens=[" y"] * 50, delay=0.01)
+    async with connect(workers[0].ws) as first:
+        conversation = conversation_of(first)
+        async with connect(join_url(workers[1], conversation)) as second:
+            await asyncio.gather(first.send("from one"), second.send("from two"))
+            seen = await asyncio.gather(two_replies(first), two_replies(second))
+    assert seen[0] == seen[1]
+    frames = seen[0]
+    # Never two replies at once: every start is followed by its end before the next start.
+    opened = 0
+    for frame in frames:
+        if frame["type"] == "start":
+            assert opened == 0
+            opened += 1
+        elif frame["type"] == "end":
+            opened -= 1
+    assert [f["status"] for f in frames if f["type"] == "end"] == ["interrupted", "completed"]
