@@ -8,12 +8,16 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 from backend.server import free_port
+from deploy.render import render
+from tests.harness import Addressed
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 UNPRIVILEGED = "nobody"
@@ -157,3 +161,87 @@ class Redis(Service):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+class Nginx(Service):
+    """nginx with the deployment's own configuration (deploy/nginx.conf) in front of `workers`."""
+
+    def __init__(self, workers: list[int]) -> None:
+        super().__init__("nginx")
+        self.conf = self.folder / "nginx.conf"
+        upstreams = [f"127.0.0.1:{port}" for port in workers]
+        self.conf.write_text(render(f"127.0.0.1:{self.port}", str(self.folder), upstreams))
+
+    def command(self) -> list[str]:
+        return ["nginx", "-c", str(self.conf), "-e", str(self.folder / "error.log")]
+
+
+class Worker(Addressed):
+    """`python -m backend` as one worker of a deployment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        environment = {
+            k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))
+        }
+        environment.update(self.env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "backend", "--port", str(self.port)],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_healthy(self.http, self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM: drain, then exit."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 20.0) -> None:
+    """Return once `base`/healthz answers 200."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{base} never became healthy")
+
+
+class Deployment(Addressed):
+    """nginx, round-robin, in front of workers that share one Redis and one PostgreSQL database:
+    the deployment the README describes, on loopback ports."""
+
+    def __init__(self, workers: int, env: dict[str, str]) -> None:
+        self.workers = [Worker(env) for _ in range(workers)]
+        self.nginx = Nginx([worker.port for worker in self.workers])
+        self.port = self.nginx.port
+
+    def start(self) -> Deployment:
+        for worker in self.workers:
+            worker.start()
+        self.nginx.start()
+        return self
+
+    def stop(self) -> None:
+        self.nginx.remove()
+        for worker in self.workers:
+            worker.terminate()
