@@ -1,13 +1,16 @@
-"""`python -m backend [--host H] [--port P]`: serve the chat server."""
+"""`python -m backend [--host H] [--port P] [--workers N]`: serve the chat server."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.server import chat_server
+from backend.workers import scale_out_problem, serve_workers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,6 +18,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (default 1); more than one needs "
+        "CHAT_REDIS_URL, a PostgreSQL CHAT_DATABASE_URL and a model server",
+    )
+    # A worker started by `--workers`: serve on the listening socket it inherited.
+    parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -23,7 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
     settings = Settings()
-    chat_server(create_app(settings), settings, args.host, args.port).run()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1:
+        problem = scale_out_problem(settings)
+        if problem is not None:
+            parser.exit(2, f"python -m backend: cannot run {args.workers} workers: {problem}\n")
+        asyncio.run(serve_workers(args.workers, args.host, args.port, settings))
+        return
+    server = chat_server(create_app(settings), settings, args.host, args.port)
+    if args.fd is not None:
+        server.run(sockets=[socket.socket(fileno=args.fd)])
+    else:
+        server.run()
 
 
 if __name__ == "__main__":

@@ -68,8 +68,7 @@ def build_api(conversations: Conversations) -> APIRouter:
     async def get_conversation(conversation_id: str) -> api.Conversation:
         if not ID_PATTERN.fullmatch(conversation_id):
             raise not_found(conversation_id)
-        await conversations.writer.flush()
-        record = await conversations.store.load(conversation_id)
+        record = await conversations.read(conversation_id)
         if record is None:
             raise not_found(conversation_id)
         return conversation_of(record)

@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import openai
-from fastapi import FastAPI, HTTPException, WebSocket, status
+from fastapi import FastAPI, HTTPException, Request, WebSocket, status
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from backend.api import build_api
 from backend.chain import build_chain
 from backend.cluster import Cluster
+from backend.cluster_conversation import UNREACHABLE
 from backend.config import Settings
 from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
@@ -81,6 +84,18 @@ def create_app(settings: Settings) -> FastAPI:
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
     app.state.conversations = conversations
+
+    async def shared_state_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s %s failed: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": UNREACHABLE, "code": "unavailable"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
+        )
+
+    # Redis or the database down: a request may be tried again, it is not the server's bug.
+    for unreachable in (RedisError, SQLAlchemyError, ConnectionError):
+        app.add_exception_handler(unreachable, shared_state_down)
     app.include_router(build_router(replier, conversations, settings))
     app.include_router(build_api(conversations))
 

@@ -48,6 +48,14 @@ end
 return 0
 """
 
+# Only a conversation that never had a frame: a reset's acknowledgement counts as one.
+FORGET_UNUSED = """
+if redis.call('get', KEYS[1]) == '0' and redis.call('exists', KEYS[2]) == 0 then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
 Entry = tuple[int, str, dict[str, str]]  # seq, frame JSON, other fields
 ControlHandler = Callable[[str, str], Awaitable[None]]
 
@@ -154,6 +162,15 @@ class Cluster:
             str | None, await cast(Awaitable[Any], self.redis.get(self.lease(conversation_id)))
         )
 
+    async def released(self, conversation_id: str, within: float) -> bool:
+        """Wait until nobody holds the conversation's lease; False if still held after `within`."""
+        deadline = time.monotonic() + within
+        while await self.holder(conversation_id) is not None:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     # Sequence numbers of conversations nobody runs.
 
     async def last_seq(self, conversation_id: str) -> int:
@@ -176,6 +193,12 @@ class Cluster:
         """Make a new conversation's id known to every worker (for an hour, if unused)."""
         await cast(
             Awaitable[Any], self.redis.set(self.seq(conversation_id), 0, nx=True, ex=STREAM_TTL_S)
+        )
+
+    async def forget_unused(self, conversation_id: str) -> None:
+        """Drop the id of a conversation in which nothing was asked."""
+        await self.redis.eval(
+            FORGET_UNUSED, 2, self.seq(conversation_id), self.frames(conversation_id)
         )
 
     async def set_last_seq(self, conversation_id: str, seq: int) -> None:

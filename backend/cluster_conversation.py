@@ -114,6 +114,8 @@ class ClusterConversation(Conversation):
         self.cluster = cluster
         self._feeds: dict[Outbox, asyncio.Task[None]] = {}
         self._publisher: Publisher | None = None
+        # A finished reply publishing its last frames and giving the lease back.
+        self._letting_go: asyncio.Task[None] | None = None
 
     # Frames: published, and fed back to clients from the stream.
 
@@ -151,6 +153,10 @@ class ClusterConversation(Conversation):
             feed.cancel()
         if not self.clients:
             self._spawn(self.cluster.unwatch(self.id))
+            if not self.stored:
+                # An id nothing was asked in is not kept (if a client elsewhere still has it,
+                # it goes on working; only new joins are refused).
+                self._spawn(self.cluster.forget_unused(self.id))
             if not self.replying:
                 self.services.on_idle(self)
 
@@ -219,6 +225,8 @@ class ClusterConversation(Conversation):
     async def _run_turn(self, question: str | None) -> bool:
         async with self._lock:
             await self._interrupt()  # a reply of ours gives the lease back as it ends
+            if self._letting_go is not None:
+                await self._letting_go
             try:
                 await self._take_over()
             except (RedisError, OSError) as exc:
@@ -278,18 +286,24 @@ class ClusterConversation(Conversation):
             await super()._run(record, history, regenerate)
         finally:
             keeper.cancel()
-            await self._let_go()
+            # Not cut short by a question that pre-empts the reply: that question waits for it.
+            self._letting_go = asyncio.create_task(self._let_go(), name=f"let-go-{self.id}")
+            await asyncio.shield(self._letting_go)
 
     async def _let_go(self) -> None:
         """Publish what is left, store the turn, then give up the lease."""
         publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.drain()
-        with contextlib.suppress(Exception):
-            await self.services.writer.flush()
-        with contextlib.suppress(RedisError, OSError):
-            await self.cluster.set_last_seq(self.id, self.seq)
-            await self.cluster.release(self.id)
+        try:
+            if publisher is not None:
+                await publisher.drain()
+            with contextlib.suppress(Exception):
+                await self.services.writer.flush()
+            with contextlib.suppress(RedisError, OSError):
+                await self.cluster.set_last_seq(self.id, self.seq)
+                await self.cluster.release(self.id)
+        finally:
+            if self._letting_go is asyncio.current_task():
+                self._letting_go = None
 
     async def _keep_lease(self) -> None:
         """Renew the lease while the reply runs; stop it when no client anywhere watches."""
@@ -314,17 +328,20 @@ class ClusterConversation(Conversation):
                 self._spawn(self.stop())
                 return
 
+    async def stop_here(self) -> bool:
+        stopped = await super().stop_here()
+        letting_go = self._letting_go
+        if letting_go is not None:
+            await letting_go
+        return stopped
+
     async def stop(self) -> bool:
         if await self.stop_here():
             return True
         try:
             if not await self.cluster.stop_elsewhere(self.id):
                 return False
-            deadline = time.monotonic() + TAKE_OVER_WITHIN
-            while await self.cluster.holder(self.id) is not None:
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.005)
+            await self.cluster.released(self.id, TAKE_OVER_WITHIN)
         except (RedisError, OSError) as exc:
             raise ChatError("unavailable", UNREACHABLE) from exc
         return True

@@ -14,10 +14,10 @@ from redis.exceptions import RedisError
 from starlette import status
 
 from backend.cluster import WATCH_TTL, Cluster
-from backend.cluster_conversation import ClusterConversation
+from backend.cluster_conversation import ClusterConversation, turn_from
 from backend.config import Settings
 from backend.conversation import Conversation, Services
-from backend.records import ConversationRecord
+from backend.records import ConversationRecord, title_for
 from backend.reply import Replier
 from backend.store import Store
 from backend.write_behind import WriteBehind
@@ -29,6 +29,8 @@ RESTARTING = "The server is restarting; reconnect to resume the conversation."
 DELETED = "This conversation was deleted."
 # Seconds the clients' writers get to send their close frames when draining.
 CLOSE_WAIT = 1.0
+# Seconds a deletion waits for the worker running the conversation's reply to stop it.
+RELEASE_WITHIN = 5.0
 
 
 class UnknownConversation(Exception):
@@ -129,20 +131,49 @@ class Conversations:
             return False
         return await self.cluster.known(conversation_id)
 
+    async def read(self, conversation_id: str) -> ConversationRecord | None:
+        """The conversation as it is now, its reply in flight included, wherever that runs;
+        None if nothing was ever asked in it."""
+        await self.writer.flush()
+        record = await self.store.load(conversation_id)
+        if self.cluster is None:
+            return record
+        # The turn a worker is streaming (or just ended) reaches the store a moment later.
+        latest = turn_from(await self.cluster.whole_turn(conversation_id))
+        if latest is None:
+            return record
+        if record is None:
+            at = latest.asked_at
+            record = ConversationRecord(
+                conversation_id, title_for(latest.question), at, at, latest.last_seq, 0, []
+            )
+        turns = [turn for turn in record.turns if turn.position != latest.position]
+        record.turns = sorted([*turns, latest], key=lambda turn: turn.position)
+        record.turn_count = max(record.turn_count, latest.position + 1)
+        return record
+
     async def delete(self, conversation_id: str) -> bool:
         """Stop, disconnect and remove a conversation; False if there was none."""
         conversation = self._live.get(conversation_id)
         if conversation is not None and not conversation.stored:
             return False  # an id nothing was asked in is not a conversation yet
+        found = conversation is not None
+        if conversation is None and self.cluster is not None:
+            # It may have begun on another worker and not be stored yet.
+            found = await self.read(conversation_id) is not None
+            if not found:
+                return False
         if conversation is not None:
             del self._live[conversation_id]
             conversation.deleted = True
             await conversation.stop()
             conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
-        removed = await self.writer.delete(conversation_id)
         if self.cluster is not None:
+            # Every worker drops it and stops its reply, which then writes nothing more.
             await self.cluster.forget(conversation_id)
-        return removed or conversation is not None
+            await self.cluster.released(conversation_id, RELEASE_WITHIN)
+        removed = await self.writer.delete(conversation_id)
+        return removed or found
 
     async def drain(self, grace: float) -> None:
         """Let replies in flight finish for up to `grace` seconds, stop the rest, store

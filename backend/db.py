@@ -24,11 +24,14 @@ from sqlalchemy import (
     Table,
     Text,
     event,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# PostgreSQL advisory lock key under which one worker at a time migrates (any constant).
+MIGRATION_LOCK = 0x63686174
 ID_LENGTH = 32
 
 metadata = MetaData()
@@ -99,4 +102,9 @@ def _upgrade(connection: Connection) -> None:
 async def migrate(engine: AsyncEngine) -> None:
     """Apply every migration the database has not had yet."""
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Workers starting together: the others wait, then find nothing left to do.
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+            )
         await connection.run_sync(_upgrade)

@@ -65,7 +65,8 @@ class Supervisor:
 
     `ready` is set while the child answers; `failed` once it died more than the policy allows
     and supervision gave up. Its output goes line by line to `output`: problems as warnings,
-    the rest at DEBUG.
+    the rest at DEBUG; or, with `share_output`, straight to our own stdout and stderr.
+    `pass_fds` are file descriptors the child inherits (a listening socket, say).
     """
 
     def __init__(
@@ -77,6 +78,8 @@ class Supervisor:
         env: Callable[[], Mapping[str, str]] | None = None,
         policy: RestartPolicy | None = None,
         output: logging.Logger | None = None,
+        share_output: bool = False,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.command = list(command)
@@ -85,6 +88,8 @@ class Supervisor:
         self.env = env
         self.policy = policy or RestartPolicy()
         self.output = output or log
+        self.share_output = share_output
+        self.pass_fds = tuple(pass_fds)
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
         self.label = f"[{self.output.name.rsplit('.', 1)[-1]}]"
@@ -189,8 +194,9 @@ class Supervisor:
             lambda: _Child(self._log_line),
             *self.command,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stdout=None if self.share_output else asyncio.subprocess.PIPE,
+            stderr=None if self.share_output else asyncio.subprocess.STDOUT,
+            pass_fds=self.pass_fds,
             env=dict(self.env()) if self.env is not None else None,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from backend.config import Settings
+from deploy.services import Addressed, Deployment, Postgres, Redis
 from fakes.openai_server import FakeUpstream
-from tests.harness import IsolatedSettings, LiveServer, SettingsFactory, live_server
-from tests.services import Postgres, Redis
+from tests.harness import IsolatedSettings, SettingsFactory, live_server
 
 
 def fake_settings(fake: FakeUpstream, **overrides: Any) -> Settings:
@@ -50,7 +50,7 @@ def make_settings(fake: FakeUpstream) -> SettingsFactory:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """A PostgreSQL cluster for the whole session; each user makes its own database."""
-    cluster = Postgres()
+    cluster = Postgres(durable=False)
     cluster.start()
     yield cluster
     cluster.remove()
@@ -65,12 +65,38 @@ def redis_server() -> Iterator[Redis]:
     server.remove()
 
 
-@pytest.fixture(scope="module")
-def server(upstream_server: FakeUpstream) -> Iterator[LiveServer]:
-    """The app with default settings, live on a loopback port for a whole test module.
+@pytest.fixture(scope="session")
+def deployment(
+    upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
+) -> Iterator[Deployment]:
+    """nginx in front of two workers on Redis and PostgreSQL, shared by the modules that test
+    the protocol against it (each test keeps to its own conversations)."""
+    deployed = Deployment(2, deployment_env(upstream_server, postgres, redis_server)).start()
+    yield deployed
+    deployed.remove()
 
-    Conversations live in their sockets, so tests sharing it cannot see each other's; a test
-    that needs other settings, or a fresh process, starts its own with `live_server`.
+
+def deployment_env(fake: FakeUpstream, postgres: Postgres, redis: Redis) -> dict[str, str]:
+    """The environment of a deployment's workers, pointed at the fake model."""
+    return {
+        "OPENAI_BASE_URL": fake.url,
+        "CHAT_MODEL": "fake-model",
+        "CHAT_TIMEOUT": "3",
+        "CHAT_RETRY_DELAY": "0.05",
+        "CHAT_DATABASE_URL": postgres.database(),
+        "CHAT_REDIS_URL": redis.url,
+    }
+
+
+@pytest.fixture(scope="module", params=["single", "deployment"])
+def server(request: pytest.FixtureRequest, upstream_server: FakeUpstream) -> Iterator[Addressed]:
+    """The server every protocol test talks to, in both shapes it is deployed in: one process
+    on SQLite, and nginx in front of two workers on Redis and PostgreSQL.
+
+    A test that needs other settings, or a fresh process, starts its own with `live_server`.
     """
+    if request.param == "deployment":
+        yield request.getfixturevalue("deployment")
+        return
     with live_server(fake_settings(upstream_server)) as live:
         yield live

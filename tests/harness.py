@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from backend.app import create_app
 from backend.config import Settings
 from backend.server import bind, chat_server
+from deploy.services import Addressed
 from fakes.openai_server import FakeUpstream
 
 # Every wait in the tests is a multiple of this, so a slow machine needs one change.
@@ -60,20 +61,6 @@ class IsolatedSettings(Settings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
-
-
-class Addressed:
-    """The URLs of a server listening on a loopback port."""
-
-    port: int
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/chat"
 
 
 class LiveServer(Addressed):
@@ -217,6 +204,14 @@ async def recv(ws: ClientConnection, within: float = UNIT) -> Frame:
     frame = json.loads(raw)
     assert isinstance(frame, dict), raw
     return frame
+
+
+async def until_reply_text(ws: ClientConnection) -> Frame:
+    """Read up to the first frame of reply text (the model is answering by then)."""
+    while True:
+        frame = await recv(ws)
+        if frame["type"] == "stream" and frame["sender"] == "bot":
+            return frame
 
 
 async def until_end(ws: ClientConnection, within: float = UNIT * 5) -> list[Frame]:

@@ -7,9 +7,9 @@ import json
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
-    LiveServer,
     SettingsFactory,
     ask,
     connect,
@@ -39,7 +39,7 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
 
 @pytest.mark.parametrize(("frame", "expected"), BAD_FRAMES)
 async def test_bad_frame_gets_error_and_socket_stays(
-    server: LiveServer, fake: FakeUpstream, frame: str | bytes, expected: str
+    server: Addressed, fake: FakeUpstream, frame: str | bytes, expected: str
 ) -> None:
     async with connect(server.ws) as ws:
         await ask(ws, "before")
@@ -63,7 +63,7 @@ async def test_bad_frame_gets_error_and_socket_stays(
 
 
 async def test_bad_frame_during_reply_leaves_reply_alone(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f" {i}" for i in range(30)], delay=0.01))
     async with connect(server.ws) as ws:

@@ -23,10 +23,10 @@ from playwright.async_api import (
 )
 
 from backend.server import free_port
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
     UNIT,
-    Addressed,
     LiveServer,
     SettingsFactory,
     backend_process,
@@ -102,7 +102,7 @@ def last_reply(page: Page) -> Locator:
 
 
 async def test_tokens_appear_progressively(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f"word{i} " for i in range(12)], delay=0.1))
     page = await open_chat(browser, server)
@@ -123,7 +123,7 @@ async def test_tokens_appear_progressively(
 
 
 async def test_stop_button_ends_reply_and_text_stops_growing(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f" t{i}" for i in range(400)], delay=0.02))
     page = await open_chat(browser, server)
@@ -141,7 +141,7 @@ async def test_stop_button_ends_reply_and_text_stops_growing(
 
 
 async def test_sending_during_a_reply_preempts_it(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[" slow"] * 300, delay=0.02), Behaviour(tokens=["second reply"]))
     page = await open_chat(browser, server)
@@ -157,7 +157,7 @@ async def test_sending_during_a_reply_preempts_it(
 
 
 async def test_new_chat_resets_view_and_conversation(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     page = await open_chat(browser, server)
     await ask(page, "remember this")
@@ -170,7 +170,7 @@ async def test_new_chat_resets_view_and_conversation(
 
 
 async def test_upstream_error_is_shown(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(status=401))
     page = await open_chat(browser, server)
@@ -211,7 +211,7 @@ async def test_reconnects_after_server_restart_in_the_same_conversation(
 
 
 async def test_reload_mid_reply_resumes_the_reply(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     words = [f" w{n}" for n in range(150)]
     fake.then(Behaviour(tokens=words, delay=0.02))
@@ -237,7 +237,7 @@ async def test_conversation_list_opens_and_deletes(
 
 
 async def conversation_list_opens_and_deletes(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     page = await open_chat(browser, server)
     await ask(page, "first topic")
@@ -269,7 +269,7 @@ async def conversation_list_opens_and_deletes(
 
 
 async def test_regenerate_button_replaces_the_last_reply(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=["first try"]), Behaviour(tokens=["second try"]))
     page = await open_chat(browser, server)
@@ -285,7 +285,7 @@ async def test_regenerate_button_replaces_the_last_reply(
 
 
 async def test_model_html_renders_inert_and_markdown_renders(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     hostile = [
         "**bold** text\n\n",
@@ -314,7 +314,7 @@ async def test_model_html_renders_inert_and_markdown_renders(
 
 
 async def test_keyboard_only_use(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     page = await open_chat(browser, server)
     question = page.locator("#question")
@@ -331,7 +331,7 @@ async def test_keyboard_only_use(
 
 
 async def test_auto_scroll_stops_when_reader_scrolls_up(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f"line {i}\n\n" for i in range(200)], delay=0.01))
     page = await open_chat(browser, server, width=600)
@@ -346,7 +346,7 @@ async def test_auto_scroll_stops_when_reader_scrolls_up(
 
 
 async def test_narrow_screen_and_screenshot(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream, tmp_path: Path
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream, tmp_path: Path
 ) -> None:
     fake.then(
         Behaviour(tokens=["Streams can be **stopped** at any time.\n\n", "- stop\n- ask again"]),
@@ -424,7 +424,7 @@ async def healthy(port: int) -> Addressed:
 
 
 async def test_a_2023_style_client_works_unchanged(
-    browser: BrowserContext, server: LiveServer, fake: FakeUpstream
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=["Paris", " is", " the", " capital."]), Behaviour(tokens=["Yes."]))
     page = await browser.new_page()

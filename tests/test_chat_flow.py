@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from backend.config import LOCAL_TEMPERATURE
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
     IsolatedSettings,
-    LiveServer,
     SettingsFactory,
     ask,
     connect,
@@ -17,7 +17,7 @@ from tests.harness import (
 )
 
 
-async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_question_frames_in_order(server: Addressed, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         frames = await ask(ws, "hello there")
     assert frames[0] == {"sender": "you", "message": "hello there", "type": "stream", "seq": 1}
@@ -36,7 +36,7 @@ async def test_question_frames_in_order(server: LiveServer, fake: FakeUpstream) 
     }
 
 
-async def test_plain_text_frame_is_a_question(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_plain_text_frame_is_a_question(server: Addressed, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         await ws.send("what is 2+2?")
         frames = await until_end(ws)
@@ -44,7 +44,7 @@ async def test_plain_text_frame_is_a_question(server: LiveServer, fake: FakeUpst
     assert text_of(frames) == "You said: what is 2+2?"
 
 
-async def test_history_carries_across_turns(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_history_carries_across_turns(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(tokens=["Paris", "."]), Behaviour(tokens=["Yes"]))
     async with connect(server.ws) as ws:
         await ask(ws, "capital of France?")

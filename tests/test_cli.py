@@ -7,8 +7,9 @@ import signal
 import sys
 import time
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer, wait_hung_up
+from tests.harness import UNIT, wait_hung_up
 
 Process = asyncio.subprocess.Process
 
@@ -49,9 +50,7 @@ async def read_until(stream: asyncio.StreamReader, text: str, within: float = UN
     return seen
 
 
-async def test_reply_streams_to_stdout_as_it_arrives(
-    server: LiveServer, fake: FakeUpstream
-) -> None:
+async def test_reply_streams_to_stdout_as_it_arrives(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(tokens=[f"w{i} " for i in range(10)], delay=0.1))
     cli = Cli(await start_cli(server.ws))
     cli.stdin.write(b"count\n")
@@ -71,7 +70,7 @@ async def test_reply_streams_to_stdout_as_it_arrives(
     )
 
 
-async def test_piped_questions_are_asked_in_turn(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_piped_questions_are_asked_in_turn(server: Addressed, fake: FakeUpstream) -> None:
     cli = await start_cli(server.ws)
     out, err = await asyncio.wait_for(cli.communicate(b"first\nsecond\n/reset\nthird\n"), UNIT * 5)
     assert cli.returncode == 0, err
@@ -86,7 +85,7 @@ async def test_piped_questions_are_asked_in_turn(server: LiveServer, fake: FakeU
 
 
 async def test_ctrl_c_stops_the_reply_and_the_client_stays(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[" more"] * 500, delay=0.02), Behaviour(tokens=["after"]))
     cli = Cli(await start_cli(server.ws))
@@ -112,7 +111,7 @@ async def test_unreachable_server_is_a_clear_error() -> None:
     assert out == b""
 
 
-async def test_ctrl_c_at_the_prompt_quits(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_ctrl_c_at_the_prompt_quits(server: Addressed, fake: FakeUpstream) -> None:
     cli = Cli(await start_cli(server.ws))
     cli.stdin.write(b"one\n")
     await cli.stdin.drain()

@@ -7,10 +7,12 @@ import json
 import random
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from deploy.services import Addressed, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
 from tests.harness import (
@@ -18,15 +20,16 @@ from tests.harness import (
     Frame,
     LiveServer,
     ask,
+    close_of,
     connect,
     conversation_of,
     live_server,
     recv,
     text_of,
     until_end,
+    until_reply_text,
     wait_hung_up,
 )
-from tests.services import Postgres, Redis
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def workers(
         yield [one, two]
 
 
-def join_url(server: LiveServer, conversation: str, after: int | None = None) -> str:
+def join_url(server: Addressed, conversation: str, after: int | None = None) -> str:
     url = f"{server.ws}?conversation={conversation}"
     return url if after is None else f"{url}&after={after}"
 
@@ -109,8 +112,7 @@ async def test_stop_through_the_other_worker(workers: list[LiveServer], fake: Fa
         conversation = conversation_of(first)
         async with connect(join_url(workers[1], conversation)) as second:
             await first.send("go on")
-            while (await recv(second))["type"] != "stream":
-                pass
+            await until_reply_text(second)
             await second.send(json.dumps({"type": "stop"}))
             assert (await until_end(second))[-1]["status"] == "interrupted"
             assert (await until_end(first))[-1]["status"] == "interrupted"
@@ -145,3 +147,30 @@ async def test_questions_on_two_workers_at_once_give_one_reply_at_a_time(
         elif frame["type"] == "end":
             opened -= 1
     assert [f["status"] for f in frames if f["type"] == "end"] == ["interrupted", "completed"]
+
+
+async def test_a_first_reply_on_one_worker_is_readable_and_deletable_on_the_other(
+    workers: list[LiveServer], fake: FakeUpstream
+) -> None:
+    one, two = workers
+    fake.then(Behaviour(tokens=[" x"] * 2000, delay=0.005))
+    async with connect(one.ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("go on")
+        await until_reply_text(ws)
+        async with httpx.AsyncClient(base_url=two.http, timeout=UNIT) as client:
+            # Not in the database yet: worker two reads the turn from the stream.
+            read = (await client.get(f"/api/conversations/{conversation}")).json()
+            assert read["title"] == "go on"
+            assert [m["role"] for m in read["messages"]] == ["user", "assistant"]
+            assert read["messages"][1]["status"] == "streaming"
+            assert read["messages"][1]["text"].startswith(" x")
+            deleted = await client.delete(f"/api/conversations/{conversation}")
+            assert deleted.status_code == 204
+            assert (await close_of(ws))[0] == 1008
+            await wait_hung_up(fake, 0)
+            # The stopped reply is not written back after the deletion.
+            await asyncio.sleep(1.5)
+            for server in workers:
+                gone = await client.get(f"{server.http}/api/conversations/{conversation}")
+                assert gone.status_code == 404

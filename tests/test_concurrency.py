@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
-from tests.harness import LiveServer, ask, connect, text_of
+from tests.harness import ask, connect, text_of
 
 
 async def test_fifty_concurrent_sockets_each_get_their_own_reply(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.default = Behaviour(delay=0.01)
 

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import httpx
 from websockets.asyncio.client import connect as ws_connect
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
     UNIT,
     Frame,
-    LiveServer,
     SettingsFactory,
     ask,
     close_of,
@@ -21,6 +21,7 @@ from tests.harness import (
     live_server,
     recv,
     text_of,
+    until_reply_text,
 )
 
 
@@ -75,14 +76,13 @@ async def test_list_get_and_delete(make_settings: SettingsFactory, fake: FakeUps
 
 
 async def test_deleting_closes_the_sockets_and_stops_the_reply(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[" x"] * 2000, delay=0.005))
     async with connect(server.ws) as ws:
         conversation = conversation_of(ws)
         await ws.send("go on")
-        while (await recv(ws))["type"] != "stream":
-            pass
+        await until_reply_text(ws)
         async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
             deleted = await client.delete(f"/api/conversations/{conversation}")
         assert deleted.status_code == 204
@@ -93,7 +93,7 @@ async def test_deleting_closes_the_sockets_and_stops_the_reply(
     await fake.until(lambda: record.hung_up_at is not None, UNIT)
 
 
-async def test_openapi_lists_the_conversation_routes(server: LiveServer) -> None:
+async def test_openapi_lists_the_conversation_routes(server: Addressed) -> None:
     async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
         paths = (await client.get("/openapi.json")).json()["paths"]
     assert set(paths["/api/conversations"]) == {"get"}
@@ -101,7 +101,7 @@ async def test_openapi_lists_the_conversation_routes(server: LiveServer) -> None
 
 
 async def test_sse_joins_and_resumes_with_last_event_id(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     words = [f" w{n}" for n in range(200)]
     fake.then(Behaviour(tokens=words, delay=0.005))
@@ -135,7 +135,7 @@ async def test_sse_joins_and_resumes_with_last_event_id(
     assert [f["seq"] for f in received] == sorted({f["seq"] for f in received})
 
 
-async def test_sse_for_an_unknown_conversation_is_404(server: LiveServer) -> None:
+async def test_sse_for_an_unknown_conversation_is_404(server: Addressed) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(f"{server.http}/sse", params={"conversation": "0" * 32})
     assert response.status_code == 404

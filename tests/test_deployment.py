@@ -13,7 +13,9 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from deploy.services import Deployment, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
+from tests.conftest import deployment_env
 from tests.harness import (
     UNIT,
     Frame,
@@ -24,24 +26,16 @@ from tests.harness import (
     text_of,
     until_end,
 )
-from tests.services import Deployment, Postgres, Redis
 
 
 @pytest.fixture(scope="module")
-def deployment(
+def own_deployment(
     upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
 ) -> Iterator[Deployment]:
-    env = {
-        "OPENAI_BASE_URL": upstream_server.url,
-        "CHAT_MODEL": "fake-model",
-        "CHAT_RETRY_DELAY": "0.05",
-        "CHAT_DATABASE_URL": postgres.database(),
-        "CHAT_REDIS_URL": redis_server.url,
-        "CHAT_SHUTDOWN_GRACE": "1",
-    }
-    deployed = Deployment(2, env).start()
+    env = deployment_env(upstream_server, postgres, redis_server)
+    deployed = Deployment(2, {**env, "CHAT_SHUTDOWN_GRACE": "1"}).start()
     yield deployed
-    deployed.stop()
+    deployed.remove()
 
 
 def last_seq(frames: list[Frame]) -> int:
@@ -57,19 +51,19 @@ async def read_text(ws: object, frames: list[Frame], chars: int) -> None:
 
 
 async def test_rejoin_through_the_proxy_at_random_points_is_exact(
-    deployment: Deployment, fake: FakeUpstream
+    own_deployment: Deployment, fake: FakeUpstream
 ) -> None:
     words = [f" w{n}" for n in range(300)]
     fake.then(Behaviour(tokens=words, delay=0.006))
     rng = random.Random(11)
-    async with connect(deployment.ws) as ws:
+    async with connect(own_deployment.ws) as ws:
         conversation = conversation_of(ws)
         await ws.send("a long story")
         received: list[Frame] = []
         await read_text(ws, received, rng.randint(1, 30))
     drops = 0
     while received[-1]["type"] != "end":
-        url = f"{deployment.ws}?conversation={conversation}&after={last_seq(received)}"
+        url = f"{own_deployment.ws}?conversation={conversation}&after={last_seq(received)}"
         async with ws_connect(url) as ws:  # round-robin: every other one on each worker
             await recv(ws)
             await read_text(ws, received, len(text_of(received)) + rng.randint(1, 60))
@@ -80,9 +74,9 @@ async def test_rejoin_through_the_proxy_at_random_points_is_exact(
 
 
 async def test_kill_9_of_the_worker_writing_a_reply(
-    deployment: Deployment, fake: FakeUpstream
+    own_deployment: Deployment, fake: FakeUpstream
 ) -> None:
-    runner, watcher = deployment.workers
+    runner, watcher = own_deployment.workers
     fake.then(Behaviour(tokens=[" z"] * 5000, delay=0.005))
     async with connect(runner.ws) as asker:
         conversation = conversation_of(asker)
@@ -105,7 +99,9 @@ async def test_kill_9_of_the_worker_writing_a_reply(
         assert after[-1]["status"] == "completed"
     runner.start()
     async with httpx.AsyncClient(timeout=UNIT) as client:
-        stored = (await client.get(f"{deployment.http}/api/conversations/{conversation}")).json()
+        stored = (
+            await client.get(f"{own_deployment.http}/api/conversations/{conversation}")
+        ).json()
     cut = stored["messages"][1]
     assert cut["status"] == "error"
     assert cut["text"] == text_of(seen)  # exactly what the clients saw
@@ -113,9 +109,9 @@ async def test_kill_9_of_the_worker_writing_a_reply(
 
 
 async def test_redis_restart_mid_conversation(
-    deployment: Deployment, redis_server: Redis, fake: FakeUpstream
+    own_deployment: Deployment, redis_server: Redis, fake: FakeUpstream
 ) -> None:
-    async with connect(deployment.ws) as ws:
+    async with connect(own_deployment.ws) as ws:
         await ws.send("before")
         assert (await until_end(ws))[-1]["status"] == "completed"
         redis_server.stop()
@@ -136,8 +132,10 @@ async def test_redis_restart_mid_conversation(
     assert text_of(frames) == "You said: after"
 
 
-async def test_sigterm_of_one_worker_under_load(deployment: Deployment, fake: FakeUpstream) -> None:
-    leaving, staying = deployment.workers
+async def test_sigterm_of_one_worker_under_load(
+    own_deployment: Deployment, fake: FakeUpstream
+) -> None:
+    leaving, staying = own_deployment.workers
     fake.default = Behaviour(tokens=[" q"] * 100, delay=0.01)
     sockets = 6
     async with asyncio.TaskGroup() as group:
@@ -151,7 +149,7 @@ async def test_sigterm_of_one_worker_under_load(deployment: Deployment, fake: Fa
 
 async def survive_a_drain(leaving: object, staying: object) -> str:
     """Ask on the worker that is about to drain; rejoin on the other one after 1012."""
-    from tests.services import Worker
+    from deploy.services import Worker
 
     assert isinstance(leaving, Worker)
     assert isinstance(staying, Worker)

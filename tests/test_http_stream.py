@@ -9,12 +9,13 @@ import time
 import httpx
 import pytest
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
-from tests.harness import UNIT, LiveServer, SettingsFactory, live_server, wait_hung_up
+from tests.harness import UNIT, SettingsFactory, live_server, wait_hung_up
 
 
 async def test_stream_flushes_each_token_as_it_arrives(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=[f"w{i} " for i in range(10)], delay=0.1))
     arrivals: list[tuple[float, str]] = []
@@ -33,7 +34,7 @@ async def test_stream_flushes_each_token_as_it_arrives(
     assert len(arrivals) >= 8
 
 
-async def test_stream_accepts_user_input(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_stream_accepts_user_input(server: Addressed, fake: FakeUpstream) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(f"{server.http}/stream", params={"user_input": "hi there"})
     assert response.status_code == 200
@@ -52,7 +53,7 @@ async def test_stream_accepts_user_input(server: LiveServer, fake: FakeUpstream)
     ],
 )
 async def test_bad_prompt_is_422_with_reason(
-    server: LiveServer, fake: FakeUpstream, path: str, params: dict[str, str], expected: str
+    server: Addressed, fake: FakeUpstream, path: str, params: dict[str, str], expected: str
 ) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(f"{server.http}{path}", params=params)
@@ -62,7 +63,7 @@ async def test_bad_prompt_is_422_with_reason(
 
 
 @pytest.mark.parametrize("path", ["/stream", "/sse"])
-async def test_hangup_closes_upstream(server: LiveServer, fake: FakeUpstream, path: str) -> None:
+async def test_hangup_closes_upstream(server: Addressed, fake: FakeUpstream, path: str) -> None:
     fake.then(Behaviour(tokens=[" z"] * 500, delay=0.02))
     async with (
         httpx.AsyncClient(timeout=UNIT) as client,
@@ -76,7 +77,7 @@ async def test_hangup_closes_upstream(server: LiveServer, fake: FakeUpstream, pa
 
 
 async def test_stream_failure_after_headers_ends_with_error_line(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=["Some", " text", " more"], drop_after=2))
     async with httpx.AsyncClient(timeout=UNIT) as client:
@@ -96,7 +97,7 @@ def parse_events(raw: str) -> list[dict[str, object]]:
     return events
 
 
-async def test_sse_sends_frames_start_to_end(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_sse_sends_frames_start_to_end(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(tokens=["a", "b", "c"]))
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(f"{server.http}/sse", params={"prompt": "abc"})
@@ -107,7 +108,7 @@ async def test_sse_sends_frames_start_to_end(server: LiveServer, fake: FakeUpstr
     assert events[-1] == {"sender": "bot", "message": "", "type": "end", "status": "completed"}
 
 
-async def test_sse_failure_sends_error_then_end(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_sse_failure_sends_error_then_end(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(status=401))
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(f"{server.http}/sse", params={"prompt": "x"})
@@ -118,7 +119,7 @@ async def test_sse_failure_sends_error_then_end(server: LiveServer, fake: FakeUp
 
 
 async def test_healthz_names_mode_model_and_upstream(
-    server: LiveServer, fake: FakeUpstream, make_settings: SettingsFactory
+    server: Addressed, fake: FakeUpstream, make_settings: SettingsFactory
 ) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(f"{server.http}/healthz")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
 from tests.harness import (
@@ -37,7 +38,7 @@ async def read_some_tokens(ws: ClientConnection, count: int) -> list[Frame]:
 
 
 async def test_stop_ends_reply_closes_upstream_and_keeps_partial(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(SLOW)
     async with connect(server.ws) as ws:
@@ -67,7 +68,7 @@ async def test_stop_ends_reply_closes_upstream_and_keeps_partial(
     assert shown.startswith(" t0 t1")
 
 
-async def test_stop_without_reply_is_an_info(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_stop_without_reply_is_an_info(server: Addressed, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         await ws.send(json.dumps({"type": "stop"}))
         frame = await recv(ws)
@@ -78,7 +79,7 @@ async def test_stop_without_reply_is_an_info(server: LiveServer, fake: FakeUpstr
     assert fake.requests == []
 
 
-async def test_question_preempts_reply_in_progress(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_question_preempts_reply_in_progress(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(SLOW, Behaviour(tokens=["second", " answer"]))
     async with connect(server.ws) as ws:
         await ws.send(json.dumps({"type": "question", "message": "first"}))
@@ -96,7 +97,7 @@ async def test_question_preempts_reply_in_progress(server: LiveServer, fake: Fak
     assert [m["content"] for m in history[1:]] == ["first", shown, "second"]
 
 
-async def test_reset_interrupts_and_forgets(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_reset_interrupts_and_forgets(server: Addressed, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         await ask(ws, "remember me")
         fake.then(SLOW)
@@ -113,7 +114,7 @@ async def test_reset_interrupts_and_forgets(server: LiveServer, fake: FakeUpstre
     assert [m["role"] for m in fake.requests[2].messages] == ["system", "user"]
 
 
-async def test_reset_when_idle_is_acknowledged(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_reset_when_idle_is_acknowledged(server: Addressed, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         await ask(ws, "one")
         await ws.send(json.dumps({"type": "reset"}))
@@ -157,7 +158,7 @@ async def test_disconnect_before_first_token_closes_upstream(
 
 
 async def test_stop_always_lands_while_tokens_pour_in(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     """A stop racing a token that arrives at the same instant must still end the reply."""
     fake.default = Behaviour(tokens=[" r"] * 100_000, delay=0.002)

@@ -7,11 +7,12 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from backend.origin import origin_allowed
+from deploy.services import Addressed
 from fakes.openai_server import FakeUpstream
-from tests.harness import UNIT, LiveServer, SettingsFactory, ask, connect, live_server
+from tests.harness import UNIT, SettingsFactory, ask, connect, live_server
 
 
-async def test_foreign_origin_is_refused_with_403(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_foreign_origin_is_refused_with_403(server: Addressed, fake: FakeUpstream) -> None:
     with pytest.raises(InvalidStatus) as refused:
         async with connect(server.ws, origin="https://evil.example"):
             pass
@@ -20,7 +21,7 @@ async def test_foreign_origin_is_refused_with_403(server: LiveServer, fake: Fake
 
 
 async def test_same_origin_and_no_origin_are_accepted(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     async with connect(server.ws, origin=server.http) as ws:
         assert (await ask(ws, "from the page"))[-1]["status"] == "completed"
@@ -71,7 +72,7 @@ def test_origin_rules(origin: str | None, host: str, allowed: bool) -> None:
     ],
 )
 async def test_http_streams_refuse_cross_site_requests(
-    server: LiveServer, fake: FakeUpstream, path: str, headers: dict[str, str], status: int
+    server: Addressed, fake: FakeUpstream, path: str, headers: dict[str, str], status: int
 ) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(
@@ -83,7 +84,7 @@ async def test_http_streams_refuse_cross_site_requests(
         assert fake.requests == []
 
 
-async def test_http_stream_accepts_its_own_page(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_http_stream_accepts_its_own_page(server: Addressed, fake: FakeUpstream) -> None:
     async with httpx.AsyncClient(timeout=UNIT) as client:
         response = await client.get(
             f"{server.http}/sse", params={"prompt": "hi"}, headers={"origin": server.http}

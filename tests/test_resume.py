@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
 from tests.harness import (
@@ -32,7 +33,7 @@ from tests.harness import (
 LONG = Behaviour(tokens=[f" w{n}" for n in range(300)], delay=0.004)
 
 
-def join_url(server: LiveServer, conversation: str, after: int | None = None) -> str:
+def join_url(server: Addressed, conversation: str, after: int | None = None) -> str:
     url = f"{server.ws}?conversation={conversation}"
     return url if after is None else f"{url}&after={after}"
 
@@ -53,7 +54,7 @@ async def read_until(ws: ClientConnection, chars: int) -> list[Frame]:
 
 
 async def test_seq_strictly_increases_and_joining_replays_the_history(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(Behaviour(tokens=["Par", "is", "."]), Behaviour(tokens=["Yes", "!"]))
     async with connect(server.ws) as ws:
@@ -76,7 +77,7 @@ async def test_seq_strictly_increases_and_joining_replays_the_history(
 
 
 async def test_rejoin_after_any_seq_gives_exactly_the_missing_text(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     """Drop the socket at random points of a long reply; each rejoin `after` loses nothing."""
     fake.then(Behaviour(tokens=[f" w{n}" for n in range(400)], delay=0.006))
@@ -102,7 +103,7 @@ async def test_rejoin_after_any_seq_gives_exactly_the_missing_text(
 
 
 async def test_two_sockets_see_one_reply_and_either_can_stop_it(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(LONG)
     async with connect(server.ws) as first:
@@ -125,7 +126,7 @@ async def test_two_sockets_see_one_reply_and_either_can_stop_it(
 
 
 async def test_a_question_from_the_other_socket_preempts_the_reply(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(LONG, Behaviour(tokens=["two"]))
     async with connect(server.ws) as first:
@@ -191,7 +192,7 @@ async def test_grace_expiry_stops_the_reply_and_keeps_its_text(
     ],
 )
 async def test_unknown_or_malformed_ids_are_refused(
-    server: LiveServer, query: str, reason: str
+    server: Addressed, query: str, reason: str
 ) -> None:
     async with ws_connect(f"{server.ws}?{query}") as ws:
         code, text = await close_of(ws)
@@ -199,7 +200,7 @@ async def test_unknown_or_malformed_ids_are_refused(
     assert reason in text
 
 
-async def test_an_id_that_never_asked_anything_is_not_kept(server: LiveServer) -> None:
+async def test_an_id_that_never_asked_anything_is_not_kept(server: Addressed) -> None:
     async with connect(server.ws) as ws:
         conversation = conversation_of(ws)
     await asyncio.sleep(0.1)
@@ -208,7 +209,7 @@ async def test_an_id_that_never_asked_anything_is_not_kept(server: LiveServer) -
 
 
 async def test_reset_moves_to_a_new_conversation_and_keeps_the_old(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     async with connect(server.ws) as ws:
         old = conversation_of(ws)
@@ -225,7 +226,7 @@ async def test_reset_moves_to_a_new_conversation_and_keeps_the_old(
         assert text_of(await until_end(ws)) == "You said: remember me"
 
 
-async def test_regenerate_replaces_the_last_reply(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_regenerate_replaces_the_last_reply(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(
         Behaviour(tokens=["first"]),
         Behaviour(tokens=["old answer"]),
@@ -257,7 +258,7 @@ async def test_regenerate_replaces_the_last_reply(server: LiveServer, fake: Fake
     assert [text_of(turn) for turn in history] == ["first", "new answer", "ok"]
 
 
-async def test_regenerate_with_nothing_asked_is_a_bad_request(server: LiveServer) -> None:
+async def test_regenerate_with_nothing_asked_is_a_bad_request(server: Addressed) -> None:
     async with connect(server.ws) as ws:
         await ws.send(json.dumps({"type": "regenerate"}))
         error = await recv(ws)

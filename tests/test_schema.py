@@ -9,9 +9,17 @@ import jsonschema
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render
-from tests.harness import UNIT, LiveServer, ask, connect, conversation_of, recv, until_end
+from tests.harness import (
+    UNIT,
+    ask,
+    connect,
+    conversation_of,
+    recv,
+    until_end,
+)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMA_FILES))
@@ -20,7 +28,7 @@ def test_schema_file_is_current(name: str) -> None:
     assert on_disk == render(name), f"schemas/{name} is stale: run `make schemas`"
 
 
-async def test_every_frame_kind_matches_the_schema(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_every_frame_kind_matches_the_schema(server: Addressed, fake: FakeUpstream) -> None:
     schema = json.loads((SCHEMA_DIR / "chat_response.schema.json").read_text())
     fake.then(Behaviour(status=401))
     async with ws_connect(server.ws) as ws:
@@ -40,7 +48,7 @@ async def test_every_frame_kind_matches_the_schema(server: LiveServer, fake: Fak
         jsonschema.validate(frame, schema)
 
 
-async def test_rest_answers_match_their_schemas(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_rest_answers_match_their_schemas(server: Addressed, fake: FakeUpstream) -> None:
     async with connect(server.ws) as ws:
         await ask(ws, "keep me")
         conversation = conversation_of(ws)

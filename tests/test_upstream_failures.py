@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from backend.server import free_port
+from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
-    LiveServer,
     SettingsFactory,
     ask,
     bare,
@@ -35,7 +35,7 @@ def error_of(frames: list[dict[str, object]]) -> dict[str, object]:
     ],
 )
 async def test_status_failure_is_reported_then_next_question_works(
-    server: LiveServer,
+    server: Addressed,
     fake: FakeUpstream,
     status: int,
     code: str,
@@ -65,7 +65,7 @@ async def test_status_failure_is_reported_then_next_question_works(
     assert [m["role"] for m in fake.requests[-1].messages] == ["system", "user"]
 
 
-async def test_one_quick_retry_recovers_a_5xx(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_one_quick_retry_recovers_a_5xx(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(status=502))
     async with connect(server.ws) as ws:
         frames = await ask(ws, "are you there")
@@ -125,7 +125,7 @@ async def test_stall_mid_reply_times_out_and_keeps_partial(
     assert [m["content"] for m in fake.requests[1].messages[1:]] == ["first", "Partial", "second"]
 
 
-async def test_dropped_stream_keeps_partial_text(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_dropped_stream_keeps_partial_text(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(tokens=["Half", " an", " answer", " lost"], drop_after=3))
     async with connect(server.ws) as ws:
         frames = await ask(ws, "tell me")
@@ -161,7 +161,7 @@ async def test_unconfigured_server_says_what_to_set(
     assert frames[-1]["status"] == "error"
 
 
-async def test_stream_with_no_text_is_reported(server: LiveServer, fake: FakeUpstream) -> None:
+async def test_stream_with_no_text_is_reported(server: Addressed, fake: FakeUpstream) -> None:
     fake.then(Behaviour(empty=True))
     async with connect(server.ws) as ws:
         frames = await ask(ws, "anything?")
@@ -172,7 +172,7 @@ async def test_stream_with_no_text_is_reported(server: LiveServer, fake: FakeUps
 
 
 async def test_error_event_mid_stream_is_reported_and_partial_kept(
-    server: LiveServer, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream
 ) -> None:
     fake.then(
         Behaviour(tokens=["Half", " way", " more"], error_after=2, error_message="overloaded")

@@ -1,6 +1,7 @@
-"""Real PostgreSQL, Redis and nginx for the tests: Debian's binaries, started on free loopback
-ports in temporary folders, as an unprivileged user (PostgreSQL refuses to run as root), and
-stopped at the end."""
+"""PostgreSQL, Redis, nginx and chat workers as child processes on loopback ports: Debian's
+binaries, each in a folder of its own (a temporary one unless told), run as an unprivileged
+user when we are root (PostgreSQL refuses to run as root). `python -m deploy.local` and the
+tests bring up deployments with these."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from pathlib import Path
 
 from backend.server import free_port
 from deploy.render import render
-from tests.harness import Addressed
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 UNPRIVILEGED = "nobody"
@@ -44,15 +44,32 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], within: float = 
     raise RuntimeError(f"nothing listens on port {port} after {within} s")
 
 
-class Service:
-    """One server process in a temporary folder owned by the unprivileged user."""
+class Addressed:
+    """The URLs of a server listening on a loopback port."""
 
-    def __init__(self, name: str) -> None:
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/chat"
+
+
+class Service:
+    """One server process in a folder owned by the unprivileged user (temporary by default)."""
+
+    def __init__(self, name: str, folder: Path | None = None, port: int = 0) -> None:
         self.name = name
-        self.folder = Path(tempfile.mkdtemp(prefix=f"chat-{name}-"))
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix=f"chat-{name}-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
         if os.geteuid() == 0:
             shutil.chown(self.folder, UNPRIVILEGED)
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = self.folder / f"{name}.log"
 
@@ -87,11 +104,15 @@ class Service:
 
 
 class Postgres(Service):
-    """A PostgreSQL cluster of its own; `url` is an asyncpg URL for SQLAlchemy."""
+    """A PostgreSQL cluster of its own (made on first use); `database()` gives URLs for
+    SQLAlchemy. `durable=False` trades crash safety for speed, for data that may be lost."""
 
-    def __init__(self) -> None:
-        super().__init__("postgres")
+    def __init__(self, folder: Path | None = None, durable: bool = True) -> None:
+        super().__init__("postgres", folder)
+        self.durable = durable
         self.data = self.folder / "data"
+        if (self.data / "PG_VERSION").exists():
+            return
         subprocess.run(
             as_unprivileged(
                 [
@@ -110,7 +131,7 @@ class Postgres(Service):
         )
 
     def command(self) -> list[str]:
-        return [
+        command = [
             str(POSTGRES_BIN / "postgres"),
             "-D",
             str(self.data),
@@ -120,20 +141,19 @@ class Postgres(Service):
             str(self.folder),
             "-c",
             "listen_addresses=127.0.0.1",
-            # Test data need not survive a power cut.
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
         ]
+        if not self.durable:
+            for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
+                command += ["-c", setting]
+        return command
 
-    def database(self) -> str:
-        """The URL of a new, empty database in this cluster."""
-        name = f"chat_{uuid.uuid4().hex[:12]}"
+    def database(self, name: str | None = None) -> str:
+        """The URL of database `name` (a new, empty one unless it exists) in this cluster."""
+        name = name or f"chat_{uuid.uuid4().hex[:12]}"
         createdb = [str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
-        subprocess.run([*createdb, "-U", "chat", name], check=True, capture_output=True)
+        made = subprocess.run([*createdb, "-U", "chat", name], capture_output=True, text=True)
+        if made.returncode != 0 and "already exists" not in made.stderr:
+            raise RuntimeError(f"createdb {name} failed: {made.stderr.strip()}")
         return f"postgresql+asyncpg://chat@127.0.0.1:{self.port}/{name}"
 
 
@@ -155,8 +175,8 @@ class Redis(Service):
             "no",
         ]
 
-    def __init__(self) -> None:
-        super().__init__("redis")
+    def __init__(self, folder: Path | None = None) -> None:
+        super().__init__("redis", folder)
 
     @property
     def url(self) -> str:
@@ -166,8 +186,8 @@ class Redis(Service):
 class Nginx(Service):
     """nginx with the deployment's own configuration (deploy/nginx.conf) in front of `workers`."""
 
-    def __init__(self, workers: list[int]) -> None:
-        super().__init__("nginx")
+    def __init__(self, workers: list[int], folder: Path | None = None, port: int = 0) -> None:
+        super().__init__("nginx", folder, port)
         self.conf = self.folder / "nginx.conf"
         upstreams = [f"127.0.0.1:{port}" for port in workers]
         self.conf.write_text(render(f"127.0.0.1:{self.port}", str(self.folder), upstreams))
@@ -177,24 +197,38 @@ class Nginx(Service):
 
 
 class Worker(Addressed):
-    """`python -m backend` as one worker of a deployment."""
+    """`python -m backend` as one worker of a deployment; its output goes to `log`, if given."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
         self.port = free_port()
         self.env = env
+        self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process; `wait_ready` waits until it serves."""
         environment = {
             k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))
         }
         environment.update(self.env)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "--port", str(self.port)],
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        output = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "backend", "--port", str(self.port)],
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            if not isinstance(output, int):
+                output.close()
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
         wait_healthy(self.http, self.process)
 
     def kill(self) -> None:
@@ -230,18 +264,34 @@ class Deployment(Addressed):
     """nginx, round-robin, in front of workers that share one Redis and one PostgreSQL database:
     the deployment the README describes, on loopback ports."""
 
-    def __init__(self, workers: int, env: dict[str, str]) -> None:
-        self.workers = [Worker(env) for _ in range(workers)]
-        self.nginx = Nginx([worker.port for worker in self.workers])
+    def __init__(
+        self, workers: int, env: dict[str, str], folder: Path | None = None, port: int = 0
+    ) -> None:
+        self.workers = [
+            Worker(env, folder / f"worker-{n}.log" if folder is not None else None)
+            for n in range(1, workers + 1)
+        ]
+        self.nginx = Nginx([worker.port for worker in self.workers], folder, port)
         self.port = self.nginx.port
 
     def start(self) -> Deployment:
         for worker in self.workers:
-            worker.start()
+            worker.launch()
+        for worker in self.workers:
+            worker.wait_ready()
         self.nginx.start()
         return self
 
     def stop(self) -> None:
-        self.nginx.remove()
+        """Stop nginx, then drain every worker at once."""
+        self.nginx.stop()
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.terminate()
         for worker in self.workers:
             worker.terminate()
+
+    def remove(self) -> None:
+        """Stop, and remove nginx's folder."""
+        self.stop()
+        self.nginx.remove()
