@@ -17,8 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backend.api import build_api
 from backend.chain import build_chain
-from backend.cluster import Cluster
-from backend.cluster_conversation import UNREACHABLE
+from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE, Cluster
 from backend.config import Settings
 from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
@@ -131,6 +130,10 @@ def create_app(settings: Settings) -> FastAPI:
         except (UnknownConversation, ValueError) as refused_join:
             # Accepted, then closed: a browser sees this code and reason, never an HTTP status.
             await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(refused_join))
+            return
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot open a conversation: %s", exc)
+            await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER, reason=UNREACHABLE)
             return
         await ChatSession(websocket, conversations, settings).run(conversation, after)
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -24,8 +23,13 @@ from typing import Any, cast
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
+
+# What Redis or the database being out of reach raises: a worker waits and tries again.
+SHARED_STATE_ERRORS = (RedisError, SQLAlchemyError, OSError)
+UNREACHABLE = "The server cannot reach its shared state (Redis or the database); try again shortly."
 
 LEASE_MS = 3000
 RENEW_EVERY = 1.0
@@ -283,9 +287,3 @@ class Cluster:
             self.redis.zrangebyscore(self.watchers(conversation_id), time.time(), "+inf"),
         )
         return any(member != self.worker for member in members)
-
-
-async def quietly(work: Awaitable[Any]) -> None:
-    """Await `work`, logging (not raising) a Redis failure."""
-    with contextlib.suppress(RedisError, OSError):
-        await work

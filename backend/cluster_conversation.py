@@ -17,9 +17,7 @@ import logging
 import time
 from collections.abc import Iterator
 
-from redis.exceptions import RedisError
-
-from backend.cluster import RENEW_EVERY, Cluster, Entry
+from backend.cluster import RENEW_EVERY, SHARED_STATE_ERRORS, UNREACHABLE, Cluster, Entry
 from backend.conversation import Conversation, Services
 from backend.errors import ChatError, ClientGone
 from backend.history import History
@@ -34,7 +32,6 @@ FEED_BLOCK_MS = 1000
 # How long a worker waits for another to give up a conversation it was asked to stop.
 TAKE_OVER_WITHIN = 10.0
 ASK_AGAIN_AFTER = 0.05
-UNREACHABLE = "The server cannot reach its shared state (Redis or the database); try again shortly."
 DROPPED = "The worker writing this reply stopped; the text so far is kept. Ask again to go on."
 
 
@@ -68,7 +65,7 @@ class Publisher:
                     )
                     self._fresh = False
                     break
-                except (RedisError, OSError) as exc:
+                except SHARED_STATE_ERRORS as exc:
                     log.warning("could not publish frames (%s); retrying", exc)
                     await asyncio.sleep(0.2)
             if any(isinstance(item, Close) for item in batch):
@@ -133,7 +130,7 @@ class ClusterConversation(Conversation):
 
     async def _publish_alone(self, frame: ChatResponse) -> None:
         assert frame.seq is not None
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*SHARED_STATE_ERRORS):
             entry = (frame.seq, frame.to_json(), frame.type)
             await self.cluster.publish(self.id, [entry], 0, fresh=True)
             await self.cluster.set_last_seq(self.id, frame.seq)
@@ -141,7 +138,7 @@ class ClusterConversation(Conversation):
     async def join(self, client: Outbox, after: int) -> None:
         self.clients.add(client)
         self._feeds[client] = asyncio.create_task(self._feed(client, after), name=f"feed-{self.id}")
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*SHARED_STATE_ERRORS):
             await self.cluster.watch([self.id])
 
     def leave(self, client: Outbox) -> None:
@@ -172,7 +169,7 @@ class ClusterConversation(Conversation):
             try:
                 last, ended = await self._replay(client, after)
                 break
-            except (RedisError, OSError) as exc:
+            except SHARED_STATE_ERRORS as exc:
                 log.warning("cannot replay a conversation yet (%s)", exc)
                 await asyncio.sleep(0.5)
         while True:
@@ -188,7 +185,7 @@ class ClusterConversation(Conversation):
                     ended = fields.get("k") in (None, "end")
             except ClientGone:
                 return
-            except (RedisError, OSError) as exc:
+            except SHARED_STATE_ERRORS as exc:
                 log.warning("lost the conversation's stream (%s); retrying", exc)
                 await asyncio.sleep(0.5)
 
@@ -229,7 +226,7 @@ class ClusterConversation(Conversation):
                 await self._letting_go
             try:
                 await self._take_over()
-            except (RedisError, OSError) as exc:
+            except SHARED_STATE_ERRORS as exc:
                 raise ChatError("unavailable", UNREACHABLE) from exc
             try:
                 await self._load()
@@ -298,7 +295,7 @@ class ClusterConversation(Conversation):
                 await publisher.drain()
             with contextlib.suppress(Exception):
                 await self.services.writer.flush()
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*SHARED_STATE_ERRORS):
                 await self.cluster.set_last_seq(self.id, self.seq)
                 await self.cluster.release(self.id)
         finally:
@@ -317,7 +314,7 @@ class ClusterConversation(Conversation):
                     self._spawn(self.stop())
                     return
                 watched = bool(self.clients) or await self.cluster.watched_elsewhere(self.id)
-            except (RedisError, OSError):
+            except SHARED_STATE_ERRORS:
                 continue
             if watched:
                 unwatched_since = None
@@ -342,7 +339,7 @@ class ClusterConversation(Conversation):
             if not await self.cluster.stop_elsewhere(self.id):
                 return False
             await self.cluster.released(self.id, TAKE_OVER_WITHIN)
-        except (RedisError, OSError) as exc:
+        except SHARED_STATE_ERRORS as exc:
             raise ChatError("unavailable", UNREACHABLE) from exc
         return True
 

@@ -80,6 +80,48 @@ def child_environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name.lower() not in taken}
 
 
+def server_command(model_path: Path, alias: str, port: int, settings: Settings) -> list[str]:
+    """`llama_cpp.server` serving `model_path` as `alias` on a loopback `port`."""
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(settings.local_model_context),
+        "--n_threads",
+        str(settings.local_model_threads),
+        "--verbose",
+        "False",
+        # One model serves every conversation: a new request must wait its turn, not cut
+        # off another user's reply (a stop still ends generation: we hang up).
+        "--interrupt_requests",
+        "False",
+    ]
+
+
+def model_path_problem(settings: Settings) -> tuple[Path | None, str | None]:
+    """The GGUF file the embedded model would serve, or what is missing."""
+    if settings.local_model_path:
+        path = Path(settings.local_model_path).expanduser()
+        if not path.is_file():
+            return None, f"LOCAL_MODEL_PATH is {path}, which is not a file."
+        return path, None
+    found = bundled_model_path()
+    if found is None or not found.is_file():
+        return None, (
+            f"the bundled model ({BUNDLED_DISTRIBUTION}) is not installed; run `make install`."
+        )
+    return found, None
+
+
 class LocalModel(Upstream):
     """The `Upstream` face of a supervised `python -m llama_cpp.server` for one GGUF file."""
 
@@ -108,29 +150,7 @@ class LocalModel(Upstream):
 
     def command(self) -> list[str]:
         """How the child is started."""
-        return [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(self.model_path),
-            "--model_alias",
-            self.model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--n_ctx",
-            str(self.settings.local_model_context),
-            "--n_threads",
-            str(self.settings.local_model_threads),
-            "--verbose",
-            "False",
-            # One model serves every conversation: a new request must wait its turn, not cut
-            # off another user's reply (a stop still ends generation: we hang up).
-            "--interrupt_requests",
-            "False",
-        ]
+        return server_command(self.model_path, self.model, self.port, self.settings)
 
     async def _answers(self) -> bool:
         """Whether the child's OpenAI-compatible API answers yet."""
@@ -199,17 +219,9 @@ class LocalModel(Upstream):
 
 def local_upstream(settings: Settings) -> Upstream:
     """The embedded model, or a `MissingUpstream` that says what is missing."""
-    if settings.local_model_path:
-        path = Path(settings.local_model_path).expanduser()
-        if not path.is_file():
-            return MissingUpstream(f"LOCAL_MODEL_PATH is {path}, which is not a file.")
-    else:
-        found = bundled_model_path()
-        if found is None or not found.is_file():
-            return MissingUpstream(
-                f"the bundled model ({BUNDLED_DISTRIBUTION}) is not installed; run `make install`."
-            )
-        path = found
+    path, problem = model_path_problem(settings)
+    if path is None:
+        return MissingUpstream(problem or "no model file")
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError:

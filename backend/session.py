@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.config import Settings
 from backend.conversation import Conversation, hello
 from backend.conversations import Conversations
@@ -91,6 +92,9 @@ class ChatSession:
             await self.act(message)
         except ChatError as error:
             self.reply_only(error.frame())
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("shared state out of reach: %s", exc)
+            self.reply_only(ChatError("unavailable", UNREACHABLE).frame())
 
     async def act(self, message: Question | Stop | Reset | Regenerate) -> None:
         """Carry out one client message on the conversation."""

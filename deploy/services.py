@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from backend.server import free_port
+from backend.supervisor import signal_group
 from deploy.render import render
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -58,17 +60,42 @@ class Addressed:
         return f"ws://127.0.0.1:{self.port}/chat"
 
 
+def group_exits(process: subprocess.Popen[bytes], within: float) -> bool:
+    """Wait until every process of `process`'s group has exited; False after `within` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            process.wait()
+            return True
+        time.sleep(0.01)
+    return False
+
+
 class Service:
-    """One server process in a folder owned by the unprivileged user (temporary by default)."""
+    """One server process in a folder of its own (temporary by default), owned by the
+    unprivileged user when the service runs as that user."""
+
+    unprivileged = True
+    stop_signal = signal.SIGTERM
+    start_within = 20.0  # seconds until it must accept connections
 
     def __init__(self, name: str, folder: Path | None = None, port: int = 0) -> None:
         self.name = name
         if folder is None:
             folder = Path(tempfile.mkdtemp(prefix=f"chat-{name}-"))
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        if os.geteuid() == 0:
+        self.folder = folder.resolve()
+        if os.geteuid() == 0 and self.unprivileged:
             shutil.chown(self.folder, UNPRIVILEGED)
+            reachable = subprocess.run(as_unprivileged(["test", "-w", str(self.folder)]))
+            if reachable.returncode != 0:
+                raise RuntimeError(
+                    f"{name} runs as '{UNPRIVILEGED}', who cannot reach {self.folder}; "
+                    "choose a folder every user can reach (under /var/tmp, say)."
+                )
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = self.folder / f"{name}.log"
@@ -76,26 +103,30 @@ class Service:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The child's environment, if not ours."""
+        return None
+
     def start(self) -> None:
         """Start (or start again, on the same port and data)."""
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                as_unprivileged(self.command()),
+                as_unprivileged(self.command()) if self.unprivileged else self.command(),
+                env=self.environment(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_listening(self.port, self.process)
+        wait_listening(self.port, self.process, self.start_within)
 
     def stop(self) -> None:
         """Stop the server and wait for it; its data stays until `remove`."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            # To the whole group: `runuser` does not pass every signal on to the server.
+            signal_group(self.process.pid, self.stop_signal)
+            if not group_exits(self.process, 10.0):
+                signal_group(self.process.pid, signal.SIGKILL)
+                group_exits(self.process, 10.0)
         self.process = None
 
     def remove(self) -> None:
@@ -106,6 +137,9 @@ class Service:
 class Postgres(Service):
     """A PostgreSQL cluster of its own (made on first use); `database()` gives URLs for
     SQLAlchemy. `durable=False` trades crash safety for speed, for data that may be lost."""
+
+    # Fast shutdown: SIGTERM would wait for every client (the workers' pools) to leave.
+    stop_signal = signal.SIGINT
 
     def __init__(self, folder: Path | None = None, durable: bool = True) -> None:
         super().__init__("postgres", folder)

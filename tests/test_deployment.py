@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from deploy.services import Deployment, Postgres, Redis
+from deploy.services import Deployment, Postgres, Redis, Worker
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import deployment_env
 from tests.harness import (
@@ -42,10 +43,7 @@ def last_seq(frames: list[Frame]) -> int:
     return max((f["seq"] for f in frames if "seq" in f), default=0)
 
 
-async def read_text(ws: object, frames: list[Frame], chars: int) -> None:
-    from websockets.asyncio.client import ClientConnection
-
-    assert isinstance(ws, ClientConnection)
+async def read_text(ws: ClientConnection, frames: list[Frame], chars: int) -> None:
     while len(text_of(frames)) < chars and (not frames or frames[-1]["type"] != "end"):
         frames.append(await recv(ws))
 
@@ -132,6 +130,39 @@ async def test_redis_restart_mid_conversation(
     assert text_of(frames) == "You said: after"
 
 
+async def test_postgres_restart_mid_conversation(
+    own_deployment: Deployment, postgres: Postgres, fake: FakeUpstream
+) -> None:
+    async with connect(own_deployment.ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("before")
+        assert (await until_end(ws))[-1]["status"] == "completed"
+        await asyncio.to_thread(postgres.stop)
+        try:
+            await ws.send("during")
+            error = await recv(ws, within=UNIT * 5)
+            assert error["type"] == "error"
+            assert error["code"] == "unavailable"
+        finally:
+            await asyncio.to_thread(postgres.start)
+        async with asyncio.timeout(UNIT * 5):
+            while True:
+                await ws.send("after")
+                frames = [await recv(ws, within=UNIT * 5)]
+                if frames[0]["type"] != "error":
+                    frames += await until_end(ws)
+                    break
+                await asyncio.sleep(0.2)
+    assert frames[-1]["status"] == "completed"
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        stored = (
+            await client.get(f"{own_deployment.http}/api/conversations/{conversation}")
+        ).json()
+    asked = [m["text"] for m in stored["messages"] if m["role"] == "user"]
+    assert asked[0] == "before"
+    assert asked[-1] == "after"
+
+
 async def test_sigterm_of_one_worker_under_load(
     own_deployment: Deployment, fake: FakeUpstream
 ) -> None:
@@ -147,12 +178,8 @@ async def test_sigterm_of_one_worker_under_load(
     leaving.start()
 
 
-async def survive_a_drain(leaving: object, staying: object) -> str:
+async def survive_a_drain(leaving: Worker, staying: Worker) -> str:
     """Ask on the worker that is about to drain; rejoin on the other one after 1012."""
-    from deploy.services import Worker
-
-    assert isinstance(leaving, Worker)
-    assert isinstance(staying, Worker)
     async with connect(leaving.ws) as ws:
         conversation = conversation_of(ws)
         await ws.send("long")
