@@ -60,6 +60,19 @@ class Addressed:
         return f"ws://127.0.0.1:{self.port}/chat"
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def group_exits(process: subprocess.Popen[bytes], within: float) -> bool:
     """Wait until every process of `process`'s group has exited; False after `within` s."""
     deadline = time.monotonic() + within
@@ -309,11 +322,15 @@ class Deployment(Addressed):
         self.port = self.nginx.port
 
     def start(self) -> Deployment:
-        for worker in self.workers:
-            worker.launch()
-        for worker in self.workers:
-            worker.wait_ready()
-        self.nginx.start()
+        try:
+            for worker in self.workers:
+                worker.launch()
+            for worker in self.workers:
+                worker.wait_ready()
+            self.nginx.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -135,9 +135,11 @@ async def python_process(*args: str, **options: Any) -> AsyncIterator[asyncio.su
 
 
 @asynccontextmanager
-async def backend_process(port: int, **env: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`python -m backend --port PORT` with none of the caller's model or chat settings: only
-    `env`, and a database of its own unless `env` names one."""
+async def backend_process(
+    port: int, *args: str, **env: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m backend --port PORT ARGS...` with none of the caller's model or chat settings:
+    only `env`, and a database of its own unless `env` names one."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
     environment["CHAT_DATABASE_URL"] = temp_database()
     environment.update(env)
@@ -146,6 +148,7 @@ async def backend_process(port: int, **env: str) -> AsyncIterator[asyncio.subpro
         "backend",
         "--port",
         str(port),
+        *args,
         env=environment,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,200 @@
+"""The two commands that scale out: `python -m backend --workers N` (one port, N processes)
+and `python -m deploy.local` (the README's recipe: nginx, workers, Redis, PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from backend.server import free_port
+from deploy.services import Postgres, Redis, children
+from fakes.openai_server import Behaviour, FakeUpstream
+from tests.harness import (
+    UNIT,
+    Frame,
+    alive,
+    backend_process,
+    connect,
+    conversation_of,
+    python_process,
+    recv,
+    text_of,
+    until_end,
+    until_reply_text,
+    wait_gone,
+)
+
+SCALE_OUT = ("OPENAI_BASE_URL", "CHAT_MODEL", "CHAT_DATABASE_URL", "CHAT_REDIS_URL")
+
+
+async def healthy(base: str, within: float = UNIT * 10) -> None:
+    async with httpx.AsyncClient(timeout=UNIT) as client, asyncio.timeout(within):
+        while True:
+            try:
+                if (await client.get(f"{base}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def test_workers_share_one_port_and_a_dead_one_is_replaced(
+    fake: FakeUpstream, postgres: Postgres, redis_server: Redis
+) -> None:
+    port = free_port()
+    env = dict(
+        zip(SCALE_OUT, (fake.url, "fake-model", postgres.database(), redis_server.url), strict=True)
+    )
+    async with backend_process(port, "--workers", "2", **env) as parent:
+        base = f"http://127.0.0.1:{port}"
+        await healthy(base)
+        workers = children(parent.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        async with asyncio.timeout(UNIT * 5):
+            while len(replaced := children(parent.pid)) < 2 or workers[0] in replaced:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await healthy(base)
+        # One conversation over several sockets, each accepted by whichever process is free.
+        async with connect(f"ws://127.0.0.1:{port}/chat") as ws:
+            conversation = conversation_of(ws)
+            await ws.send("one")
+            assert (await until_end(ws))[-1]["status"] == "completed"
+        for _ in range(4):
+            url = f"ws://127.0.0.1:{port}/chat?conversation={conversation}"
+            async with ws_connect(url) as ws:
+                assert (await recv(ws))["conversation"] == conversation
+                assert text_of(await until_end(ws)) == "You said: one"
+        parent.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(UNIT * 10):
+            assert await parent.wait() == 0
+        for worker in replaced:
+            await wait_gone(worker)
+
+
+async def test_several_workers_need_redis_and_a_shared_database(fake: FakeUpstream) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env["OPENAI_BASE_URL"] = fake.url
+    async with python_process(
+        "-m",
+        "backend",
+        "--workers",
+        "2",
+        "--port",
+        str(free_port()),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    ) as process:
+        _, said = await asyncio.wait_for(process.communicate(), UNIT * 10)
+    assert process.returncode == 2
+    assert "set CHAT_REDIS_URL" in said.decode()
+
+
+class Recipe:
+    """What `python -m deploy.local` printed: the proxy's URL and each worker's pid and URL."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.url = re.search(r"Chat at (http://\S+?)/? ", lines[0])[1]  # type: ignore[index]
+        self.workers = [
+            (int(match[1]), match[2])
+            for line in lines
+            if (match := re.match(r"worker \d+: pid (\d+), (http://\S+)", line))
+        ]
+
+    @staticmethod
+    def ws(http: str) -> str:
+        return http.replace("http://", "ws://") + "/chat"
+
+
+@asynccontextmanager
+async def recipe(fake: FakeUpstream, data: Path) -> AsyncIterator[Recipe]:
+    """`python -m deploy.local` with two workers on the fake model, until the block ends."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env.update(OPENAI_BASE_URL=fake.url, CHAT_MODEL="fake-model", CHAT_TIMEOUT="3")
+    async with python_process(
+        "-m",
+        "deploy.local",
+        "--port",
+        str(free_port()),
+        "--data",
+        str(data),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    ) as process:
+        assert process.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(60):
+            while not lines or not lines[-1].startswith("logs:"):
+                line = (await process.stdout.readline()).decode()
+                assert line, f"deploy.local exited: {lines}"
+                lines.append(line.strip())
+        try:
+            yield Recipe(lines)
+        finally:
+            process.send_signal(signal.SIGINT)
+            async with asyncio.timeout(UNIT * 15):
+                assert await process.wait() == 0
+
+
+@pytest.fixture
+def recipe_data() -> Iterator[Path]:
+    """A folder for the recipe's state that PostgreSQL's unprivileged user can reach."""
+    data = Path(tempfile.mkdtemp(prefix="chat-recipe-"))
+    data.chmod(0o755)
+    yield data
+    shutil.rmtree(data, ignore_errors=True)
+
+
+async def test_the_recipe_survives_kill_9_of_the_worker_streaming(
+    fake: FakeUpstream, recipe_data: Path
+) -> None:
+    data = recipe_data
+    fake.then(Behaviour(tokens=[" z"] * 5000, delay=0.005))
+    async with recipe(fake, data) as deployed:
+        (runner_pid, runner), _ = deployed.workers
+        async with connect(Recipe.ws(runner)) as asker:
+            conversation = conversation_of(asker)
+            await asker.send("go on")
+            await until_reply_text(asker)
+        # Watch through the proxy (on either worker), then kill the one writing the reply.
+        seen: list[Frame] = []
+        url = f"{Recipe.ws(deployed.url)}?conversation={conversation}"
+        async with ws_connect(url) as ws:
+            await recv(ws)
+            while len(text_of(seen)) < 20:
+                seen.append(await recv(ws))
+            os.kill(runner_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            try:
+                seen += await until_end(ws, within=UNIT * 5)
+            except ConnectionClosed:  # it was on the killed worker: rejoin, as clients do
+                after = max(f["seq"] for f in seen)
+                async with ws_connect(f"{url}&after={after}") as again:
+                    await recv(again)
+                    seen += await until_end(again, within=UNIT * 5)
+        assert time.monotonic() - killed_at < 5
+        assert [f["code"] for f in seen if f["type"] == "error"] == ["upstream_dropped"]
+        assert seen[-1]["status"] == "error"
+        async with connect(Recipe.ws(deployed.url)) as ws:
+            await ws.send("and now?")
+            assert (await until_end(ws))[-1]["status"] == "completed"
+        async with httpx.AsyncClient(timeout=UNIT) as client:
+            stored = (await client.get(f"{deployed.url}/api/conversations/{conversation}")).json()
+        assert stored["messages"][1]["status"] == "error"
+        assert stored["messages"][1]["text"] == text_of(seen)
+    for pid, _ in deployed.workers:
+        assert not alive(pid)
