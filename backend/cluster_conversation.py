@@ -32,6 +32,8 @@ FEED_BLOCK_MS = 1000
 # How long a worker waits for another to give up a conversation it was asked to stop.
 TAKE_OVER_WITHIN = 10.0
 ASK_AGAIN_AFTER = 0.05
+# The kind (field `k`) of a stream entry that is reply text.
+TEXT = "text"
 DROPPED = "The worker writing this reply stopped; the text so far is kept. Ask again to go on."
 
 
@@ -53,7 +55,7 @@ class Publisher:
                 (
                     item.seq or 0,
                     item.to_json(),
-                    "stream" if isinstance(item, TokenRun) else item.type,
+                    TEXT if isinstance(item, TokenRun) else item.type,
                 )
                 for item in batch
                 if isinstance(item, ChatResponse | TokenRun)
@@ -75,6 +77,27 @@ class Publisher:
         """Publish everything queued, then stop."""
         self.queue.close(0, "")
         await asyncio.wait([self.task])
+
+
+def replayed(entries: list[Entry]) -> Iterator[Raw | ChatResponse]:
+    """Stream entries as frames for a client catching up: runs of reply text as one frame."""
+    run: list[Entry] = []
+    for entry in entries:
+        if entry[2].get("k") == TEXT:
+            run.append(entry)
+            continue
+        yield from _merged(run)
+        run = []
+        yield Raw(entry[0], entry[1])
+    yield from _merged(run)
+
+
+def _merged(run: list[Entry]) -> Iterator[Raw | ChatResponse]:
+    if len(run) == 1:  # as published: no need to parse it
+        yield Raw(run[0][0], run[0][1])
+    elif run:
+        text = "".join(json.loads(frame)["message"] for _, frame, _ in run)
+        yield ChatResponse.tokens(text, seq=run[-1][0])
 
 
 def turn_from(entries: list[Entry]) -> TurnRecord | None:
@@ -179,10 +202,10 @@ class ClusterConversation(Conversation):
                     if not ended and await self.cluster.holder(self.id) is None:
                         await self._recover()
                     continue
-                for seq, text, fields in entries:
-                    client.send(Raw(seq, text))
-                    last = seq
-                    ended = fields.get("k") in (None, "end")
+                for frame in replayed(entries):
+                    client.send(frame)
+                last = entries[-1][0]
+                ended = entries[-1][2].get("k") in (None, "end")
             except ClientGone:
                 return
             except SHARED_STATE_ERRORS as exc:
@@ -199,7 +222,7 @@ class ClusterConversation(Conversation):
             for turn in record.turns:
                 if position is None or turn.position < position:
                     frames.extend(turn.frames_after(after))
-        frames.extend(Raw(seq, text) for seq, text, _ in entries)
+        frames.extend(replayed(entries))
         client.preload(frames)
         seqs = [frame.seq for frame in frames if frame.seq is not None]
         ended = position is None or (bool(entries) and entries[-1][2].get("k") == "end")

@@ -100,6 +100,7 @@ async def cross_worker_rejoin(one: Worker, two: Worker, trials: int) -> list[flo
         got = await frame(asker)
         if got["type"] == "stream" and got["sender"] == "bot":
             seen = got["seq"]
+    await asker.close()  # the reply goes on for the resume grace
     latencies = []
     for trial in range(trials):
         await asyncio.sleep(0.01 + (trial % 5) * 0.01)
@@ -111,9 +112,10 @@ async def cross_worker_rejoin(one: Worker, two: Worker, trials: int) -> list[flo
             latencies.append(time.perf_counter() - sent)
             assert missed["seq"] > seen, (missed, seen)
             seen = missed["seq"]
-    await asker.send(json.dumps({"type": "stop"}))
-    await until_end(asker)
-    await asker.close()
+    async with connect(f"{one.url}?conversation={conversation}", compression=None) as ws:
+        await ws.send(json.dumps({"type": "stop"}))
+        while (await frame(ws))["type"] != "end":
+            pass
     return latencies
 
 
