@@ -37,6 +37,10 @@ WATCH_TTL = 6.0
 # The stream of a turn nobody touches is dropped after this long; the turn is stored by then.
 STREAM_TTL_S = 3600
 CONTROL_PATTERN = "chat:control:*"
+# Connections a worker opens to Redis at most (blocking reads have their own), and how long
+# a request waits for one before it fails.
+REDIS_CONNECTIONS = 32
+REDIS_WAIT_S = 5.0
 
 # Renew or release a lease only if this worker still holds it.
 RENEW = """
@@ -64,7 +68,7 @@ Entry = tuple[int, str, dict[str, str]]  # seq, frame JSON, other fields
 ControlHandler = Callable[[str, str], Awaitable[None]]
 
 
-def _entry(raw: tuple[str, dict[str, str]]) -> Entry:
+def entry_of(raw: tuple[str, dict[str, str]]) -> Entry:
     entry_id, fields = raw
     return int(entry_id.split("-", 1)[0]), fields["f"], fields
 
@@ -74,7 +78,16 @@ class Cluster:
 
     def __init__(self, url: str) -> None:
         self.worker = uuid.uuid4().hex[:12]
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=5)
+        self.url = url
+        # A burst of requests waits its turn for one of a bounded set of connections.
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=REDIS_WAIT_S,
+            decode_responses=True,
+            health_check_interval=5,
+        )
+        self.redis = redis.Redis.from_pool(pool)
         self._handlers: list[ControlHandler] = []
         self._listener: asyncio.Task[None] | None = None
 
@@ -140,7 +153,8 @@ class Cluster:
         holder = await self.holder(conversation_id)
         if holder is None:
             return False
-        await self.control(conversation_id, "stop", holder)
+        if holder != self.worker:  # if it is this one, it is already letting go
+            await self.control(conversation_id, "stop", holder)
         return True
 
     # Leases.
@@ -183,7 +197,7 @@ class Cluster:
         pipe.get(self.seq(conversation_id))
         pipe.xrevrange(self.frames(conversation_id), count=1)
         stored, last = await pipe.execute()
-        from_stream = _entry(last[0])[0] if last else 0
+        from_stream = entry_of(last[0])[0] if last else 0
         return max(int(stored or 0), from_stream)
 
     async def known(self, conversation_id: str) -> bool:
@@ -239,22 +253,12 @@ class Cluster:
         first, rest = await pipe.execute()
         if not first:
             return None, []
-        return int(first[0][1]["t"]), [_entry(raw) for raw in rest]
-
-    async def read(self, conversation_id: str, after: int, block_ms: int) -> list[Entry]:
-        """Frames after `after`, waiting up to `block_ms` for the first."""
-        response = await cast(
-            Awaitable[Any],
-            self.redis.xread({self.frames(conversation_id): f"{after}-0"}, block=block_ms),
-        )
-        if not response:
-            return []
-        return [_entry(raw) for raw in response[0][1]]
+        return int(first[0][1]["t"]), [entry_of(raw) for raw in rest]
 
     async def whole_turn(self, conversation_id: str) -> list[Entry]:
         """Every frame in the stream."""
         raws = await cast(Awaitable[Any], self.redis.xrange(self.frames(conversation_id)))
-        return [_entry(raw) for raw in raws]
+        return [entry_of(raw) for raw in raws]
 
     async def forget(self, conversation_id: str) -> None:
         """Drop everything Redis holds about a deleted conversation, and tell every worker."""

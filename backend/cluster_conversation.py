@@ -23,6 +23,7 @@ from backend.errors import ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Close, Outbox, Raw, TokenRun
 from backend.records import ConversationRecord, TurnRecord, now, title_for
+from backend.tail import Tail
 from schemas import ChatResponse
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,34 @@ def turn_from(entries: list[Entry]) -> TurnRecord | None:
     return record
 
 
+class Follower:
+    """A client of this worker following a conversation: it is sent each `seq` once, in order,
+    the replay of what it missed first."""
+
+    def __init__(self, client: Outbox, after: int) -> None:
+        self.client = client
+        self.last = after
+        # Live entries that came while the replay was read; None once caught up.
+        self.waiting: list[Entry] | None = []
+        self.catching_up: asyncio.Task[None] | None = None
+
+    def take(self, entries: list[Entry]) -> None:
+        if self.waiting is not None:
+            self.waiting.extend(entries)
+            return
+        fresh = [entry for entry in entries if entry[0] > self.last]
+        if fresh:
+            for frame in replayed(fresh):
+                self.client.send(frame)
+            self.last = fresh[-1][0]
+
+    def caught_up(self, frames: list[ChatResponse | Raw]) -> None:
+        self.client.preload(frames)
+        self.last = max([self.last, *(frame.seq or 0 for frame in frames)])
+        waiting, self.waiting = self.waiting or [], None
+        self.take(waiting)
+
+
 class ClusterConversation(Conversation):
     """A `Conversation` whose reply may run on any worker, and whose clients may be on any."""
 
@@ -128,14 +157,24 @@ class ClusterConversation(Conversation):
         conversation_id: str,
         services: Services,
         cluster: Cluster,
+        tail: Tail,
         record: ConversationRecord | None = None,
     ) -> None:
         super().__init__(conversation_id, services, record)
         self.cluster = cluster
-        self._feeds: dict[Outbox, asyncio.Task[None]] = {}
+        self.tail = tail
+        self._followers: dict[Outbox, Follower] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        # Whether the stream's latest turn has not ended, as far as this worker has read.
+        self._turn_open = False
         self._publisher: Publisher | None = None
         # A finished reply publishing its last frames and giving the lease back.
         self._letting_go: asyncio.Task[None] | None = None
+
+    @property
+    def replying(self) -> bool:
+        """A reply runs here, or has ended but still holds the lease."""
+        return super().replying or self._letting_go is not None
 
     # Frames: published, and fed back to clients from the stream.
 
@@ -159,8 +198,16 @@ class ClusterConversation(Conversation):
             await self.cluster.set_last_seq(self.id, frame.seq)
 
     async def join(self, client: Outbox, after: int) -> None:
+        # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
+        follower = Follower(client, after)
+        self._followers[client] = follower
         self.clients.add(client)
-        self._feeds[client] = asyncio.create_task(self._feed(client, after), name=f"feed-{self.id}")
+        if len(self._followers) == 1:
+            self.tail.follow(self.id, after, self._on_entries)
+            self._watchdog = asyncio.create_task(self._watch_runner(), name=f"watch-{self.id}")
+        follower.catching_up = asyncio.create_task(
+            self._catch_up(follower), name=f"catch-up-{self.id}"
+        )
         with contextlib.suppress(*SHARED_STATE_ERRORS):
             await self.cluster.watch([self.id])
 
@@ -168,10 +215,11 @@ class ClusterConversation(Conversation):
         if client not in self.clients:
             return
         self.clients.discard(client)
-        feed = self._feeds.pop(client, None)
-        if feed is not None:
-            feed.cancel()
+        follower = self._followers.pop(client, None)
+        if follower is not None and follower.catching_up is not None:
+            follower.catching_up.cancel()
         if not self.clients:
+            self._stop_following()
             self._spawn(self.cluster.unwatch(self.id))
             if not self.stored:
                 # An id nothing was asked in is not kept (if a client elsewhere still has it,
@@ -181,40 +229,61 @@ class ClusterConversation(Conversation):
                 self.services.on_idle(self)
 
     def close_all(self, code: int, reason: str) -> list[Outbox]:
-        for feed in self._feeds.values():
-            feed.cancel()
-        self._feeds.clear()
+        for follower in self._followers.values():
+            if follower.catching_up is not None:
+                follower.catching_up.cancel()
+        self._followers.clear()
+        self._stop_following()
         return super().close_all(code, reason)
 
-    async def _feed(self, client: Outbox, after: int) -> None:
-        """Replay what `client` missed after `after`, then follow the stream."""
+    def _stop_following(self) -> None:
+        self.tail.unfollow(self.id)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_entries(self, entries: list[Entry]) -> None:
+        """New entries of the stream, from the worker's tail: to every follower, once."""
+        self._turn_open = entries[-1][2].get("k") not in (None, "end")
+        for follower in tuple(self._followers.values()):
+            try:
+                follower.take(entries)
+            except ClientGone:
+                self.leave(follower.client)
+
+    async def _catch_up(self, follower: Follower) -> None:
+        """Replay what the follower missed after its `after`, then let live entries through."""
         while True:
             try:
-                last, ended = await self._replay(client, after)
+                frames, ended = await self._replay(follower.last)
                 break
             except SHARED_STATE_ERRORS as exc:
                 log.warning("cannot replay a conversation yet (%s)", exc)
                 await asyncio.sleep(0.5)
-        while True:
-            try:
-                entries = await self.cluster.read(self.id, last, FEED_BLOCK_MS)
-                if not entries:
-                    if not ended and await self.cluster.holder(self.id) is None:
-                        await self._recover()
-                    continue
-                for frame in replayed(entries):
-                    client.send(frame)
-                last = entries[-1][0]
-                ended = entries[-1][2].get("k") in (None, "end")
-            except ClientGone:
-                return
-            except SHARED_STATE_ERRORS as exc:
-                log.warning("lost the conversation's stream (%s); retrying", exc)
-                await asyncio.sleep(0.5)
+        follower.catching_up = None
+        self._turn_open = not ended
+        try:
+            follower.caught_up(frames)
+        except ClientGone:
+            self.leave(follower.client)
+            return
+        self.tail.advance(self.id, follower.last)
 
-    async def _replay(self, client: Outbox, after: int) -> tuple[int, bool]:
-        """Queue the stored turns and the stream's turn after `after`: the last `seq` queued,
-        and whether the stream's turn has ended."""
+    async def _watch_runner(self) -> None:
+        """While a turn is open, check now and then that a worker still runs it."""
+        while True:
+            await asyncio.sleep(FEED_BLOCK_MS / 1000)
+            if not self._turn_open or self._publisher is not None:
+                continue
+            try:
+                if await self.cluster.holder(self.id) is None:
+                    await self._recover()
+            except SHARED_STATE_ERRORS as exc:
+                log.warning("cannot check a conversation's reply (%s)", exc)
+
+    async def _replay(self, after: int) -> tuple[list[ChatResponse | Raw], bool]:
+        """The stored turns and the stream's turn after `after`, and whether the stream's turn
+        has ended."""
         position, entries = await self.cluster.turn_frames(self.id, after)
         record = await self.services.writer.store.load(self.id)
         frames: list[ChatResponse | Raw] = []
@@ -223,12 +292,10 @@ class ClusterConversation(Conversation):
                 if position is None or turn.position < position:
                     frames.extend(turn.frames_after(after))
         frames.extend(replayed(entries))
-        client.preload(frames)
-        seqs = [frame.seq for frame in frames if frame.seq is not None]
         ended = position is None or (bool(entries) and entries[-1][2].get("k") == "end")
         if position is not None and not entries:
             ended = not await self._turn_in_flight()
-        return max([after, *seqs]), ended
+        return frames, ended
 
     async def _turn_in_flight(self) -> bool:
         last = await self.cluster.whole_turn(self.id)
@@ -324,6 +391,8 @@ class ClusterConversation(Conversation):
         finally:
             if self._letting_go is asyncio.current_task():
                 self._letting_go = None
+            if not self.clients:
+                self.services.on_idle(self)
 
     async def _keep_lease(self) -> None:
         """Renew the lease while the reply runs; stop it when no client anywhere watches."""
@@ -368,6 +437,10 @@ class ClusterConversation(Conversation):
 
     async def _recover(self) -> None:
         """The worker running the reply is gone: end the turn as it was, and store it."""
+        async with self._lock:  # a question asked meanwhile waits for the turn to be ended
+            await self._recover_turn()
+
+    async def _recover_turn(self) -> None:
         if not await self.cluster.acquire(self.id):
             return
         try:

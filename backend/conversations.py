@@ -20,6 +20,7 @@ from backend.conversation import Conversation, Services
 from backend.records import ConversationRecord, title_for
 from backend.reply import Replier
 from backend.store import Store
+from backend.tail import Tail
 from backend.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Conversations:
         self.writer = WriteBehind(store)
         self.services = Services(replier, settings, self.writer, self._on_idle)
         self.cluster = cluster
+        self.tail = Tail(cluster) if cluster is not None else None
         self.draining = False
         self._live: dict[str, Conversation] = {}
         self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
@@ -63,6 +65,8 @@ class Conversations:
         if self.cluster is not None:
             self.cluster.on_control(self._on_control)
             await self.cluster.start()
+            assert self.tail is not None
+            self.tail.start()
             self._spawn(self._keep_watching())
         self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")
 
@@ -77,13 +81,16 @@ class Conversations:
             await self.writer.flush()
         finally:
             await self.store.close()
+            if self.tail is not None:
+                await self.tail.close()
             if self.cluster is not None:
                 await self.cluster.close()
 
     def _make(self, conversation_id: str, record: ConversationRecord | None) -> Conversation:
         if self.cluster is None:
             return Conversation(conversation_id, self.services, record)
-        return ClusterConversation(conversation_id, self.services, self.cluster, record)
+        assert self.tail is not None
+        return ClusterConversation(conversation_id, self.services, self.cluster, self.tail, record)
 
     def new(self) -> Conversation:
         """A fresh conversation; it is stored from its first question on."""
