@@ -16,12 +16,14 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from backend.cluster import RENEW_EVERY, SHARED_STATE_ERRORS, UNREACHABLE, Cluster, Entry
 from backend.conversation import Conversation, Services
 from backend.errors import ChatError, ClientGone
 from backend.history import History
-from backend.outbox import Close, Outbox, Raw, TokenRun
+from backend.outbox import Outbox, Raw
+from backend.publishing import TEXT, Broadcaster, Publisher
 from backend.records import ConversationRecord, TurnRecord, now, title_for
 from backend.tail import Tail
 from schemas import ChatResponse
@@ -33,51 +35,7 @@ FEED_BLOCK_MS = 1000
 # How long a worker waits for another to give up a conversation it was asked to stop.
 TAKE_OVER_WITHIN = 10.0
 ASK_AGAIN_AFTER = 0.05
-# The kind (field `k`) of a stream entry that is reply text.
-TEXT = "text"
 DROPPED = "The worker writing this reply stopped; the text so far is kept. Ask again to go on."
-
-
-class Publisher:
-    """Sends a reply's frames to the stream in order, merging tokens while Redis is busy."""
-
-    def __init__(self, cluster: Cluster, conversation_id: str, position: int) -> None:
-        self.cluster = cluster
-        self.conversation_id = conversation_id
-        self.position = position
-        self.queue = Outbox(max_pending=1_000_000)
-        self.task = asyncio.create_task(self._run(), name=f"publish-{conversation_id}")
-        self._fresh = True
-
-    async def _run(self) -> None:
-        while True:
-            batch = await self.queue.take()
-            entries = [
-                (
-                    item.seq or 0,
-                    item.to_json(),
-                    TEXT if isinstance(item, TokenRun) else item.type,
-                )
-                for item in batch
-                if isinstance(item, ChatResponse | TokenRun)
-            ]
-            while entries:
-                try:
-                    await self.cluster.publish(
-                        self.conversation_id, entries, self.position, self._fresh
-                    )
-                    self._fresh = False
-                    break
-                except SHARED_STATE_ERRORS as exc:
-                    log.warning("could not publish frames (%s); retrying", exc)
-                    await asyncio.sleep(0.2)
-            if any(isinstance(item, Close) for item in batch):
-                return
-
-    async def drain(self) -> None:
-        """Publish everything queued, then stop."""
-        self.queue.close(0, "")
-        await asyncio.wait([self.task])
 
 
 def replayed(entries: list[Entry]) -> Iterator[Raw | ChatResponse]:
@@ -121,6 +79,30 @@ def turn_from(entries: list[Entry]) -> TurnRecord | None:
     return record
 
 
+@dataclass(frozen=True)
+class Links:
+    """A worker's ties to the others: leases and control, the streams its clients follow, and
+    the frames of the replies it runs."""
+
+    cluster: Cluster
+    tail: Tail
+    broadcaster: Broadcaster
+
+    @classmethod
+    def of(cls, cluster: Cluster) -> Links:
+        return cls(cluster, Tail(cluster), Broadcaster(cluster))
+
+    async def start(self) -> None:
+        await self.cluster.start()
+        self.tail.start()
+        self.broadcaster.start()
+
+    async def close(self) -> None:
+        await self.tail.close()
+        await self.broadcaster.close()
+        await self.cluster.close()
+
+
 class Follower:
     """A client of this worker following a conversation: it is sent each `seq` once, in order,
     the replay of what it missed first."""
@@ -156,13 +138,13 @@ class ClusterConversation(Conversation):
         self,
         conversation_id: str,
         services: Services,
-        cluster: Cluster,
-        tail: Tail,
+        links: Links,
         record: ConversationRecord | None = None,
     ) -> None:
         super().__init__(conversation_id, services, record)
-        self.cluster = cluster
-        self.tail = tail
+        self.cluster = links.cluster
+        self.tail = links.tail
+        self.broadcaster = links.broadcaster
         self._followers: dict[Outbox, Follower] = {}
         self._watchdog: asyncio.Task[None] | None = None
         # Whether the stream's latest turn has not ended, as far as this worker has read.
@@ -182,13 +164,13 @@ class ClusterConversation(Conversation):
         self.seq += 1
         frame.seq = self.seq
         if self._publisher is not None:
-            self._publisher.queue.send(frame)
+            self._publisher.send(frame)
         else:  # the reset acknowledgement of a conversation nothing ran in yet
             self._spawn(self._publish_alone(frame))
 
     def deliver_token(self, text: str, seq: int) -> None:
         if self._publisher is not None:
-            self._publisher.queue.token(text, seq)
+            self._publisher.token(text, seq)
 
     async def _publish_alone(self, frame: ChatResponse) -> None:
         assert frame.seq is not None
@@ -336,9 +318,9 @@ class ClusterConversation(Conversation):
                     self.turns.append(record)
                     first = [ChatResponse.echo(question, seq=record.echo_seq)]
                 self.updated_at = now()
-                self._publisher = Publisher(self.cluster, self.id, record.position)
+                self._publisher = self.broadcaster.publisher(self.id, record.position)
                 for frame in first:
-                    self._publisher.queue.send(frame)
+                    self._publisher.send(frame)
                 self._start(record, regenerate=question is None)
             except BaseException:
                 await self._let_go()

@@ -14,13 +14,12 @@ from redis.exceptions import RedisError
 from starlette import status
 
 from backend.cluster import WATCH_TTL, Cluster
-from backend.cluster_conversation import ClusterConversation, turn_from
+from backend.cluster_conversation import ClusterConversation, Links, turn_from
 from backend.config import Settings
 from backend.conversation import Conversation, Services
 from backend.records import ConversationRecord, title_for
 from backend.reply import Replier
 from backend.store import Store
-from backend.tail import Tail
 from backend.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class Conversations:
         self.writer = WriteBehind(store)
         self.services = Services(replier, settings, self.writer, self._on_idle)
         self.cluster = cluster
-        self.tail = Tail(cluster) if cluster is not None else None
+        self.links = Links.of(cluster) if cluster is not None else None
         self.draining = False
         self._live: dict[str, Conversation] = {}
         self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
@@ -62,11 +61,9 @@ class Conversations:
     async def start(self) -> None:
         """Open the store (and the link to the other workers) and start writing."""
         await self.store.start()
-        if self.cluster is not None:
-            self.cluster.on_control(self._on_control)
-            await self.cluster.start()
-            assert self.tail is not None
-            self.tail.start()
+        if self.links is not None:
+            self.links.cluster.on_control(self._on_control)
+            await self.links.start()
             self._spawn(self._keep_watching())
         self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")
 
@@ -81,16 +78,13 @@ class Conversations:
             await self.writer.flush()
         finally:
             await self.store.close()
-            if self.tail is not None:
-                await self.tail.close()
-            if self.cluster is not None:
-                await self.cluster.close()
+            if self.links is not None:
+                await self.links.close()
 
     def _make(self, conversation_id: str, record: ConversationRecord | None) -> Conversation:
-        if self.cluster is None:
+        if self.links is None:
             return Conversation(conversation_id, self.services, record)
-        assert self.tail is not None
-        return ClusterConversation(conversation_id, self.services, self.cluster, self.tail, record)
+        return ClusterConversation(conversation_id, self.services, self.links, record)
 
     def new(self) -> Conversation:
         """A fresh conversation; it is stored from its first question on."""

@@ -144,6 +144,12 @@ class Outbox:
         self._preloaded = 0
         return batch
 
+    def take_now(self) -> list[Pending]:
+        """Everything queued, without waiting (possibly nothing)."""
+        batch, self._pending = self._pending, []
+        self._preloaded = 0
+        return batch
+
     def stop(self) -> None:
         """The writer has stopped: the client is gone."""
         self._gone = True
