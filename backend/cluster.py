@@ -90,6 +90,9 @@ class Cluster:
         self.redis = redis.Redis.from_pool(pool)
         self._handlers: list[ControlHandler] = []
         self._listener: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        # Leases this worker holds while their replies run, and what to do if one is lost.
+        self._held: dict[str, Callable[[], None]] = {}
 
     # Keys.
 
@@ -115,11 +118,13 @@ class Cluster:
         """Listen for control messages (and fail here if Redis cannot be reached)."""
         await cast(Awaitable[Any], self.redis.ping())
         self._listener = asyncio.create_task(self._listen(), name="cluster-control")
+        self._renewer = asyncio.create_task(self._renew_all(), name="cluster-leases")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.wait([self._listener])
+        for task in (self._listener, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         await self.redis.aclose()
 
     def on_control(self, handler: ControlHandler) -> None:
@@ -164,12 +169,33 @@ class Cluster:
         taken = self.redis.set(self.lease(conversation_id), self.worker, nx=True, px=LEASE_MS)
         return bool(await cast(Awaitable[Any], taken))
 
-    async def renew(self, conversation_id: str) -> bool:
-        """Extend this worker's lease; False if it no longer holds it."""
-        renewed = await self.redis.eval(
-            RENEW, 1, self.lease(conversation_id), self.worker, LEASE_MS
-        )
-        return bool(renewed)
+    def hold(self, conversation_id: str, on_lost: Callable[[], None]) -> None:
+        """Keep renewing a lease just acquired until `let_go`; `on_lost()` if it is lost."""
+        self._held[conversation_id] = on_lost
+
+    def let_go(self, conversation_id: str) -> None:
+        self._held.pop(conversation_id, None)
+
+    async def _renew_all(self) -> None:
+        """Every `RENEW_EVERY` s, renew every lease held here, in one round trip."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            held = list(self._held)
+            if not held:
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for conversation_id in held:
+                pipe.eval(RENEW, 1, self.lease(conversation_id), self.worker, LEASE_MS)
+            try:
+                renewed = await pipe.execute()
+            except SHARED_STATE_ERRORS as exc:
+                log.warning("cannot renew leases (%s); trying again", exc)
+                continue
+            for conversation_id, ok in zip(held, renewed, strict=True):
+                on_lost = self._held.get(conversation_id)
+                if not ok and on_lost is not None:
+                    del self._held[conversation_id]
+                    on_lost()
 
     async def release(self, conversation_id: str) -> None:
         await self.redis.eval(RELEASE, 1, self.lease(conversation_id), self.worker)

@@ -304,6 +304,7 @@ class ClusterConversation(Conversation):
                 await self._load()
                 if question is None:
                     if not self.turns:
+                        self.cluster.let_go(self.id)
                         await self.cluster.release(self.id)
                         return False
                     record = self.turns[-1]
@@ -339,6 +340,7 @@ class ClusterConversation(Conversation):
             if time.monotonic() > deadline:
                 raise ChatError("unavailable", "Another worker did not give up this conversation.")
             await asyncio.sleep(0.005)
+        self.cluster.hold(self.id, self._lease_lost)
 
     async def _load(self) -> None:
         """The conversation as stored, and the last `seq` anyone used: the lease is ours now."""
@@ -350,7 +352,7 @@ class ClusterConversation(Conversation):
         self.seq = max(record.last_seq if record else 0, await self.cluster.last_seq(self.id))
 
     async def _run(self, record: TurnRecord, history: History, regenerate: bool) -> None:
-        keeper = asyncio.create_task(self._keep_lease(), name=f"lease-{self.id}")
+        keeper = asyncio.create_task(self._mind_the_grace(), name=f"grace-{self.id}")
         try:
             await super()._run(record, history, regenerate)
         finally:
@@ -371,22 +373,23 @@ class ClusterConversation(Conversation):
                 await self.cluster.set_last_seq(self.id, self.seq)
                 await self.cluster.release(self.id)
         finally:
+            self.cluster.let_go(self.id)
             if self._letting_go is asyncio.current_task():
                 self._letting_go = None
             if not self.clients:
                 self.services.on_idle(self)
 
-    async def _keep_lease(self) -> None:
-        """Renew the lease while the reply runs; stop it when no client anywhere watches."""
+    def _lease_lost(self) -> None:
+        log.warning("lost the lease of a conversation mid-reply; stopping it")
+        self._spawn(self.stop_here())
+
+    async def _mind_the_grace(self) -> None:
+        """Stop the reply when no client on any worker has watched it for the resume grace."""
         unwatched_since: float | None = None
         grace = self.services.settings.chat_resume_grace
         while True:
             await asyncio.sleep(RENEW_EVERY if grace > RENEW_EVERY else max(grace, 0.05))
             try:
-                if not await self.cluster.renew(self.id):
-                    log.warning("lost the lease of a conversation mid-reply; stopping it")
-                    self._spawn(self.stop())
-                    return
                 watched = bool(self.clients) or await self.cluster.watched_elsewhere(self.id)
             except SHARED_STATE_ERRORS:
                 continue
@@ -425,6 +428,7 @@ class ClusterConversation(Conversation):
     async def _recover_turn(self) -> None:
         if not await self.cluster.acquire(self.id):
             return
+        self.cluster.hold(self.id, lambda: None)
         try:
             entries = await self.cluster.whole_turn(self.id)
             record = turn_from(entries)
@@ -449,6 +453,7 @@ class ClusterConversation(Conversation):
             await self.services.writer.store.save([r for r in [self.snapshot()] if r is not None])
             await self.cluster.set_last_seq(self.id, self.seq)
         finally:
+            self.cluster.let_go(self.id)
             await self.cluster.release(self.id)
 
     def frames_after(self, after: int) -> Iterator[ChatResponse]:
