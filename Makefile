@@ -6,7 +6,7 @@ PORT ?= 8000
 
 NPM_STAMP := frontend/node_modules/.installed
 
-.PHONY: install run test test-deps screenshot lint bench schemas clean
+.PHONY: install run deploy test test-deps screenshot lint bench schemas clean
 
 # Create .venv, install the pinned requirements and the browser libraries (again on change).
 install: $(STAMP) $(NPM_STAMP)
@@ -29,6 +29,11 @@ $(STAMP): requirements.txt requirements-model.txt
 # Serve the chat server on http://$(HOST):$(PORT).
 run: install
 	$(PY) -m backend --host $(HOST) --port $(PORT)
+
+# nginx in front of WORKERS workers on Redis and PostgreSQL, on this machine (see README).
+WORKERS ?= 2
+deploy: install test-deps
+	$(PY) -m deploy.local --workers $(WORKERS) --port $(if $(filter command line,$(origin PORT)),$(PORT),8080)
 
 # Run the whole test suite (browser tests included).
 test: install test-deps
@@ -56,6 +61,7 @@ lint: install
 # Measure latency and throughput (fake model server, then the embedded model); see docs/benchmarks.md.
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.cluster
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/frames.py.

@@ -210,7 +210,7 @@ async def measure(
         )
         await asyncio.sleep(1)
 
-    steps = [100, 200, 300] if quick else [200, 300, 400, 500, 600, 800, 1000]
+    steps = [50, 100, 200] if quick else [50, 100, 150, 200, 300, 400, 600, 800]
     print("capacity: streams at 20 tokens/s with p99 added latency < 100 ms")
     found = {}
     for label, urls, pids in (
