@@ -118,11 +118,16 @@ class Follower:
         if self.waiting is not None:
             self.waiting.extend(entries)
             return
-        fresh = [entry for entry in entries if entry[0] > self.last]
+        fresh = []
+        last = self.last
+        for entry in entries:  # the tail and a catch-up may both bring an entry
+            if entry[0] > last:
+                fresh.append(entry)
+                last = entry[0]
         if fresh:
             for frame in replayed(fresh):
                 self.client.send(frame)
-            self.last = fresh[-1][0]
+            self.last = last
 
     def caught_up(self, frames: list[ChatResponse | Raw]) -> None:
         self.client.preload(frames)
@@ -271,7 +276,11 @@ class ClusterConversation(Conversation):
         frames: list[ChatResponse | Raw] = []
         if record is not None:
             for turn in record.turns:
-                if position is None or turn.position < position:
+                # The stream has the latest turn, with its own frame boundaries; a copy of it
+                # stored mid-reply (read here after a stream not yet begun) is not used.
+                if (position is None and turn.status is not None) or (
+                    position is not None and turn.position < position
+                ):
                     frames.extend(turn.frames_after(after))
         frames.extend(replayed(entries))
         ended = position is None or (bool(entries) and entries[-1][2].get("k") == "end")

@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from backend.server import free_port
 from bench.run import (
+    FAILURES,
     cpu_seconds,
     first_token,
     frame,
@@ -161,6 +162,9 @@ async def capacity(
             f"errors {result.errors}, CPU per token: {cpu_text(result.cpu)}"
             f"{'' if ok else '  ← over'}"
         )
+        if FAILURES:
+            print(f"    errors: {dict(FAILURES)}")
+            FAILURES.clear()
         if not ok:
             break
         held, at_held = sockets, result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -33,6 +34,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from backend.server import free_port
 
 TOKEN = " tok"
+# What went wrong on the sockets counted as errors, by kind (printed by the benchmarks).
+FAILURES: collections.Counter[str] = collections.Counter()
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
@@ -188,14 +191,17 @@ async def paced_streams(
                         arrivals += [now] * got["message"].count(TOKEN)
                     elif got["type"] == "error":
                         errors += 1
+                        FAILURES[got.get("code", "?")] += 1
                     elif got["type"] == "end":
                         if got.get("status") != "completed" or len(arrivals) != tokens:
                             errors += 1
+                            FAILURES[f"{got.get('status')}, {len(arrivals)} tokens"] += 1
                         break
                 start = arrivals[0]
                 lateness.extend(max(0.0, t - (start + i * delay)) for i, t in enumerate(arrivals))
-        except Exception:
+        except Exception as exc:
             errors += 1
+            FAILURES[type(exc).__name__] += 1
 
     await asyncio.gather(*(one(n) for n in range(sockets)))
     return lateness, errors
