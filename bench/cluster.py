@@ -40,6 +40,7 @@ from bench.run import (
     paced_streams,
     percentile,
     process,
+    rejoin_latency,
     throughput,
     until_end,
     wait_for_port,
@@ -88,35 +89,6 @@ async def cross_worker_stop(one: Worker, two: Worker, trials: int) -> list[float
         await until_end(asker)
         await asker.close()
         await stopper.close()
-    return latencies
-
-
-async def cross_worker_rejoin(one: Worker, two: Worker, trials: int) -> list[float]:
-    """A client leaves a reply streaming on `one` and comes back with `after` on `two`:
-    connect started → first frame it had missed."""
-    asker, conversation = await opened(one.url)
-    await asker.send("bench tokens=100000 delay=0.005")
-    seen = 0
-    while not seen:
-        got = await frame(asker)
-        if got["type"] == "stream" and got["sender"] == "bot":
-            seen = got["seq"]
-    await asker.close()  # the reply goes on for the resume grace
-    latencies = []
-    for trial in range(trials):
-        await asyncio.sleep(0.01 + (trial % 5) * 0.01)
-        sent = time.perf_counter()
-        url = f"{two.url}?conversation={conversation}&after={seen}"
-        async with connect(url, compression=None) as ws:
-            await frame(ws)  # the opening info
-            missed = await frame(ws)
-            latencies.append(time.perf_counter() - sent)
-            assert missed["seq"] > seen, (missed, seen)
-            seen = missed["seq"]
-    async with connect(f"{one.url}?conversation={conversation}", compression=None) as ws:
-        await ws.send(json.dumps({"type": "stop"}))
-        while (await frame(ws))["type"] != "end":
-            pass
     return latencies
 
 
@@ -181,7 +153,8 @@ async def measure(
         f"cross-worker stop → end, {trials} trials: p50 {ms(percentile(stops, 50))}, "
         f"p99 {ms(percentile(stops, 99))}  (target p99 < 10 ms)"
     )
-    rejoins = await cross_worker_rejoin(one, two, trials)
+    # Asked on worker 1, rejoined on worker 2.
+    rejoins = await rejoin_latency(one.url, trials, two.url)
     print(
         f"cross-worker rejoin → first missed frame, {trials} trials: p50 "
         f"{ms(percentile(rejoins, 50))}, p99 {ms(percentile(rejoins, 99))}  (target p99 < 20 ms)"

@@ -207,11 +207,13 @@ async def paced_streams(
     return lateness, errors
 
 
-async def rejoin_latency(url: str, trials: int) -> list[float]:
-    """A client that left a streaming reply comes back with `after`: connect → first missed frame.
+async def rejoin_latency(url: str, trials: int, rejoin_url: str | None = None) -> list[float]:
+    """A client that left a streaming reply comes back with `after` (at `rejoin_url`, another
+    worker, if given): connect → first missed frame.
 
     The reply streams a token every 5 ms all along, so there is always something missed.
     """
+    back = rejoin_url or url
     async with connect(url, compression=None) as ws:
         conversation = (await frame(ws))["conversation"]
         await ws.send("bench tokens=100000 delay=0.005")
@@ -225,7 +227,7 @@ async def rejoin_latency(url: str, trials: int) -> list[float]:
         await asyncio.sleep(0.01 + (trial % 5) * 0.01)
         sent = time.perf_counter()
         async with connect(
-            f"{url}?conversation={conversation}&after={seen}", compression=None
+            f"{back}?conversation={conversation}&after={seen}", compression=None
         ) as ws:
             await frame(ws)  # the opening info
             missed = await frame(ws)

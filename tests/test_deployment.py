@@ -106,6 +106,17 @@ async def test_kill_9_of_the_worker_writing_a_reply(
     assert fake.requests[-1].messages[2]["content"] == text_of(seen)
 
 
+async def ask_until_served(ws: ClientConnection, question: str) -> list[Frame]:
+    """Ask again every 0.2 s while the answer is an error (shared state still coming back)."""
+    async with asyncio.timeout(UNIT * 5):
+        while True:
+            await ws.send(question)
+            frames = [await recv(ws, within=UNIT * 5)]
+            if frames[0]["type"] != "error":
+                return frames + await until_end(ws)
+            await asyncio.sleep(0.2)
+
+
 async def test_redis_restart_mid_conversation(
     own_deployment: Deployment, redis_server: Redis, fake: FakeUpstream
 ) -> None:
@@ -118,14 +129,7 @@ async def test_redis_restart_mid_conversation(
         assert error["type"] == "error"
         assert error["code"] == "unavailable"
         redis_server.start()
-        async with asyncio.timeout(UNIT * 5):
-            while True:
-                await ws.send("after")
-                frames = [await recv(ws, within=UNIT * 5)]
-                if frames[0]["type"] != "error":
-                    frames += await until_end(ws)
-                    break
-                await asyncio.sleep(0.2)
+        frames = await ask_until_served(ws, "after")
     assert frames[-1]["status"] == "completed"
     assert text_of(frames) == "You said: after"
 
@@ -145,14 +149,7 @@ async def test_postgres_restart_mid_conversation(
             assert error["code"] == "unavailable"
         finally:
             await asyncio.to_thread(postgres.start)
-        async with asyncio.timeout(UNIT * 5):
-            while True:
-                await ws.send("after")
-                frames = [await recv(ws, within=UNIT * 5)]
-                if frames[0]["type"] != "error":
-                    frames += await until_end(ws)
-                    break
-                await asyncio.sleep(0.2)
+        frames = await ask_until_served(ws, "after")
     assert frames[-1]["status"] == "completed"
     async with httpx.AsyncClient(timeout=UNIT) as client:
         stored = (
