@@ -2,10 +2,12 @@
 
 The worker that receives a question takes the conversation's lease (stopping the reply that
 runs elsewhere first, if any), answers it, and publishes every frame to the conversation's
-stream. Every client, on whichever worker, is fed from that stream by a task of its own, so a
-client that joins or rejoins `after` a `seq` on any worker gets exactly what it missed. Before
-a worker lets go of the lease it stores the turn, so the database holds every turn but the
-latest and the stream holds the latest.
+stream (through the worker's one sender, `backend/publishing.py`). Every client, on whichever
+worker, is first caught up (stored turns, then the stream's turn after its `after`) and then
+fed from the stream by its worker's one reader (`backend/tail.py`), each `seq` once, so a client
+that joins or rejoins on any worker gets exactly what it missed. Before a worker lets go of the
+lease it stores the turn, so the database holds every turn but the latest and the stream holds
+the latest.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from schemas import ChatResponse
 
 log = logging.getLogger(__name__)
 
-# How long a feed waits on the stream before it checks that the reply's worker is alive.
-FEED_BLOCK_MS = 1000
+# Seconds between checks, while a turn is open, that a worker still runs it.
+CHECK_RUNNER_EVERY = 1.0
 # How long a worker waits for another to give up a conversation it was asked to stop.
 TAKE_OVER_WITHIN = 10.0
 ASK_AGAIN_AFTER = 0.05
@@ -259,7 +261,7 @@ class ClusterConversation(Conversation):
     async def _watch_runner(self) -> None:
         """While a turn is open, check now and then that a worker still runs it."""
         while True:
-            await asyncio.sleep(FEED_BLOCK_MS / 1000)
+            await asyncio.sleep(CHECK_RUNNER_EVERY)
             if not self._turn_open or self._publisher is not None:
                 continue
             try:
