@@ -6,12 +6,14 @@ import asyncio
 import json
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from backend.cluster import Cluster, Entry
 from deploy.services import Addressed, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
@@ -174,3 +176,40 @@ async def test_a_first_reply_on_one_worker_is_readable_and_deletable_on_the_othe
             for server in workers:
                 gone = await client.get(f"{server.http}/api/conversations/{conversation}")
                 assert gone.status_code == 404
+
+
+async def test_a_catch_up_slower_than_a_store_write_sends_the_text_once(
+    workers: list[LiveServer], fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client joins on worker 2 just before the first question; its catch-up reads the
+    stream (not begun yet), then, slowly, the database, by which time worker 1 has stored the
+    turn mid-reply. The stream, not that copy, must give the client the turn."""
+    one, two = workers
+    cluster: Cluster = two.server.app.state.conversations.links.cluster
+    read_stream = cluster.turn_frames
+
+    async def slow_turn_frames(conversation_id: str, after: int) -> tuple[int | None, list[Entry]]:
+        found = await read_stream(conversation_id, after)
+        await asyncio.sleep(2.5)  # more than the store's one-second tick
+        return found
+
+    # Worker 1's sender lags, so tokens merge into entries a stored copy can end inside.
+    broadcaster = one.server.app.state.conversations.links.broadcaster
+    send = broadcaster._send
+
+    async def lagging_send(batches: list[Any]) -> None:
+        await send(batches)
+        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(broadcaster, "_send", lagging_send)
+    words = [f" w{n}" for n in range(1000)]
+    fake.then(Behaviour(tokens=words, delay=0.003))
+    async with connect(one.ws) as asker:
+        conversation = conversation_of(asker)
+        monkeypatch.setattr(cluster, "turn_frames", slow_turn_frames)
+        async with ws_connect(join_url(two, conversation)) as follower:
+            await recv(follower)
+            await asker.send("a long story")
+            frames = await until_end(follower, within=UNIT * 5)
+    assert text_of(frames) == "".join(words)
+    assert [f["seq"] for f in frames] == sorted({f["seq"] for f in frames})
