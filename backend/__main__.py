@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import socket
 
+from backend import logs
 from backend.app import create_app
 from backend.config import Settings
 from backend.server import chat_server
@@ -28,13 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     # A worker started by `--workers`: serve on the listening socket it inherited.
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # One line per HTTP request to the model server is noise at INFO.
-    for name in ("httpx", "httpx2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     settings = Settings()
+    logs.configure(settings.chat_log_format)  # again once uvicorn has set up its loggers
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1:
@@ -44,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve_workers(args.workers, args.host, args.port, settings))
         return
     server = chat_server(create_app(settings), settings, args.host, args.port)
+    logs.configure(settings.chat_log_format)
     if args.fd is not None:
         server.run(sockets=[socket.socket(fileno=args.fd)])
     else:

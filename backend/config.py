@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backend.logs import LogFormat
+
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer clearly and concisely. "
@@ -57,6 +59,8 @@ class Settings(BaseSettings):
     chat_resume_grace: float = Field(default=30.0, ge=0)
     # Seconds replies in flight get to finish when the server is asked to stop.
     chat_shutdown_grace: float = Field(default=10.0, ge=0)
+    # Log lines as readable text, or one JSON object per line (for log collectors).
+    chat_log_format: LogFormat = "text"
 
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
     local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from backend import logs
 from backend.config import Settings
 from backend.errors import ClientGone
 from backend.history import History
@@ -230,6 +231,8 @@ class Conversation:
         )
 
     async def _run(self, record: TurnRecord, history: History, regenerate: bool) -> None:
+        # Every log line of this reply, and of the tasks it starts, names its conversation.
+        logs.conversation_id.set(self.id)
         writer = self.services.writer
         self._streaming = record
         self._changed.add(record.position)

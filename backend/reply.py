@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableConfig
 
+from backend import logs
 from backend.callbacks import ProgressHandler, StreamingHandler
 from backend.chain import ChatChain
 from backend.config import Settings
@@ -37,6 +39,7 @@ class Replier:
         closed, the text streamed so far stays in `turn`, and `end` says `interrupted`.
         """
         status: EndStatus = "error"
+        logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
         try:
             await self._generate(turn, history)
@@ -54,6 +57,7 @@ class Replier:
         finally:
             with contextlib.suppress(ClientGone):
                 turn.send(ChatResponse.bot("end", status=status))
+            log.info("reply %s, %d characters", status, len(turn.text))
         return status
 
     async def _generate(self, turn: Turn, history: History) -> None:

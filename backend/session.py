@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from backend import logs
 from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.config import Settings
 from backend.conversation import Conversation, hello
@@ -56,6 +57,7 @@ class ChatSession:
     async def run(self, conversation: Conversation, after: int) -> None:
         """Serve the socket until the client leaves; its conversation carries on without it."""
         self.conversation = conversation
+        logs.conversation_id.set(conversation.id)
         self.outbox.send(hello(conversation))
         await conversation.join(self.outbox, after)
         writer = asyncio.create_task(write(self.outbox, self.websocket), name="chat-writer")
@@ -116,6 +118,7 @@ class ChatSession:
                 await conversation.stop()
                 conversation.leave(self.outbox)
                 self.conversation = fresh = self.conversations.new()
+                logs.conversation_id.set(fresh.id)
                 await fresh.join(self.outbox, 0)
                 ack = ChatResponse.bot("info", "Conversation cleared.")
                 ack.conversation = fresh.id

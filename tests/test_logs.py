@@ -1,0 +1,80 @@
+"""The server's own log: JSON lines on request, the conversation and reply on every line of a
+reply, and never a question's text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+
+from backend.server import free_port
+from fakes.openai_server import FakeUpstream
+from tests.harness import (
+    UNIT,
+    ask,
+    connect,
+    conversation_of,
+    python_process,
+    temp_database,
+)
+
+SECRET = "tell-nobody-7431"
+
+
+async def served_log(fake: FakeUpstream, log_format: str) -> tuple[str, str]:
+    """Run `python -m backend`, ask over a socket and over `/stream`, stop it: the
+    conversation id and everything it logged."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env.update(
+        OPENAI_BASE_URL=fake.url,
+        CHAT_MODEL="fake-model",
+        CHAT_DATABASE_URL=temp_database(),
+        CHAT_LOG_FORMAT=log_format,
+    )
+    async with python_process(
+        "-m", "backend", "--port", str(port), env=env, stderr=asyncio.subprocess.PIPE
+    ) as server:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=UNIT) as client, asyncio.timeout(UNIT * 10):
+            while True:
+                try:
+                    if (await client.get(f"{base}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            async with connect(f"ws://127.0.0.1:{port}/chat") as ws:
+                conversation = conversation_of(ws)
+                await ask(ws, f"socket {SECRET}")
+            streamed = await client.get(f"{base}/stream", params={"prompt": f"http {SECRET}"})
+            assert streamed.status_code == 200
+        server.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(server.communicate(), UNIT * 10)
+    return conversation, err.decode()
+
+
+async def test_json_lines_name_the_conversation_and_reply_and_keep_questions_out(
+    fake: FakeUpstream,
+) -> None:
+    conversation, log = await served_log(fake, "json")
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(line)
+    ended = [line for line in lines if line["message"].startswith("reply completed")]
+    assert len(ended) == 2  # the socket's and the /stream request's
+    assert ended[0]["conversation"] == conversation
+    assert len({line["reply"] for line in ended}) == 2
+    assert any("/stream" in line["message"] for line in lines)  # the request line, at INFO
+    assert SECRET not in log
+
+
+async def test_text_lines_carry_the_ids_too(fake: FakeUpstream) -> None:
+    conversation, log = await served_log(fake, "text")
+    ended = [line for line in log.splitlines() if "reply completed" in line]
+    assert len(ended) == 2
+    assert f"[conversation={conversation} reply=" in ended[0]
+    assert SECRET not in log
