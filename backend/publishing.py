@@ -29,7 +29,7 @@ EXPIRE_EVERY = 60.0
 StreamEntry = tuple[int, str, str]  # seq, frame JSON, kind
 
 
-def entry_of(item: Pending) -> StreamEntry | None:
+def stream_entry(item: Pending) -> StreamEntry | None:
     if isinstance(item, TokenRun):
         return item.seq or 0, item.to_json(), TEXT
     if isinstance(item, ChatResponse):
@@ -63,7 +63,7 @@ class Publisher:
     def take(self) -> list[StreamEntry]:
         """Everything queued since the last call, with what failed to go last time first."""
         for item in self.queue.take_now():
-            entry = entry_of(item)
+            entry = stream_entry(item)
             if entry is not None:
                 self.unsent.append(entry)
             elif isinstance(item, Close):

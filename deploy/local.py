@@ -24,7 +24,7 @@ from backend.local_model import (
     server_command,
 )
 from backend.server import free_port
-from deploy.services import Deployment, Postgres, Redis, Service
+from deploy.services import SETTINGS_PREFIXES, Deployment, Postgres, Redis, Service
 
 DATABASE = "chat"
 
@@ -58,7 +58,7 @@ class EmbeddedModel(Service):
 
 def worker_environment(settings: Settings, model: EmbeddedModel | None) -> dict[str, str]:
     """What the workers are told: the caller's own CHAT_*/OPENAI_* settings, and the model's."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(("CHAT_", "OPENAI_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIXES)}
     if model is not None:
         env["OPENAI_BASE_URL"] = model.url
         env["CHAT_MODEL"] = model.alias

@@ -73,6 +73,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
+# The prefixes of the server's own settings in the environment.
+SETTINGS_PREFIXES = ("OPENAI_", "CHAT_")
+
+
+def environment_without_settings() -> dict[str, str]:
+    """Our environment minus the server's settings, so a child gets only those it is given."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIXES)}
+
+
 def group_exits(process: subprocess.Popen[bytes], within: float) -> bool:
     """Wait until every process of `process`'s group has exited; False after `within` s."""
     deadline = time.monotonic() + within
@@ -258,10 +267,7 @@ class Worker(Addressed):
 
     def launch(self) -> None:
         """Start the process; `wait_ready` waits until it serves."""
-        environment = {
-            k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))
-        }
-        environment.update(self.env)
+        environment = {**environment_without_settings(), **self.env}
         output = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from websockets.asyncio.client import ClientConnection
@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from backend.app import create_app
 from backend.config import Settings
 from backend.server import bind, chat_server
-from deploy.services import Addressed
+from deploy.services import Addressed, environment_without_settings
 from fakes.openai_server import FakeUpstream
 
 # Every wait in the tests is a multiple of this, so a slow machine needs one change.
@@ -134,13 +134,25 @@ async def python_process(*args: str, **options: Any) -> AsyncIterator[asyncio.su
             await process.wait()
 
 
+async def healthy(base: str, within: float = UNIT * 10) -> None:
+    """Return once `base`/healthz answers 200; fails after `within` seconds."""
+    async with httpx.AsyncClient(timeout=UNIT) as client, asyncio.timeout(within):
+        while True:
+            try:
+                if (await client.get(f"{base}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+
+
 @asynccontextmanager
 async def backend_process(
     port: int, *args: str, **env: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`python -m backend --port PORT ARGS...` with none of the caller's model or chat settings:
     only `env`, and a database of its own unless `env` names one."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    environment = environment_without_settings()
     environment["CHAT_DATABASE_URL"] = temp_database()
     environment.update(env)
     async with python_process(

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 
 import httpx
 
 from backend.server import free_port
+from deploy.services import environment_without_settings
 from fakes.openai_server import FakeUpstream
 from tests.harness import (
     UNIT,
     ask,
     connect,
     conversation_of,
+    healthy,
     python_process,
     temp_database,
 )
@@ -28,7 +29,7 @@ async def served_log(fake: FakeUpstream, log_format: str) -> tuple[str, str]:
     """Run `python -m backend`, ask over a socket and over `/stream`, stop it: the
     conversation id and everything it logged."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env = environment_without_settings()
     env.update(
         OPENAI_BASE_URL=fake.url,
         CHAT_MODEL="fake-model",
@@ -39,13 +40,8 @@ async def served_log(fake: FakeUpstream, log_format: str) -> tuple[str, str]:
         "-m", "backend", "--port", str(port), env=env, stderr=asyncio.subprocess.PIPE
     ) as server:
         base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(timeout=UNIT) as client, asyncio.timeout(UNIT * 10):
-            while True:
-                try:
-                    if (await client.get(f"{base}/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
+        await healthy(base)
+        async with httpx.AsyncClient(timeout=UNIT) as client:
             async with connect(f"ws://127.0.0.1:{port}/chat") as ws:
                 conversation = conversation_of(ws)
                 await ask(ws, f"socket {SECRET}")

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from backend.server import free_port
-from deploy.services import Postgres, Redis, children
+from deploy.services import Postgres, Redis, children, environment_without_settings
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
     UNIT,
@@ -29,6 +29,7 @@ from tests.harness import (
     backend_process,
     connect,
     conversation_of,
+    healthy,
     python_process,
     recv,
     text_of,
@@ -38,17 +39,6 @@ from tests.harness import (
 )
 
 SCALE_OUT = ("OPENAI_BASE_URL", "CHAT_MODEL", "CHAT_DATABASE_URL", "CHAT_REDIS_URL")
-
-
-async def healthy(base: str, within: float = UNIT * 10) -> None:
-    async with httpx.AsyncClient(timeout=UNIT) as client, asyncio.timeout(within):
-        while True:
-            try:
-                if (await client.get(f"{base}/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
 
 
 async def test_workers_share_one_port_and_a_dead_one_is_replaced(
@@ -86,7 +76,7 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
 
 
 async def test_several_workers_need_redis_and_a_shared_database(fake: FakeUpstream) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env = environment_without_settings()
     env["OPENAI_BASE_URL"] = fake.url
     async with python_process(
         "-m",
@@ -122,7 +112,7 @@ class Recipe:
 @asynccontextmanager
 async def recipe(fake: FakeUpstream, data: Path) -> AsyncIterator[Recipe]:
     """`python -m deploy.local` with two workers on the fake model, until the block ends."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHAT_"))}
+    env = environment_without_settings()
     env.update(OPENAI_BASE_URL=fake.url, CHAT_MODEL="fake-model", CHAT_TIMEOUT="3")
     async with python_process(
         "-m",
