@@ -8,6 +8,7 @@ import socket
 
 from backend import logs
 from backend.app import create_app
+from backend.auth import anonymous_refusal
 from backend.config import Settings
 from backend.server import chat_server
 from backend.workers import scale_out_problem, serve_workers
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.chat_log_format)  # again once uvicorn has set up its loggers
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    refusal = anonymous_refusal(settings, args.host)
+    if refusal is not None and args.fd is None:
+        parser.exit(2, f"python -m backend: {refusal}\n")
     if args.workers > 1:
         problem = scale_out_problem(settings)
         if problem is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 
+from backend.access import Access
+from backend.auth import Principal
 from backend.conversations import ID_PATTERN, Conversations
 from backend.records import ConversationRecord, ConversationSummary
 from schemas import conversations as api
@@ -42,8 +44,8 @@ def conversation_of(record: ConversationRecord) -> api.Conversation:
     )
 
 
-def build_api(conversations: Conversations) -> APIRouter:
-    """The REST routes over `conversations`."""
+def build_api(conversations: Conversations, access: Access) -> APIRouter:
+    """The REST routes over `conversations`: each caller sees its own conversations only."""
     router = APIRouter(prefix="/api/conversations", tags=["conversations"])
 
     def not_found(conversation_id: str) -> HTTPException:
@@ -55,20 +57,24 @@ def build_api(conversations: Conversations) -> APIRouter:
     async def list_conversations(
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         offset: Annotated[int, Query(ge=0)] = 0,
+        caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> api.ConversationPage:
         # What is only in memory yet is written first, so the list is never behind the chat.
         await conversations.writer.flush()
-        rows = await conversations.store.page(limit + 1, offset)
+        rows = await conversations.store.page(caller.user, limit + 1, offset)
         return api.ConversationPage(
             conversations=[summary_of(row) for row in rows[:limit]],
             next_offset=offset + limit if len(rows) > limit else None,
         )
 
     @router.get("/{conversation_id}", summary="A conversation with all its messages")
-    async def get_conversation(conversation_id: str) -> api.Conversation:
+    async def get_conversation(
+        conversation_id: str,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> api.Conversation:
         if not ID_PATTERN.fullmatch(conversation_id):
             raise not_found(conversation_id)
-        record = await conversations.read(conversation_id)
+        record = await conversations.read(conversation_id, caller.user)
         if record is None:
             raise not_found(conversation_id)
         return conversation_of(record)
@@ -78,9 +84,12 @@ def build_api(conversations: Conversations) -> APIRouter:
         status_code=status.HTTP_204_NO_CONTENT,
         summary="Delete a conversation; its sockets are closed (1008)",
     )
-    async def delete_conversation(conversation_id: str) -> Response:
+    async def delete_conversation(
+        conversation_id: str,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> Response:
         if not ID_PATTERN.fullmatch(conversation_id) or not await conversations.delete(
-            conversation_id
+            conversation_id, caller.user
         ):
             raise not_found(conversation_id)
         return Response(status_code=status.HTTP_204_NO_CONTENT)

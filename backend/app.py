@@ -15,7 +15,9 @@ from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from backend.access import CHALLENGE, Access
 from backend.api import build_api
+from backend.auth import Authenticator, Principal, Tickets, Unauthorized
 from backend.chain import build_chain
 from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE, Cluster
 from backend.config import Settings
@@ -64,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream)
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
     conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
+    access = Access(Authenticator(settings), Tickets(settings.chat_redis_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
             await upstream.stop()
             await http_client.aclose()
             await conversations.close()
+            await access.tickets.close()
 
     app = FastAPI(
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
@@ -95,14 +99,15 @@ def create_app(settings: Settings) -> FastAPI:
     # Redis or the database down: a request may be tried again, it is not the server's bug.
     for unreachable in (RedisError, SQLAlchemyError, ConnectionError):
         app.add_exception_handler(unreachable, shared_state_down)
-    app.include_router(build_router(replier, conversations, settings))
-    app.include_router(build_api(conversations))
+    app.include_router(build_router(replier, conversations, settings, access))
+    app.include_router(build_api(conversations, access))
+    app.include_router(access.router())
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:
         # 503 until replies can work, and again while draining to stop, so load balancers and
         # readiness probes hold traffic.
-        report = upstream.health()
+        report = {**upstream.health(), "auth": settings.chat_auth}
         if conversations.draining:
             report = {**report, "status": "draining"}
         ok = report["status"] == "ok"
@@ -124,9 +129,27 @@ def create_app(settings: Settings) -> FastAPI:
                 PlainTextResponse(RESTARTING, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
             )
             return
+        try:
+            principal = await access.principal(
+                websocket.headers, websocket.query_params.get("ticket")
+            )
+        except Unauthorized as unauthorized:
+            log.info("refused a socket: %s", unauthorized)
+            await websocket.send_denial_response(
+                PlainTextResponse(
+                    str(unauthorized), status.HTTP_401_UNAUTHORIZED, headers=CHALLENGE
+                )
+            )
+            return
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot check a ticket: %s", exc)
+            await websocket.send_denial_response(
+                PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+            )
+            return
         await websocket.accept()
         try:
-            conversation, after = await joining(websocket)
+            conversation, after = await joining(websocket, principal)
         except (UnknownConversation, ValueError) as refused_join:
             # Accepted, then closed: a browser sees this code and reason, never an HTTP status.
             await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=str(refused_join))
@@ -135,16 +158,16 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning("cannot open a conversation: %s", exc)
             await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER, reason=UNREACHABLE)
             return
-        await ChatSession(websocket, conversations, settings).run(conversation, after)
+        await ChatSession(websocket, conversations, settings, principal).run(conversation, after)
 
-    async def joining(websocket: WebSocket) -> tuple[Conversation, int]:
+    async def joining(websocket: WebSocket, principal: Principal) -> tuple[Conversation, int]:
         """The conversation `?conversation=ID` names (a new one without it), and `?after=`."""
         params = websocket.query_params
         wanted = params.get("conversation")
         after = parse_after(params.get("after"))
         if wanted is None:
-            return conversations.new(), after
-        return await conversations.open(wanted), after
+            return conversations.new(principal.user), after
+        return await conversations.open(wanted, principal.user), after
 
     @app.get("/vendor/{name}", include_in_schema=False)
     async def vendor(name: str) -> FileResponse:

@@ -109,6 +109,10 @@ class Cluster:
         return f"chat:seq:{conversation_id}"
 
     @staticmethod
+    def owner(conversation_id: str) -> str:
+        return f"chat:owner:{conversation_id}"
+
+    @staticmethod
     def watchers(conversation_id: str) -> str:
         return f"chat:watchers:{conversation_id}"
 
@@ -226,18 +230,21 @@ class Cluster:
         from_stream = entry_of(last[0])[0] if last else 0
         return max(int(stored or 0), from_stream)
 
-    async def known(self, conversation_id: str) -> bool:
-        """Whether any worker has handed out or used this conversation id lately."""
+    async def known(self, conversation_id: str) -> str | None:
+        """The owner of this conversation id if any worker has handed it out or used it lately."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(self.seq(conversation_id), self.frames(conversation_id))
-        (count,) = await pipe.execute()
-        return bool(count)
+        pipe.get(self.owner(conversation_id))
+        count, owner = await pipe.execute()
+        return str(owner or "") if count else None
 
-    async def announce(self, conversation_id: str) -> None:
-        """Make a new conversation's id known to every worker (for an hour, if unused)."""
-        await cast(
-            Awaitable[Any], self.redis.set(self.seq(conversation_id), 0, nx=True, ex=STREAM_TTL_S)
-        )
+    async def announce(self, conversation_id: str, owner: str) -> None:
+        """Make a new conversation's id, and whose it is, known to every worker (for an hour,
+        if unused; as long as its stream once used)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.seq(conversation_id), 0, nx=True, ex=STREAM_TTL_S)
+        pipe.set(self.owner(conversation_id), owner, ex=STREAM_TTL_S * 24)
+        await pipe.execute()
 
     async def forget_unused(self, conversation_id: str) -> None:
         """Drop the id of a conversation in which nothing was asked."""
@@ -291,6 +298,7 @@ class Cluster:
         keys = [
             self.frames(conversation_id),
             self.seq(conversation_id),
+            self.owner(conversation_id),
             self.watchers(conversation_id),
         ]
         await cast(Awaitable[Any], self.redis.delete(*keys))

@@ -147,8 +147,9 @@ class ClusterConversation(Conversation):
         services: Services,
         links: Links,
         record: ConversationRecord | None = None,
+        owner: str = "",
     ) -> None:
-        super().__init__(conversation_id, services, record)
+        super().__init__(conversation_id, services, record, owner)
         self.cluster = links.cluster
         self.tail = links.tail
         self.broadcaster = links.broadcaster

@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     # Log lines as readable text, or one JSON object per line (for log collectors).
     chat_log_format: LogFormat = "text"
 
+    # Who may chat: everyone as one anonymous user, or bearer tokens (see backend/auth.py).
+    chat_auth: Literal["none", "token"] = "none"
+    # Serve anonymously on a non-loopback address anyway (another layer guards the port).
+    chat_allow_anonymous: bool = False
+    chat_jwt_secret: SecretStr | None = None  # HS256
+    chat_jwks_url: str | None = None  # RS256 / ES256, keys published by an identity provider
+    chat_jwt_audience: str | None = None
+    chat_jwt_issuer: str | None = None
+    # Static keys for scripts: comma-separated USER:KEY pairs.
+    chat_api_keys: SecretStr | None = None
+
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
     local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M
     local_model_context: int = Field(default=2048, ge=256)
@@ -81,6 +92,21 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @property
+    def api_keys(self) -> list[tuple[str, str]]:
+        """`CHAT_API_KEYS` as (user, key) pairs; a user may have several keys."""
+        if self.chat_api_keys is None:
+            return []
+        pairs: list[tuple[str, str]] = []
+        for entry in self.chat_api_keys.get_secret_value().split(","):
+            if not entry.strip():
+                continue
+            user, _, key = entry.strip().partition(":")
+            if not user or not key:
+                raise ValueError("CHAT_API_KEYS entries must look like USER:KEY.")
+            pairs.append((user, key))
+        return pairs
 
     @property
     def mode(self) -> Mode:

@@ -71,10 +71,16 @@ class Conversation:
     """A conversation in memory; the store has everything it said once it is written."""
 
     def __init__(
-        self, conversation_id: str, services: Services, record: ConversationRecord | None = None
+        self,
+        conversation_id: str,
+        services: Services,
+        record: ConversationRecord | None = None,
+        owner: str = "",
     ) -> None:
         self.id = conversation_id
         self.services = services
+        # The user it belongs to: nobody else may see it, join it or act on it.
+        self.owner = record.owner if record else owner
         self.turns: list[TurnRecord] = record.turns if record else []
         self.seq = record.last_seq if record else 0
         self.title = record.title if record else None
@@ -294,6 +300,7 @@ class Conversation:
             last_seq=self.seq,
             turn_count=len(self.turns),
             turns=turns,
+            owner=self.owner,
         )
 
     def unsaved(self, record: ConversationRecord) -> None:

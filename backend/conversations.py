@@ -81,32 +81,42 @@ class Conversations:
             if self.links is not None:
                 await self.links.close()
 
-    def _make(self, conversation_id: str, record: ConversationRecord | None) -> Conversation:
+    def _make(
+        self, conversation_id: str, record: ConversationRecord | None, owner: str
+    ) -> Conversation:
         if self.links is None:
-            return Conversation(conversation_id, self.services, record)
-        return ClusterConversation(conversation_id, self.services, self.links, record)
+            return Conversation(conversation_id, self.services, record, owner)
+        return ClusterConversation(conversation_id, self.services, self.links, record, owner)
 
-    def new(self) -> Conversation:
-        """A fresh conversation; it is stored from its first question on."""
-        conversation = self._make(uuid.uuid4().hex, None)
+    def new(self, owner: str) -> Conversation:
+        """A fresh conversation of `owner`'s; it is stored from its first question on."""
+        conversation = self._make(uuid.uuid4().hex, None, owner)
         self._live[conversation.id] = conversation
         if self.cluster is not None:
-            self._spawn(self._announce(conversation.id))
+            self._spawn(self._announce(conversation.id, owner))
         return conversation
 
-    async def _announce(self, conversation_id: str) -> None:
+    async def _announce(self, conversation_id: str, owner: str) -> None:
         assert self.cluster is not None
         with contextlib.suppress(RedisError, OSError):
-            await self.cluster.announce(conversation_id)
+            await self.cluster.announce(conversation_id, owner)
 
     def live(self, conversation_id: str) -> Conversation | None:
         """The conversation if it is in memory."""
         return self._live.get(conversation_id)
 
-    async def open(self, conversation_id: str) -> Conversation:
-        """The conversation with this id, loaded if need be; raises `UnknownConversation`."""
+    async def open(self, conversation_id: str, owner: str) -> Conversation:
+        """`owner`'s conversation with this id, loaded if need be; raises `UnknownConversation`
+        for one that does not exist and, alike, for one of another user's."""
         if not ID_PATTERN.fullmatch(conversation_id):
             raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
+        conversation = await self._open(conversation_id)
+        if conversation.owner != owner:
+            # The same answer as for no conversation at all, so ids cannot be probed.
+            raise UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
+        return conversation
+
+    async def _open(self, conversation_id: str) -> Conversation:
         conversation = self._live.get(conversation_id)
         if conversation is not None:
             return conversation
@@ -120,21 +130,27 @@ class Conversations:
         conversation = self._live.get(conversation_id)
         if conversation is not None:
             return conversation
-        if record is None and not await self._elsewhere(conversation_id):
+        owner = record.owner if record is not None else await self._elsewhere(conversation_id)
+        if owner is None:
             raise UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
-        conversation = self._make(conversation_id, record)
+        conversation = self._make(conversation_id, record, owner)
         self._live[conversation_id] = conversation
         return conversation
 
-    async def _elsewhere(self, conversation_id: str) -> bool:
-        """Whether another worker has begun a conversation the store does not have yet."""
+    async def _elsewhere(self, conversation_id: str) -> str | None:
+        """The owner of a conversation another worker has begun and the store does not have
+        yet; None if there is none."""
         if self.cluster is None:
-            return False
+            return None
         return await self.cluster.known(conversation_id)
 
-    async def read(self, conversation_id: str) -> ConversationRecord | None:
-        """The conversation as it is now, its reply in flight included, wherever that runs;
-        None if nothing was ever asked in it."""
+    async def read(self, conversation_id: str, owner: str) -> ConversationRecord | None:
+        """`owner`'s conversation as it is now, its reply in flight included, wherever that
+        runs; None if nothing was ever asked in it, or it is another user's."""
+        record = await self._read(conversation_id)
+        return record if record is not None and record.owner == owner else None
+
+    async def _read(self, conversation_id: str) -> ConversationRecord | None:
         await self.writer.flush()
         record = await self.store.load(conversation_id)
         if self.cluster is None:
@@ -144,24 +160,27 @@ class Conversations:
         if latest is None:
             return record
         if record is None:
+            owner = await self.cluster.known(conversation_id)
+            if owner is None:
+                return None
             at = latest.asked_at
             record = ConversationRecord(
-                conversation_id, title_for(latest.question), at, at, latest.last_seq, 0, []
+                conversation_id, title_for(latest.question), at, at, latest.last_seq, 0, [], owner
             )
         turns = [turn for turn in record.turns if turn.position != latest.position]
         record.turns = sorted([*turns, latest], key=lambda turn: turn.position)
         record.turn_count = max(record.turn_count, latest.position + 1)
         return record
 
-    async def delete(self, conversation_id: str) -> bool:
-        """Stop, disconnect and remove a conversation; False if there was none."""
+    async def delete(self, conversation_id: str, owner: str) -> bool:
+        """Stop, disconnect and remove `owner`'s conversation; False if there was none."""
         conversation = self._live.get(conversation_id)
-        if conversation is not None and not conversation.stored:
+        if conversation is not None and (not conversation.stored or conversation.owner != owner):
             return False  # an id nothing was asked in is not a conversation yet
         found = conversation is not None
-        if conversation is None and self.cluster is not None:
-            # It may have begun on another worker and not be stored yet.
-            found = await self.read(conversation_id) is not None
+        if conversation is None:
+            # Not in memory here: stored, or begun on another worker and not stored yet.
+            found = await self.read(conversation_id, owner) is not None
             if not found:
                 return False
         if conversation is not None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -45,6 +46,9 @@ conversations = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
     Column("last_seq", BigInteger, nullable=False),
     Column("turn_count", Integer, nullable=False),
+    # The user it belongs to; '' is the anonymous user (CHAT_AUTH=none).
+    Column("owner", String(255), nullable=False, server_default=""),
+    Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
 
 turns = Table(

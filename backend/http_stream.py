@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
 
+from backend.access import Access
+from backend.auth import Principal
 from backend.config import Settings
 from backend.conversation import Conversation, hello
 from backend.conversations import Conversations, UnknownConversation
@@ -122,7 +124,9 @@ def resume_point(request: Request) -> int:
     return int(value)
 
 
-def build_router(replier: Replier, conversations: Conversations, settings: Settings) -> APIRouter:
+def build_router(
+    replier: Replier, conversations: Conversations, settings: Settings, access: Access
+) -> APIRouter:
     """`GET /stream` and `GET /sse`."""
     router = APIRouter()
 
@@ -150,7 +154,10 @@ def build_router(replier: Replier, conversations: Conversations, settings: Setti
         return reply_items(replier, question_from(request), history)
 
     @router.get("/stream", summary="Stream a reply as plain text")
-    async def stream(request: Request) -> StreamingResponse:
+    async def stream(
+        request: Request,
+        caller: Principal = Depends(access.stream_caller),  # noqa: B008
+    ) -> StreamingResponse:
         return StreamingResponse(
             as_text(reply_to(request)),
             media_type="text/plain; charset=utf-8",
@@ -162,7 +169,10 @@ def build_router(replier: Replier, conversations: Conversations, settings: Setti
         summary="Stream a reply (?prompt=), or join a conversation (?conversation=), as SSE",
         responses={404: {"description": "No such conversation"}},
     )
-    async def sse(request: Request) -> StreamingResponse:
+    async def sse(
+        request: Request,
+        caller: Principal = Depends(access.stream_caller),  # noqa: B008
+    ) -> StreamingResponse:
         conversation_id = request.query_params.get("conversation")
         if conversation_id is None:
             events = as_events(reply_to(request))
@@ -174,7 +184,7 @@ def build_router(replier: Replier, conversations: Conversations, settings: Setti
                     status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting."
                 )
             try:
-                conversation = await conversations.open(conversation_id)
+                conversation = await conversations.open(conversation_id, caller.user)
             except UnknownConversation as unknown:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, str(unknown)) from unknown
             events = joined_events(conversation, after)

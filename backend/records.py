@@ -105,6 +105,7 @@ class ConversationRecord:
     last_seq: int
     turn_count: int
     turns: list[TurnRecord] = field(default_factory=list)
+    owner: str = ""
 
 
 @dataclass(frozen=True)

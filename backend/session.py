@@ -14,6 +14,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backend import logs
+from backend.auth import Principal
 from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.config import Settings
 from backend.conversation import Conversation, hello
@@ -24,6 +25,10 @@ from backend.outbox import Close, Outbox
 from schemas import ChatResponse, Question, Regenerate, Reset, Stop
 
 log = logging.getLogger(__name__)
+
+# The close code of a socket whose credential expired (the private range, after HTTP's 401).
+CLOSE_UNAUTHORIZED = 4401
+EXPIRED = "Your sign-in has expired. Sign in again and reconnect to carry on where you were."
 
 
 async def write(outbox: Outbox, websocket: WebSocket) -> None:
@@ -47,11 +52,16 @@ class ChatSession:
     """Owns one socket and the conversation it is joined to (which may change on reset)."""
 
     def __init__(
-        self, websocket: WebSocket, conversations: Conversations, settings: Settings
+        self,
+        websocket: WebSocket,
+        conversations: Conversations,
+        settings: Settings,
+        principal: Principal,
     ) -> None:
         self.websocket = websocket
         self.conversations = conversations
         self.settings = settings
+        self.principal = principal
         self.outbox = Outbox()
 
     async def run(self, conversation: Conversation, after: int) -> None:
@@ -61,6 +71,7 @@ class ChatSession:
         self.outbox.send(hello(conversation))
         await conversation.join(self.outbox, after)
         writer = asyncio.create_task(write(self.outbox, self.websocket), name="chat-writer")
+        expiry = self._close_on_expiry()
         try:
             while not writer.done():
                 event = await self.websocket.receive()
@@ -68,9 +79,23 @@ class ChatSession:
                     break
                 await self.handle(event)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.conversation.leave(self.outbox)
             writer.cancel()
             await asyncio.wait([writer])
+
+    def _close_on_expiry(self) -> asyncio.TimerHandle | None:
+        """When the caller's credential expires, say so and close the socket (4401): the
+        conversation and its reply go on, for the client to rejoin with a fresh token."""
+        left = self.principal.expires_in()
+        if left is None:
+            return None
+        return asyncio.get_running_loop().call_later(max(0.0, left), self._expired)
+
+    def _expired(self) -> None:
+        self.reply_only(ChatError("unauthorized", EXPIRED).frame())
+        self.outbox.close(CLOSE_UNAUTHORIZED, "Token expired")
 
     async def handle(self, event: Mapping[str, Any]) -> None:
         """Act on one frame from the client."""
@@ -117,7 +142,7 @@ class ChatSession:
             case Reset():
                 await conversation.stop()
                 conversation.leave(self.outbox)
-                self.conversation = fresh = self.conversations.new()
+                self.conversation = fresh = self.conversations.new(self.principal.user)
                 logs.conversation_id.set(fresh.id)
                 await fresh.join(self.outbox, 0)
                 ack = ChatResponse.bot("info", "Conversation cleared.")

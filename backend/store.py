@@ -37,8 +37,8 @@ class Store(Protocol):
     async def load(self, conversation_id: str) -> ConversationRecord | None:
         """A conversation with all its turns, or None."""
 
-    async def page(self, limit: int, offset: int) -> list[ConversationSummary]:
-        """Conversations, most recently updated first."""
+    async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
+        """`owner`'s conversations, most recently updated first."""
 
     async def delete(self, conversation_id: str) -> bool:
         """Remove a conversation and its turns; False if there was none."""
@@ -118,6 +118,7 @@ class SqlStore:
                 "updated_at": record.updated_at,
                 "last_seq": record.last_seq,
                 "turn_count": record.turn_count,
+                "owner": record.owner,
             }
             for record in records
         ]
@@ -150,11 +151,13 @@ class SqlStore:
                 last_seq=row.last_seq,
                 turn_count=row.turn_count,
                 turns=[_turn_from(turn) for turn in rows],
+                owner=row.owner,
             )
 
-    async def page(self, limit: int, offset: int) -> list[ConversationSummary]:
+    async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
         query = (
             select(conversations)
+            .where(conversations.c.owner == owner)
             .order_by(conversations.c.updated_at.desc(), conversations.c.id)
             .limit(limit)
             .offset(offset)

@@ -4,6 +4,7 @@ Reads questions from standard input, one per line, and streams each reply's text
 output as it arrives (`info` and `error` frames go to standard error). Ctrl-C during a reply
 stops it; Ctrl-C at the prompt, or end of input, quits. `/reset` starts the conversation over.
 Piped input works: every line is asked in turn, and the client exits after the last reply.
+A server with `CHAT_AUTH=token` wants `--token TOKEN` (or `CHAT_TOKEN`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
 from typing import Any, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 DEFAULT_URL = "ws://127.0.0.1:8000/chat"
 PROMPT = "you> "
 EXIT_UNREACHABLE = 2
 EXIT_CONNECTION_LOST = 1
+EXIT_UNAUTHORIZED = 3
+UNAUTHORIZED = 401
 
 
 def read_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
@@ -104,10 +108,18 @@ class Terminal:
             await self.reply_done.wait()
 
 
-async def run(url: str) -> int:
+async def run(url: str, token: str | None = None) -> int:
     """Talk to the server at `url` until input ends or the user quits; the exit status."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        ws = await connect(url, open_timeout=10)
+        ws = await connect(url, open_timeout=10, additional_headers=headers)
+    except InvalidStatus as refused:
+        if refused.response.status_code == UNAUTHORIZED:
+            hint = "pass --token or set CHAT_TOKEN" if not token else "the token was refused"
+            print(f"The chat server at {url} wants a valid token: {hint}.", file=sys.stderr)
+            return EXIT_UNAUTHORIZED
+        print(f"Cannot reach the chat server at {url}: {refused}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         print(f"Cannot reach the chat server at {url}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -140,8 +152,14 @@ async def run(url: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m frontend.cli", description=__doc__)
     parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CHAT_TOKEN"),
+        help="bearer token (a JWT or an API key) for a server with CHAT_AUTH=token; "
+        "default $CHAT_TOKEN",
+    )
     args = parser.parse_args(argv)
-    sys.exit(asyncio.run(run(args.url)))
+    sys.exit(asyncio.run(run(args.url, args.token)))
 
 
 if __name__ == "__main__":

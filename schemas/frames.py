@@ -21,6 +21,7 @@ ErrorCode = Literal[
     "upstream_rejected",
     "shutting_down",
     "unavailable",
+    "unauthorized",
     "internal",
 ]
 

@@ -97,9 +97,9 @@ async def test_pages_are_newest_first_and_delete_removes(store: SqlStore) -> Non
             conversation("c", [turn(0, "q", "x", 1, True)], age=20),
         ]
     )
-    assert [c.id[0] for c in await store.page(2, 0)] == ["b", "c"]
-    assert [c.id[0] for c in await store.page(2, 2)] == ["a"]
+    assert [c.id[0] for c in await store.page("", 2, 0)] == ["b", "c"]
+    assert [c.id[0] for c in await store.page("", 2, 2)] == ["a"]
     assert await store.delete("c" * 32)
     assert not await store.delete("c" * 32)
-    assert [c.id[0] for c in await store.page(10, 0)] == ["b", "a"]
+    assert [c.id[0] for c in await store.page("", 10, 0)] == ["b", "a"]
     assert await store.load("c" * 32) is None
