@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 import pytest_asyncio
 from playwright.async_api import (
     Browser,
     BrowserContext,
+    Dialog,
     Locator,
     Page,
     async_playwright,
@@ -25,6 +27,7 @@ from playwright.async_api import (
 from backend.server import free_port
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
+from tests.conftest import fake_settings
 from tests.harness import (
     UNIT,
     LiveServer,
@@ -448,3 +451,37 @@ async def test_a_2023_style_client_works_unchanged(
     )
     await expect(page.locator("#header")).to_have_text("Ask a question")
     assert fake.requests[1].messages[2]["content"] == "Paris is the capital."
+
+
+async def test_signing_in_with_a_token(
+    browser: BrowserContext, upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    """With CHAT_AUTH=token the page asks for a token once, keeps it for the tab, says when it
+    is refused, and shows only the user's own conversations."""
+    secret = "browser-test-secret-long-enough-for-hs256"
+    alice = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, secret, "HS256")
+    settings = fake_settings(upstream_server, chat_auth="token", chat_jwt_secret=secret)
+    with live_server(settings) as server:
+        page = await browser.new_page()
+        page.on("pageerror", lambda error: PAGE_ERRORS.append(f"script error: {error}"))
+        asked: list[str] = []
+
+        async def answer(dialog: Dialog) -> None:
+            asked.append(dialog.message)
+            await dialog.accept(alice)
+
+        page.on("dialog", answer)
+        # A wrong token in the link: refused with a clear message, then asked for.
+        await page.goto(f"{server.http}/#token=not-a-token")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        assert len(asked) == 1
+        assert "refused" in asked[0]
+        assert "#token" not in page.url
+        await ask(page, "Signed in?")
+        await expect(last_reply(page)).to_have_attribute("data-status", "completed")
+        await expect(last_reply(page)).to_contain_text("Signed in?")
+        # A reload keeps the token for the tab: no second question, the list is alice's.
+        await page.reload()
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        await expect(page.locator("#conversations li .open")).to_have_text(["Signed in?"])
+        assert len(asked) == 1

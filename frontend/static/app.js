@@ -32,12 +32,64 @@ let followBottom = true;
 // The conversation shown, and the last of its frames rendered (0: none yet).
 let conversationId = new URL(location.href).searchParams.get("conversation");
 let lastSeq = 0;
+// The close code of a socket whose token expired (see docs/protocol.md).
+const CLOSE_UNAUTHORIZED = 4401;
+
+// Sign-in, when the server has CHAT_AUTH=token: the token is asked for once (or taken from
+// the page's URL fragment, `#token=...`) and kept in sessionStorage, never in a URL.
+const TOKEN_KEY = "chat-token";
+let authRequired = false;
+
+function takeTokenFromFragment() {
+  const found = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (!found) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(found[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+/** Say why sign-in is needed and ask for a token; false if the user gave none. */
+function askForToken(why) {
+  statusLine.textContent = why;
+  const token = window.prompt(`${why}\nPaste your access token:`);
+  if (!token || !token.trim()) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    setConnection("closed", "Not signed in");
+    return false;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token.trim());
+  return true;
+}
+
+/** A single-use ticket for the next socket, trading the token for it; null if refused. */
+async function socketTicket() {
+  if (!sessionStorage.getItem(TOKEN_KEY) && !askForToken("This server needs you to sign in.")) {
+    return null;
+  }
+  const response = await fetch(new URL("api/ws-ticket", location.href), {
+    method: "POST",
+    headers: authHeaders(),
+  });
+  if (response.status === 401) {
+    const detail = (await response.json()).detail;
+    sessionStorage.removeItem(TOKEN_KEY);
+    if (!askForToken(`Your token was refused: ${detail}`)) return null;
+    return socketTicket();
+  }
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  return (await response.json()).ticket;
+}
 
 /** The socket's URL, next to the page: works behind a path prefix and on https (wss). */
-function socketUrl() {
+function socketUrl(ticket) {
   const url = new URL("chat", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   url.search = "";
+  if (ticket) url.searchParams.set("ticket", ticket);
   if (conversationId) {
     url.searchParams.set("conversation", conversationId);
     if (lastSeq > 0) url.searchParams.set("after", String(lastSeq));
@@ -202,9 +254,19 @@ function applyFrame(frame) {
   }
 }
 
-function connect() {
+async function connect() {
   setConnection("connecting", "Connecting…");
-  const current = new WebSocket(socketUrl());
+  let ticket = null;
+  if (authRequired) {
+    try {
+      ticket = await socketTicket();
+    } catch (error) {
+      reconnectLater();
+      return;
+    }
+    if (ticket === null) return;
+  }
+  const current = new WebSocket(socketUrl(ticket));
   socket = current;
   current.addEventListener("open", () => {
     retryMs = RETRY_FIRST_MS;
@@ -213,6 +275,12 @@ function connect() {
   current.addEventListener("message", (event) => applyFrame(JSON.parse(event.data)));
   current.addEventListener("close", (event) => {
     if (socket !== current) return; // replaced on purpose
+    if (event.code === CLOSE_UNAUTHORIZED) {
+      // The token expired; the conversation goes on, and is rejoined once signed in again.
+      sessionStorage.removeItem(TOKEN_KEY);
+      if (askForToken("Your sign-in has expired.")) connect();
+      return;
+    }
     if (event.code === 1008 && /conversation/i.test(event.reason)) {
       // Deleted, or never stored: start a new conversation instead of retrying this one.
       statusLine.textContent = event.reason;
@@ -223,12 +291,16 @@ function connect() {
       connect();
       return;
     }
-    // The conversation goes on without us: reconnect and carry on after `lastSeq`.
-    const seconds = Math.round(retryMs / 100) / 10;
-    setConnection("closed", `Disconnected; retrying in ${seconds} s`);
-    setTimeout(connect, retryMs);
-    retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+    reconnectLater();
   });
+}
+
+/** The conversation goes on without us: reconnect, with backoff, and carry on after `lastSeq`. */
+function reconnectLater() {
+  const seconds = Math.round(retryMs / 100) / 10;
+  setConnection("closed", `Disconnected; retrying in ${seconds} s`);
+  setTimeout(connect, retryMs);
+  retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
 }
 
 /** Show another conversation (or a new one, for null): a new socket joined to it. */
@@ -285,7 +357,7 @@ let listRequest = 0;
 async function refreshList() {
   const request = ++listRequest;
   try {
-    const response = await fetch(apiUrl("?limit=50"));
+    const response = await fetch(apiUrl("?limit=50"), { headers: authHeaders() });
     if (!response.ok || request !== listRequest) return;
     const page = await response.json();
     conversationList.replaceChildren(...page.conversations.map(listItem));
@@ -296,7 +368,10 @@ async function refreshList() {
 }
 
 async function deleteConversation(id) {
-  const response = await fetch(apiUrl(`/${id}`), { method: "DELETE" });
+  const response = await fetch(apiUrl(`/${id}`), {
+    method: "DELETE",
+    headers: authHeaders(),
+  });
   if (!response.ok && response.status !== 404) {
     statusLine.textContent = `Could not delete the conversation (HTTP ${response.status}).`;
     return;
@@ -333,7 +408,19 @@ messages.addEventListener("scroll", () => {
   followBottom = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
 });
 
+/** Whether the server wants a token (its /healthz says), then connect. */
+async function start() {
+  takeTokenFromFragment();
+  try {
+    const health = await (await fetch(new URL("healthz", location.href))).json();
+    authRequired = health.auth === "token";
+  } catch (error) {
+    console.warn("could not read /healthz", error);
+  }
+  await connect();
+  refreshList();
+}
+
 setStreaming(false);
-connect();
-refreshList();
+start();
 input.focus();
