@@ -130,6 +130,7 @@ async def test_healthz_names_mode_model_and_upstream(
             "mode": "remote",
             "model": "fake-model",
             "upstream": fake.url,
+            "auth": "none",
         }
         with live_server(
             make_settings(openai_base_url=None, local_model_path="/nonexistent.gguf")
