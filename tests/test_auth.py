@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from tests.harness import (
     text_of,
     until_reply_text,
 )
+from tests.test_cli import start_cli
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 API_KEY = "sk-scripts-0123456789"
@@ -334,19 +334,9 @@ async def test_rs256_and_es256_through_jwks(upstream_server: FakeUpstream) -> No
 
 
 async def cli(url: str, stdin: bytes, *args: str, **env: str) -> tuple[int, str, str]:
+    """Run the terminal client on `stdin`: its exit status, output and errors."""
     environment = {key: value for key, value in os.environ.items() if key != "CHAT_TOKEN"}
-    environment.update(env)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "frontend.cli",
-        url,
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=environment,
-    )
+    process = await start_cli(url, *args, env={**environment, **env})
     out, err = await asyncio.wait_for(process.communicate(stdin), UNIT * 5)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()

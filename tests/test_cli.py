@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -27,15 +28,19 @@ class Cli:
         self.stderr: asyncio.StreamReader = process.stderr
 
 
-async def start_cli(url: str) -> Process:
+async def start_cli(url: str, *args: str, env: dict[str, str] | None = None) -> Process:
+    """`python -m frontend.cli URL ARGS...`, with `env` in place of ours (without CHAT_TOKEN)."""
+    environment = env or {key: value for key, value in os.environ.items() if key != "CHAT_TOKEN"}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "frontend.cli",
         url,
+        *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=environment,
     )
 
 
