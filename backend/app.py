@@ -66,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream)
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
     conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
-    access = Access(Authenticator(settings), Tickets(settings.chat_redis_url))
+    access = Access(Authenticator(settings), Tickets(cluster.redis if cluster else None))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,7 +81,6 @@ def create_app(settings: Settings) -> FastAPI:
             await upstream.stop()
             await http_client.aclose()
             await conversations.close()
-            await access.tickets.close()
 
     app = FastAPI(
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan

@@ -168,13 +168,10 @@ class Authenticator:
 class Tickets:
     """Single-use tickets for a WebSocket handshake, in memory or, across workers, in Redis."""
 
-    def __init__(self, redis_url: str | None) -> None:
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True) if redis_url else None
+    def __init__(self, shared: redis.Redis | None) -> None:
+        # The workers' Redis client (`Cluster.redis`), when scaled out; its owner closes it.
+        self.redis = shared
         self._local: dict[str, tuple[float, Principal]] = {}
-
-    async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
 
     @staticmethod
     def _key(ticket: str) -> str:

@@ -37,6 +37,12 @@ class UnknownConversation(Exception):
     """A conversation id that is malformed, was never stored, or was deleted."""
 
 
+def unknown(conversation_id: str) -> UnknownConversation:
+    """The refusal for a conversation that does not exist, and alike for another user's, so
+    ids cannot be probed."""
+    return UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
+
+
 class Conversations:
     """Keeps in memory the conversations someone uses, and only those.
 
@@ -110,16 +116,13 @@ class Conversations:
         for one that does not exist and, alike, for one of another user's."""
         if not ID_PATTERN.fullmatch(conversation_id):
             raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
-        conversation = await self._open(conversation_id)
+        conversation = self._live.get(conversation_id) or await self._load(conversation_id, owner)
         if conversation.owner != owner:
-            # The same answer as for no conversation at all, so ids cannot be probed.
-            raise UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
+            raise unknown(conversation_id)
         return conversation
 
-    async def _open(self, conversation_id: str) -> Conversation:
-        conversation = self._live.get(conversation_id)
-        if conversation is not None:
-            return conversation
+    async def _load(self, conversation_id: str, owner: str) -> Conversation:
+        """The conversation, loaded into memory; another user's is refused before it is kept."""
         # Two clients joining at once share one load, and so one conversation.
         loading = self._loading.get(conversation_id)
         if loading is None:
@@ -130,9 +133,9 @@ class Conversations:
         conversation = self._live.get(conversation_id)
         if conversation is not None:
             return conversation
-        owner = record.owner if record is not None else await self._elsewhere(conversation_id)
-        if owner is None:
-            raise UnknownConversation(f"No conversation {conversation_id!r}; it may be deleted.")
+        found = record.owner if record is not None else await self._elsewhere(conversation_id)
+        if found != owner:  # None: nobody's
+            raise unknown(conversation_id)
         conversation = self._make(conversation_id, record, owner)
         self._live[conversation_id] = conversation
         return conversation
