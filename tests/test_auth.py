@@ -34,6 +34,7 @@ from tests.harness import (
     live_server,
     recv,
     text_of,
+    until_end,
     until_reply_text,
 )
 from tests.test_cli import start_cli
@@ -170,17 +171,14 @@ async def test_the_owner_can_do_everything(guarded: LiveServer, fake: FakeUpstre
     async with connect(
         f"{guarded.ws}?conversation={conversation}", additional_headers=headers(ALICE)
     ) as ws:
-        fake.then(Behaviour(tokens=["slow"] * 50, delay=0.05))
+        assert (await until_end(ws))[-1]["status"] == "completed"  # the history first
+        fake.then(Behaviour(tokens=["slow"] * 400, delay=0.05))  # stopped long before its end
         await ws.send(json.dumps({"type": "question", "message": "more"}))
         await until_reply_text(ws)
         await ws.send(json.dumps({"type": "stop"}))
-        frames = [await recv(ws) for _ in range(3)]
-        while frames[-1]["type"] != "end":
-            frames.append(await recv(ws))
-        assert frames[-1]["status"] == "interrupted"
+        assert (await until_end(ws))[-1]["status"] == "interrupted"
         await ws.send(json.dumps({"type": "regenerate"}))
-        while (await recv(ws))["type"] != "end":
-            pass
+        await until_end(ws)
     async with httpx.AsyncClient(base_url=guarded.http, headers=headers(ALICE)) as client:
         async with client.stream("GET", "/sse", params={"conversation": conversation}) as joined:
             assert joined.status_code == 200
