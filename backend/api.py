@@ -33,6 +33,7 @@ def conversation_of(record: ConversationRecord) -> api.Conversation:
                 text=turn.text,
                 time=turn.asked_at,
                 status=turn.status or "streaming",
+                usage=turn.usage,
             )
         )
     return api.Conversation(

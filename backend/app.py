@@ -26,6 +26,7 @@ from backend.conversations import Conversations, UnknownConversation
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
 from backend.origin import origin_refusal
+from backend.quotas import RateLimited, quota_key
 from backend.reply import Replier
 from backend.session import ChatSession
 from backend.store import SqlStore
@@ -67,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
     conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
     access = Access(Authenticator(settings), Tickets(cluster.redis if cluster else None))
+    quotas = conversations.quotas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -146,6 +148,26 @@ def create_app(settings: Settings) -> FastAPI:
                 PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
             )
             return
+        who = quota_key(principal, websocket.client)
+        try:
+            holder = await quotas.open_connection(who)
+        except RateLimited as limited:
+            log.info("refused a socket: %s", limited)
+            await websocket.send_denial_response(limited.denial())
+            return
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot count a socket: %s", exc)
+            await websocket.send_denial_response(
+                PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+            )
+            return
+        try:
+            await serve(websocket, principal)
+        finally:
+            await quotas.close_connection(who, holder)
+
+    async def serve(websocket: WebSocket, principal: Principal) -> None:
+        """Accept the socket, join its conversation and serve it until it closes."""
         await websocket.accept()
         try:
             conversation, after = await joining(websocket, principal)

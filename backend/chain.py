@@ -45,6 +45,9 @@ def build_model(
         if reply_tokens and upstream.mode != "openai"
         else None,
         streaming=True,
+        # Asks for the usage chunk at the end of the stream (`stream_options.include_usage`):
+        # the tokens a reply took, as the model server counts them (see backend/usage.py).
+        stream_usage=True,
         # Retrying is ours to decide (once, and only before the first token): see reply.py.
         max_retries=0,
         # Covers connecting and every wait for the next bytes of a reply.

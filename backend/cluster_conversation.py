@@ -26,6 +26,7 @@ from backend.errors import ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Outbox, Raw
 from backend.publishing import TEXT, Broadcaster, Publisher
+from backend.quotas import Held, new_holder
 from backend.records import ConversationRecord, TurnRecord, now, title_for
 from backend.tail import Tail
 from schemas import ChatResponse
@@ -297,13 +298,15 @@ class ClusterConversation(Conversation):
 
     # Acting on the conversation: whoever is asked takes the lease.
 
-    async def ask(self, question: str) -> None:
-        await self._run_turn(question)
+    async def ask(self, question: str, who: str) -> None:
+        await self._run_turn(question, who)
 
-    async def regenerate(self) -> bool:
-        return await self._run_turn(None)
+    async def regenerate(self, who: str) -> bool:
+        return await self._run_turn(None, who)
 
-    async def _run_turn(self, question: str | None) -> bool:
+    async def _run_turn(self, question: str | None, who: str) -> bool:
+        quotas = self.services.quotas
+        await quotas.check(who)
         async with self._lock:
             await self._interrupt()  # a reply of ours gives the lease back as it ends
             if self._letting_go is not None:
@@ -312,13 +315,15 @@ class ClusterConversation(Conversation):
                 await self._take_over()
             except SHARED_STATE_ERRORS as exc:
                 raise ChatError("unavailable", UNREACHABLE) from exc
+            held: Held | None = None
             try:
                 await self._load()
+                if question is None and not self.turns:
+                    self.cluster.let_go(self.id)
+                    await self.cluster.release(self.id)
+                    return False
+                held = await quotas.begin_reply(who, new_holder())
                 if question is None:
-                    if not self.turns:
-                        self.cluster.let_go(self.id)
-                        await self.cluster.release(self.id)
-                        return False
                     record = self.turns[-1]
                     record.restart()
                     first = [ChatResponse.echo(record.question, seq=record.echo_seq)]
@@ -334,8 +339,9 @@ class ClusterConversation(Conversation):
                 self._publisher = self.broadcaster.publisher(self.id, record.position)
                 for frame in first:
                     self._publisher.send(frame)
-                self._start(record, regenerate=question is None)
+                self._start(record, regenerate=question is None, held=held)
             except BaseException:
+                await quotas.end_reply(held, None)
                 await self._let_go()
                 raise
             return True
@@ -363,10 +369,12 @@ class ClusterConversation(Conversation):
             self.created_at = record.created_at
         self.seq = max(record.last_seq if record else 0, await self.cluster.last_seq(self.id))
 
-    async def _run(self, record: TurnRecord, history: History, regenerate: bool) -> None:
+    async def _run(
+        self, record: TurnRecord, history: History, regenerate: bool, held: Held | None
+    ) -> None:
         keeper = asyncio.create_task(self._mind_the_grace(), name=f"grace-{self.id}")
         try:
-            await super()._run(record, history, regenerate)
+            await super()._run(record, history, regenerate, held)
         finally:
             keeper.cancel()
             # Not cut short by a question that pre-empts the reply: that question waits for it.

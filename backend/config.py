@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+from limits import parse
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
     # Static keys for scripts: comma-separated USER:KEY pairs.
     chat_api_keys: SecretStr | None = None
 
+    # Quotas, per user (per client address when CHAT_AUTH=none); unset means unlimited.
+    # Rates in the `limits` notation: "20/minute", "200000/day", "5 per 10 seconds".
+    chat_quota_questions: str | None = None  # questions (and regenerations) asked
+    chat_quota_tokens: str | None = None  # model tokens, prompt and reply, spent
+    chat_quota_replies: int | None = Field(default=None, ge=1)  # replies running at once
+    chat_quota_connections: int | None = Field(default=None, ge=1)  # open sockets and streams
+
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
     local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M
     local_model_context: int = Field(default=2048, ge=256)
@@ -84,6 +92,22 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("chat_quota_questions", "chat_quota_tokens", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                amount = parse(value).amount
+            except ValueError:
+                amount = 0
+            if amount < 1:
+                raise ValueError(
+                    f"{value!r} is not a rate: write it like '20/minute' or '100000 per day'."
+                )
         return value
 
     @field_validator("openai_base_url", mode="before")

@@ -20,6 +20,7 @@ from backend.config import Settings
 from backend.errors import ClientGone
 from backend.history import History
 from backend.outbox import Outbox
+from backend.quotas import Held, Quotas, new_holder
 from backend.records import ConversationRecord, TurnRecord, now, title_for
 from backend.reply import Replier
 from backend.turn import Turn
@@ -39,6 +40,7 @@ class Services:
     replier: Replier
     settings: Settings
     writer: WriteBehind
+    quotas: Quotas
     # Called when a conversation has no clients and no reply: it may leave memory.
     on_idle: Callable[[Conversation], None]
 
@@ -189,10 +191,13 @@ class Conversation:
 
     # Acting on the conversation.
 
-    async def ask(self, question: str) -> None:
-        """Answer `question`, pre-empting the reply in flight."""
+    async def ask(self, question: str, who: str) -> None:
+        """Answer `question` from `who` (a user, or a client address), pre-empting the reply
+        in flight; `RateLimited` if `who`'s quotas refuse it."""
+        await self.services.quotas.check(who)
         async with self._lock:
             await self._interrupt()
+            held = await self.services.quotas.begin_reply(who, new_holder())
             if self.title is None:
                 self.title = title_for(question)
                 self.created_at = now()
@@ -201,18 +206,20 @@ class Conversation:
             self.turns.append(record)
             self.updated_at = now()
             self._broadcast(ChatResponse.echo(question, seq=record.echo_seq))
-            self._start(record, regenerate=False)
+            self._start(record, regenerate=False, held=held)
 
-    async def regenerate(self) -> bool:
+    async def regenerate(self, who: str) -> bool:
         """Answer the last question again in place of its reply; False if nothing was asked."""
+        await self.services.quotas.check(who)
         async with self._lock:
             await self._interrupt()
             if not self.turns:
                 return False
+            held = await self.services.quotas.begin_reply(who, new_holder())
             record = self.turns[-1]
             record.restart()
             self.updated_at = now()
-            self._start(record, regenerate=True)
+            self._start(record, regenerate=True, held=held)
             return True
 
     async def stop(self) -> bool:
@@ -224,7 +231,7 @@ class Conversation:
         async with self._lock:
             return await self._interrupt()
 
-    def _start(self, record: TurnRecord, regenerate: bool) -> None:
+    def _start(self, record: TurnRecord, regenerate: bool, held: Held | None) -> None:
         settings = self.services.settings
         earlier = [
             (turn.question, turn.text)
@@ -233,19 +240,21 @@ class Conversation:
         ]
         history = History.of(earlier, settings.chat_history_tokens)
         self.reply = asyncio.create_task(
-            self._run(record, history, regenerate), name=f"reply-{self.id}"
+            self._run(record, history, regenerate, held), name=f"reply-{self.id}"
         )
 
-    async def _run(self, record: TurnRecord, history: History, regenerate: bool) -> None:
+    async def _run(
+        self, record: TurnRecord, history: History, regenerate: bool, held: Held | None
+    ) -> None:
         # Every log line of this reply, and of the tasks it starts, names its conversation.
         logs.conversation_id.set(self.id)
         writer = self.services.writer
         self._streaming = record
         self._changed.add(record.position)
         writer.streaming(self, on=True)
+        turn = Turn(record.question, LiveTurn(self, record, regenerate), record.parts)
         try:
-            sink = LiveTurn(self, record, regenerate)
-            await self.services.replier.answer(Turn(record.question, sink, record.parts), history)
+            await self.services.replier.answer(turn, history)
         finally:
             self._streaming = None
             self.updated_at = now()
@@ -255,6 +264,7 @@ class Conversation:
                 self.reply = None
             if not self.clients:
                 self.services.on_idle(self)
+            await self.services.quotas.end_reply(held, turn.usage)
 
     async def _interrupt(self) -> bool:
         reply, self.reply = self.reply, None

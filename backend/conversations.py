@@ -17,6 +17,7 @@ from backend.cluster import WATCH_TTL, Cluster
 from backend.cluster_conversation import ClusterConversation, Links, turn_from
 from backend.config import Settings
 from backend.conversation import Conversation, Services
+from backend.quotas import Quotas
 from backend.records import ConversationRecord, title_for
 from backend.reply import Replier
 from backend.store import Store
@@ -51,11 +52,17 @@ class Conversations:
     """
 
     def __init__(
-        self, replier: Replier, settings: Settings, store: Store, cluster: Cluster | None = None
+        self,
+        replier: Replier,
+        settings: Settings,
+        store: Store,
+        cluster: Cluster | None = None,
     ) -> None:
         self.store = store
         self.writer = WriteBehind(store)
-        self.services = Services(replier, settings, self.writer, self._on_idle)
+        # Shared with the app's routes, which count connections and one-off replies.
+        self.quotas = Quotas(settings, cluster.redis if cluster else None)
+        self.services = Services(replier, settings, self.writer, self.quotas, self._on_idle)
         self.cluster = cluster
         self.links = Links.of(cluster) if cluster is not None else None
         self.draining = False
@@ -71,6 +78,7 @@ class Conversations:
             self.links.cluster.on_control(self._on_control)
             await self.links.start()
             self._spawn(self._keep_watching())
+        await self.quotas.start()
         self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")
 
     async def close(self) -> None:
@@ -80,6 +88,7 @@ class Conversations:
             await asyncio.wait([self._writer_task])
         for task in list(self._background):
             task.cancel()
+        await self.quotas.close()
         try:
             await self.writer.flush()
         finally:

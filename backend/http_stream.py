@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from backend.access import Access
 from backend.auth import Principal
@@ -23,9 +24,10 @@ from backend.history import History
 from backend.inbound import check_question
 from backend.origin import origin_refusal
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
+from backend.quotas import Held, Quotas, RateLimited, new_holder, quota_key
 from backend.reply import Replier
 from backend.turn import Turn
-from schemas import ChatResponse
+from schemas import ChatResponse, EndStatus
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How soon a browser's EventSource reconnects after the stream ends (a server restart).
@@ -48,22 +50,44 @@ class QueueSink:
         self.queue.put_nowait(text)
 
 
-async def reply_items(
-    replier: Replier, question: str, history: History
-) -> AsyncIterator[str | ChatResponse]:
-    """Everything one stateless reply produces, as it is produced.
+class OneOff:
+    """One stateless reply: its items as they are produced, then its quotas settled.
 
     If the consumer goes away (the HTTP client hung up), the reply task is cancelled, which
-    closes the upstream request.
+    closes the upstream request. `settle` runs after the response, however it ended, even if
+    the reply never started.
     """
-    sink = QueueSink()
-    task = asyncio.create_task(replier.answer(Turn(question, sink), history), name="http-reply")
-    task.add_done_callback(lambda _: sink.queue.put_nowait(None))
-    try:
-        while (item := await sink.queue.get()) is not None:
-            yield item
-    finally:
-        task.cancel()
+
+    def __init__(
+        self, replier: Replier, question: str, history: History, quotas: Quotas, held: Held | None
+    ) -> None:
+        self.replier = replier
+        self.history = history
+        self.quotas = quotas
+        self.held = held
+        self.sink = QueueSink()
+        self.turn = Turn(question, self.sink)
+        self.task: asyncio.Task[EndStatus] | None = None
+
+    async def items(self) -> AsyncIterator[str | ChatResponse]:
+        """Everything the reply produces, as it is produced."""
+        sink = self.sink
+        self.task = task = asyncio.create_task(
+            self.replier.answer(self.turn, self.history), name="http-reply"
+        )
+        task.add_done_callback(lambda _: sink.queue.put_nowait(None))
+        try:
+            while (item := await sink.queue.get()) is not None:
+                yield item
+        finally:
+            task.cancel()
+
+    async def settle(self) -> None:
+        """Wait for the reply to end, then give its slot back and charge its tokens."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.wait([self.task])
+        await self.quotas.end_reply(self.held, self.turn.usage)
 
 
 async def as_text(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[str]:
@@ -129,6 +153,7 @@ def build_router(
 ) -> APIRouter:
     """`GET /stream` and `GET /sse`."""
     router = APIRouter()
+    quotas = conversations.quotas
 
     def check_origin(request: Request) -> None:
         refused = origin_refusal(request.headers, settings.chat_allowed_origins)
@@ -148,26 +173,43 @@ def build_router(
         except ChatError as error:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.message) from error
 
-    def reply_to(request: Request) -> AsyncIterator[str | ChatResponse]:
+    async def reply_to(request: Request, caller: Principal) -> OneOff:
+        """The one-off reply a request asks for, admitted by the caller's quotas (or 429)."""
         check_origin(request)
+        question = question_from(request)
+        who = quota_key(caller, request.client)
+        try:
+            await quotas.check(who)
+            held = await quotas.begin_reply(who, new_holder())
+        except RateLimited as limited:
+            raise limited.http() from limited
         history = History(settings.chat_history_tokens)
-        return reply_items(replier, question_from(request), history)
+        return OneOff(replier, question, history, quotas, held)
 
-    @router.get("/stream", summary="Stream a reply as plain text")
+    @router.get(
+        "/stream",
+        summary="Stream a reply as plain text",
+        responses={429: {"description": "A quota of the caller's is used up"}},
+    )
     async def stream(
         request: Request,
         caller: Principal = Depends(access.stream_caller),  # noqa: B008
     ) -> StreamingResponse:
+        reply = await reply_to(request, caller)
         return StreamingResponse(
-            as_text(reply_to(request)),
+            as_text(reply.items()),
             media_type="text/plain; charset=utf-8",
             headers=STREAM_HEADERS,
+            background=BackgroundTask(reply.settle),
         )
 
     @router.get(
         "/sse",
         summary="Stream a reply (?prompt=), or join a conversation (?conversation=), as SSE",
-        responses={404: {"description": "No such conversation"}},
+        responses={
+            404: {"description": "No such conversation"},
+            429: {"description": "A quota of the caller's is used up"},
+        },
     )
     async def sse(
         request: Request,
@@ -175,19 +217,34 @@ def build_router(
     ) -> StreamingResponse:
         conversation_id = request.query_params.get("conversation")
         if conversation_id is None:
-            events = as_events(reply_to(request))
-        else:
-            check_origin(request)
-            after = resume_point(request)
-            if conversations.draining:
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting."
-                )
-            try:
-                conversation = await conversations.open(conversation_id, caller.user)
-            except UnknownConversation as unknown:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, str(unknown)) from unknown
-            events = joined_events(conversation, after)
-        return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+            reply = await reply_to(request, caller)
+            return StreamingResponse(
+                as_events(reply.items()),
+                media_type="text/event-stream",
+                headers=STREAM_HEADERS,
+                background=BackgroundTask(reply.settle),
+            )
+        check_origin(request)
+        after = resume_point(request)
+        if conversations.draining:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting.")
+        who = quota_key(caller, request.client)
+        try:
+            holder = await quotas.open_connection(who)
+        except RateLimited as limited:
+            raise limited.http() from limited
+        try:
+            conversation = await conversations.open(conversation_id, caller.user)
+        except BaseException as failed:
+            await quotas.close_connection(who, holder)
+            if isinstance(failed, UnknownConversation):
+                raise HTTPException(status.HTTP_404_NOT_FOUND, str(failed)) from failed
+            raise
+        return StreamingResponse(
+            joined_events(conversation, after),
+            media_type="text/event-stream",
+            headers=STREAM_HEADERS,
+            background=BackgroundTask(quotas.close_connection, who, holder),
+        )
 
     return router

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from schemas import ChatResponse, EndStatus
+from schemas import ChatResponse, EndStatus, Usage
 
 TITLE_CHARS = 80
 
@@ -61,6 +61,13 @@ class TurnRecord:
         if self.text_base is not None:
             last = max(last, self.text_base + sum(map(len, self.parts)))
         return last
+
+    @property
+    def usage(self) -> Usage | None:
+        """The model tokens the reply took, as its `end` frame says; None before it ends."""
+        if self.events and self.events[-1].type == "end":
+            return self.events[-1].usage
+        return None
 
     def restart(self) -> None:
         """Forget the reply, keeping the question: the turn is about to be answered again."""

@@ -9,6 +9,7 @@ import uuid
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
+from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.runnables import RunnableConfig
 
 from backend import logs
@@ -16,9 +17,10 @@ from backend.callbacks import ProgressHandler, StreamingHandler
 from backend.chain import ChatChain
 from backend.config import Settings
 from backend.errors import ChatError, ClientGone, describe_upstream, is_retryable
-from backend.history import History
+from backend.history import History, TokenCounter
 from backend.turn import Turn
 from backend.upstream import Upstream
+from backend.usage import counted, reported
 from schemas import ChatResponse, EndStatus
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,9 @@ class Replier:
         status: EndStatus = "error"
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
+        sent: list[BaseMessage] = []  # what the model was asked, once it is
         try:
-            await self._generate(turn, history)
+            turn.usage = reported(await self._generate(turn, history, sent))
             status = "completed"
         except (asyncio.CancelledError, ClientGone):
             status = "interrupted"
@@ -55,12 +58,22 @@ class Replier:
                 log.warning("reply failed: %s (%r)", error.message, exc)
             turn.send(error.frame())
         finally:
+            if turn.usage is None and sent and (turn.streamed or status == "completed"):
+                turn.usage = counted(sent, turn.text, self.count)
+            end = ChatResponse.bot("end", status=status)
+            end.usage = turn.usage
             with contextlib.suppress(ClientGone):
-                turn.send(ChatResponse.bot("end", status=status))
+                turn.send(end)
             log.info("reply %s, %d characters", status, len(turn.text))
         return status
 
-    async def _generate(self, turn: Turn, history: History) -> None:
+    @property
+    def count(self) -> TokenCounter:
+        """The model's own tokenizer when it is known, else an estimate."""
+        window = self.upstream.context
+        return window.count if window is not None else count_tokens_approximately
+
+    async def _generate(self, turn: Turn, history: History, sent: list[BaseMessage]) -> BaseMessage:
         """Run the chain, retrying once, quickly, if it failed before its first token."""
         await self.upstream.ensure_ready(turn.info)
         callbacks: list[BaseCallbackHandler] = [
@@ -69,10 +82,10 @@ class Replier:
         ]
         config = RunnableConfig(callbacks=callbacks)
         earlier = self._history_for(turn.question, history)
+        sent[:] = self.chain.messages(earlier, turn.question)
         for attempt in (1, 2):
             try:
-                await self.chain.ainvoke(earlier, turn.question, config)
-                return
+                return await self.chain.ainvoke(earlier, turn.question, config)
             except ClientGone:
                 raise
             except Exception as exc:
@@ -82,6 +95,7 @@ class Replier:
                 log.info("retrying once after: %s", reason.message)
                 turn.info(f"Retrying once: {reason.message}")
                 await asyncio.sleep(self.settings.chat_retry_delay)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _describe(self, exc: BaseException, streamed: bool) -> ChatError:
         """The error to show for `exc`, preferring what the upstream knows about itself."""

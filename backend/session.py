@@ -22,6 +22,7 @@ from backend.conversations import Conversations
 from backend.errors import ChatError
 from backend.inbound import parse_client_frame
 from backend.outbox import Close, Outbox
+from backend.quotas import quota_key
 from schemas import ChatResponse, Question, Regenerate, Reset, Stop
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class ChatSession:
         self.conversations = conversations
         self.settings = settings
         self.principal = principal
+        self.who = quota_key(principal, websocket.client)
         self.outbox = Outbox()
 
     async def run(self, conversation: Conversation, after: int) -> None:
@@ -128,14 +130,14 @@ class ChatSession:
         conversation = self.conversation
         match message:
             case Question(message=text):
-                await conversation.ask(text)
+                await conversation.ask(text, self.who)
             case Stop():
                 if not await conversation.stop():
                     self.reply_only(
                         ChatResponse.bot("info", "No reply is in progress; nothing to stop.")
                     )
             case Regenerate():
-                if not await conversation.regenerate():
+                if not await conversation.regenerate(self.who):
                     self.reply_only(
                         ChatError("bad_request", "There is no question to answer again.").frame()
                     )

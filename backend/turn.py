@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from schemas import ChatResponse
+from schemas import ChatResponse, Usage
 
 
 class FrameSink(Protocol):
@@ -29,6 +29,8 @@ class Turn:
         self.sink = sink
         # The list the text is kept in: a stored turn's own, so that it is never copied.
         self._parts = [] if parts is None else parts
+        # The model tokens the reply took, once it has ended (None if the model was not asked).
+        self.usage: Usage | None = None
 
     @property
     def text(self) -> str:

@@ -28,6 +28,16 @@ def echo_tokens(question: str) -> list[str]:
     return [words[0], *(f" {word}" for word in words[1:])]
 
 
+def fake_usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    """The usage the fake reports: a prompt token per word of the messages sent."""
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
 @dataclass
 class Behaviour:
     """How the fake answers one request."""
@@ -43,6 +53,9 @@ class Behaviour:
     empty: bool = False  # a 200 whose event stream ends at once, with no chunk at all
     stall_after: int | None = None  # after this many tokens, send nothing until it gives up
     repeat: int = 1  # repeat the token list this many times
+    # Report usage (when asked, with `stream_options.include_usage`): a prompt token per word
+    # of the messages, a completion token per token sent.
+    usage: bool = True
 
 
 @dataclass
@@ -296,13 +309,14 @@ class FakeUpstream:
             done, _ = await asyncio.wait([hangup], timeout=seconds)
             return not done
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             event = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": body.get("model", "fake-model"),
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
             }
             data = f"data: {json.dumps(event)}\n\n".encode()
             return b"%x\r\n%s\r\n" % (len(data), data)
@@ -346,6 +360,8 @@ class FakeUpstream:
             if behaviour.delay > 0 or index % 64 == 0:
                 await writer.drain()
         writer.write(chunk({}, "stop"))
+        if behaviour.usage and (body.get("stream_options") or {}).get("include_usage"):
+            writer.write(chunk({}, choices=[], usage=fake_usage(body, len(tokens))))
         data = b"data: [DONE]\n\n"
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
         await writer.drain()

@@ -10,6 +10,7 @@ from schemas.frames import (
     Regenerate,
     Reset,
     Stop,
+    Usage,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "Regenerate",
     "Reset",
     "Stop",
+    "Usage",
 ]

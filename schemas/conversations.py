@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from schemas.frames import Usage
+
 MessageStatus = Literal["completed", "interrupted", "error", "streaming"]
 
 
@@ -38,6 +40,9 @@ class Message(BaseModel):
     status: MessageStatus | None = Field(
         default=None,
         description="Replies only: how the reply ended, or `streaming` while it is written.",
+    )
+    usage: Usage | None = Field(
+        default=None, description="Replies only, once ended: the model tokens the reply took."
     )
 
 

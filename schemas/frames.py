@@ -22,8 +22,24 @@ ErrorCode = Literal[
     "shutting_down",
     "unavailable",
     "unauthorized",
+    "rate_limited",
     "internal",
 ]
+
+
+class Usage(BaseModel):
+    """The model tokens one reply took: its prompt (the question and the history sent with
+    it) and its completion (the reply)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    estimated: bool = Field(
+        default=False,
+        description="True when the model server did not report usage (a stopped reply, or a "
+        "server that never does) and the server counted the tokens itself.",
+    )
 
 
 class ChatResponse(BaseModel):
@@ -58,6 +74,15 @@ class ChatResponse(BaseModel):
         default=None,
         description="On a `start` frame: this reply replaces the last reply shown, which the "
         "client should remove.",
+    )
+    usage: Usage | None = Field(
+        default=None, description="On `end` frames: the model tokens the reply took."
+    )
+    retry_after: float | None = Field(
+        default=None,
+        ge=0,
+        description="On `rate_limited` errors: seconds until the same request would be allowed; "
+        "absent when that depends on another reply ending.",
     )
 
     @classmethod

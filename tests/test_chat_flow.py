@@ -33,6 +33,8 @@ async def test_question_frames_in_order(server: Addressed, fake: FakeUpstream) -
         "type": "end",
         "status": "completed",
         "seq": 4 + len(text),
+        # As the fake counts: a prompt token per word of the system prompt and the question.
+        "usage": {"prompt_tokens": 19, "completion_tokens": 4, "estimated": False},
     }
 
 

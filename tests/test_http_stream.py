@@ -105,7 +105,15 @@ async def test_sse_sends_frames_start_to_end(server: Addressed, fake: FakeUpstre
     events = parse_events(response.text)
     assert events[0] == {"sender": "bot", "message": "", "type": "start"}
     assert [e["message"] for e in events if e["type"] == "stream"] == ["a", "b", "c"]
-    assert events[-1] == {"sender": "bot", "message": "", "type": "end", "status": "completed"}
+    # The fake reports a prompt token per word sent (system prompt and question), and a
+    # completion token per token.
+    assert events[-1] == {
+        "sender": "bot",
+        "message": "",
+        "type": "end",
+        "status": "completed",
+        "usage": {"prompt_tokens": 18, "completion_tokens": 3, "estimated": False},
+    }
 
 
 async def test_sse_failure_sends_error_then_end(server: Addressed, fake: FakeUpstream) -> None:

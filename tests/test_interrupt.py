@@ -46,12 +46,17 @@ async def test_stop_ends_reply_closes_upstream_and_keeps_partial(
         seen = await read_some_tokens(ws, 12)
         await ws.send(json.dumps({"type": "stop"}))
         rest = await until_end(ws)
+        usage = rest[-1].pop("usage")
         assert bare(rest[-1]) == {
             "sender": "bot",
             "message": "",
             "type": "end",
             "status": "interrupted",
         }
+        # The model never said what the stopped reply cost: the server counted it.
+        assert usage["estimated"] is True
+        assert usage["prompt_tokens"] > 0
+        assert usage["completion_tokens"] > 0
         assert all(f["type"] == "stream" for f in rest[:-1])
         shown = text_of(seen + rest)
         # Nothing of that reply follows its end, although the model had 150+ tokens to go.

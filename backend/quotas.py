@@ -1,0 +1,241 @@
+"""How much each user may ask: questions per window, model tokens per window, replies at once,
+open connections. Per user, or per client address when auth is off.
+
+Rates are the `limits` library's (memory storage in one process, Redis storage when
+`CHAT_REDIS_URL` is set, so every worker counts the same): questions in a moving window, tokens
+in a fixed one, charged as each reply ends. Replies and connections at once are not rates: they
+are slots held while something runs (see `Slots`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+from fastapi import HTTPException, status
+from fastapi.responses import PlainTextResponse
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+from starlette.datastructures import Address
+
+from backend.auth import Principal
+from backend.cluster import SHARED_STATE_ERRORS
+from backend.config import Settings
+from backend.errors import ChatError
+from backend.slots import MemorySlots, RedisSlots, Slots
+from schemas import ChatResponse, Usage
+
+log = logging.getLogger(__name__)
+
+# Seconds a client refused a connection or a reply slot is told to wait before trying again:
+# a slot frees when something else of theirs ends, which no clock can say.
+SLOT_RETRY_AFTER = 5
+# What each rate counts, so that a question rate and a token rate of the same window differ.
+QUESTIONS = "questions"
+TOKENS = "tokens"
+
+
+class RateLimited(ChatError):
+    """A quota refused the request; `retry_after` says when the same request would pass."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__("rate_limited", message)
+        self.retry_after = retry_after
+
+    def frame(self) -> ChatResponse:
+        frame = super().frame()
+        if self.retry_after is not None:
+            frame.retry_after = round(self.retry_after, 1)
+        return frame
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of an HTTP 429: `Retry-After` in whole seconds, at least one."""
+        wait = SLOT_RETRY_AFTER if self.retry_after is None else self.retry_after
+        return {"Retry-After": str(max(1, math.ceil(wait)))}
+
+    def http(self) -> HTTPException:
+        """This refusal as an HTTP 429."""
+        return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, self.message, self.headers)
+
+    def denial(self) -> PlainTextResponse:
+        """This refusal as the HTTP 429 that answers a WebSocket handshake."""
+        return PlainTextResponse(
+            self.message, status.HTTP_429_TOO_MANY_REQUESTS, headers=self.headers
+        )
+
+
+def wait_phrase(seconds: float) -> str:
+    """'in 12 seconds', 'in 4 minutes', 'in 3 hours 5 minutes'."""
+    seconds = max(1, round(seconds))
+    if seconds < 90:
+        return f"in {seconds} second{'s' if seconds != 1 else ''}"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"in {minutes} minutes"
+    hours, minutes = divmod(minutes, 60)
+    return f"in {hours} hours" + (f" {minutes} minutes" if minutes else "")
+
+
+def window_phrase(item: RateLimitItem) -> str:
+    """'per minute', 'per 2 seconds', 'per day'."""
+    unit = item.GRANULARITY.name
+    if item.multiples == 1:
+        return f"per {unit}"
+    return f"per {item.multiples} {unit}s"
+
+
+def quota_key(principal: Principal, client: Address | None) -> str:
+    """Whose quotas a request counts against: its user, or its client's address when
+    everyone is the one anonymous user of `CHAT_AUTH=none`."""
+    if principal.user:
+        return f"user:{principal.user}"
+    return f"address:{client.host if client is not None else 'unknown'}"
+
+
+def new_holder() -> str:
+    """A fresh name for a slot holder (one reply, one connection)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Held:
+    """A reply admitted: who asked, and the slot it holds until it ends."""
+
+    who: str
+    holder: str
+
+
+class Quotas:
+    """The limits of one deployment; every worker of it shares their counts through Redis."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None) -> None:
+        self.questions = (
+            parse(settings.chat_quota_questions) if settings.chat_quota_questions else None
+        )
+        self.tokens = parse(settings.chat_quota_tokens) if settings.chat_quota_tokens else None
+        self.replies = settings.chat_quota_replies
+        self.connections = settings.chat_quota_connections
+        self.enabled = any(
+            limit is not None
+            for limit in (self.questions, self.tokens, self.replies, self.connections)
+        )
+        url = settings.chat_redis_url
+        storage: Storage = (
+            RedisStorage(f"async+{url}", implementation="redispy", key_prefix="chat:limits")
+            if url
+            else MemoryStorage()
+        )
+        self.moving = MovingWindowRateLimiter(storage)
+        self.fixed = FixedWindowRateLimiter(storage)
+        self.slots: Slots = RedisSlots(client) if client is not None else MemorySlots()
+
+    async def start(self) -> None:
+        await self.slots.start()
+
+    async def close(self) -> None:
+        await self.slots.close()
+
+    # Replies.
+
+    async def check(self, who: str) -> None:
+        """Refuse a question now if its rates are used up (nothing is counted yet)."""
+        if self.questions is not None and not await self.moving.test(
+            self.questions, QUESTIONS, who
+        ):
+            raise await self._questions_refused(who)
+        if self.tokens is not None and not await self.fixed.test(self.tokens, TOKENS, who):
+            wait = await self._reset_in(self.fixed, self.tokens, TOKENS, who)
+            raise RateLimited(
+                f"You have used your {self.tokens.amount:,} model tokens "
+                f"{window_phrase(self.tokens)}; you can ask again {wait_phrase(wait)}.",
+                wait,
+            )
+
+    async def begin_reply(self, who: str, holder: str) -> Held | None:
+        """Take a reply slot and count the question; None when nothing is limited.
+
+        Called once the reply it pre-empts, if any, has ended and given its slot back.
+        """
+        if not self.enabled:
+            return None
+        if self.replies is not None and not await self.slots.acquire(
+            "replies", who, holder, self.replies
+        ):
+            raise RateLimited(
+                f"You already have {self.replies} "
+                f"repl{'ies' if self.replies != 1 else 'y'} in progress, the most allowed at "
+                "once. Wait for one to finish, or stop it, and ask again.",
+                None,
+            )
+        held = Held(who, holder)
+        if self.questions is not None and not await self.moving.hit(self.questions, QUESTIONS, who):
+            await self.end_reply(held, None)
+            raise await self._questions_refused(who)
+        return held
+
+    async def end_reply(self, held: Held | None, usage: Usage | None) -> None:
+        """Give the slot back and charge the reply's tokens (never raises: the reply is over
+        either way, and a slot that cannot be given back expires)."""
+        if held is None:
+            return
+        try:
+            if self.replies is not None:
+                await self.slots.release("replies", held.who, held.holder)
+            if self.tokens is not None and usage is not None:
+                spent = usage.prompt_tokens + usage.completion_tokens
+                if spent:
+                    await self.fixed.hit(self.tokens, TOKENS, held.who, cost=spent)
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot settle a reply's quotas: %s", exc)
+
+    async def _questions_refused(self, who: str) -> RateLimited:
+        assert self.questions is not None
+        wait = await self._reset_in(self.moving, self.questions, QUESTIONS, who)
+        return RateLimited(
+            f"You have asked {self.questions.amount} question"
+            f"{'s' if self.questions.amount != 1 else ''} {window_phrase(self.questions)}, the "
+            f"most allowed; you can ask again {wait_phrase(wait)}.",
+            wait,
+        )
+
+    @staticmethod
+    async def _reset_in(
+        limiter: MovingWindowRateLimiter | FixedWindowRateLimiter,
+        item: RateLimitItem,
+        kind: str,
+        who: str,
+    ) -> float:
+        stats = await limiter.get_window_stats(item, kind, who)
+        return max(0.0, stats.reset_time - time.time())
+
+    # Connections.
+
+    async def open_connection(self, who: str) -> str | None:
+        """Count an open socket or stream; `RateLimited` when `who` has too many. Returns
+        the slot's holder for `close_connection` (None when connections are not limited)."""
+        limit = self.connections
+        if limit is None:
+            return None
+        holder = new_holder()
+        if not await self.slots.acquire("connections", who, holder, limit):
+            raise RateLimited(
+                f"You have {limit} connection{'s' if limit != 1 else ''} open, the most "
+                "allowed at once. Close one (another tab or client) and try again.",
+                None,
+            )
+        return holder
+
+    async def close_connection(self, who: str, holder: str | None) -> None:
+        """The connection `open_connection` counted has closed (never raises)."""
+        if holder is None:
+            return
+        try:
+            await self.slots.release("connections", who, holder)
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot give back a connection slot: %s", exc)
