@@ -25,6 +25,7 @@ from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
+from backend.metrics import Metrics, build_metrics_route
 from backend.origin import origin_refusal
 from backend.quotas import RateLimited, quota_key
 from backend.reply import Replier
@@ -64,7 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
     """The whole application, configured by `settings`."""
     upstream = make_upstream(settings)
     http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout)
-    replier = Replier(settings, build_chain(settings, upstream, http_client), upstream)
+    metrics = Metrics()
+    replier = Replier(settings, build_chain(settings, upstream, http_client), upstream, metrics)
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
     conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
     access = Access(Authenticator(settings), Tickets(cluster.redis if cluster else None))
@@ -103,6 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(build_router(replier, conversations, settings, access))
     app.include_router(build_api(conversations, access))
     app.include_router(access.router())
+    app.include_router(build_metrics_route(metrics, settings))
 
     @app.get("/healthz", summary="Service health")
     async def healthz() -> JSONResponse:
@@ -161,9 +164,12 @@ def create_app(settings: Settings) -> FastAPI:
                 PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
             )
             return
+        open_sockets = metrics.connections.labels("websocket")
+        open_sockets.inc()
         try:
             await serve(websocket, principal)
         finally:
+            open_sockets.dec()
             await quotas.close_connection(who, holder)
 
     async def serve(websocket: WebSocket, principal: Principal) -> None:
@@ -186,6 +192,8 @@ def create_app(settings: Settings) -> FastAPI:
         params = websocket.query_params
         wanted = params.get("conversation")
         after = parse_after(params.get("after"))
+        if after:
+            metrics.resumes.inc()
         if wanted is None:
             return conversations.new(principal.user), after
         return await conversations.open(wanted, principal.user), after

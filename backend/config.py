@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     chat_quota_replies: int | None = Field(default=None, ge=1)  # replies running at once
     chat_quota_connections: int | None = Field(default=None, ge=1)  # open sockets and streams
 
+    # `GET /metrics` needs this bearer token; unset, it is served to loopback clients only.
+    chat_metrics_token: SecretStr | None = None
+
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
     local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M
     local_model_context: int = Field(default=2048, ge=256)

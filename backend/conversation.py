@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -272,11 +273,13 @@ class Conversation:
             return False
         # A library that swallows the cancellation would let the model run on unheard, so
         # cancel again until the task really ends.
+        asked = time.perf_counter()
         while not reply.done():
             reply.cancel()
             await asyncio.wait([reply], timeout=RECANCEL_AFTER)
             if not reply.done():
                 log.warning("reply ignored its cancellation; cancelling again")
+        self.services.replier.metrics.stop_latency.observe(time.perf_counter() - asked)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             reply.result()
         return True

@@ -61,7 +61,7 @@ class Conversations:
         self.store = store
         self.writer = WriteBehind(store)
         # Shared with the app's routes, which count connections and one-off replies.
-        self.quotas = Quotas(settings, cluster.redis if cluster else None)
+        self.quotas = Quotas(settings, cluster.redis if cluster else None, replier.metrics)
         self.services = Services(replier, settings, self.writer, self.quotas, self._on_idle)
         self.cluster = cluster
         self.links = Links.of(cluster) if cluster is not None else None

@@ -22,6 +22,7 @@ from backend.conversations import Conversations, UnknownConversation
 from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
+from backend.metrics import Metrics
 from backend.origin import origin_refusal
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.quotas import Held, Quotas, RateLimited, new_holder, quota_key
@@ -117,11 +118,15 @@ async def as_events(items: AsyncIterator[str | ChatResponse]) -> AsyncIterator[s
         yield event(item)
 
 
-async def joined_events(conversation: Conversation, after: int) -> AsyncIterator[str]:
+async def joined_events(
+    conversation: Conversation, after: int, metrics: Metrics
+) -> AsyncIterator[str]:
     """A conversation's frames after `after`, then live, as SSE, until the client leaves."""
     outbox = Outbox()
     outbox.send(hello(conversation))
     await conversation.join(outbox, after)
+    open_streams = metrics.connections.labels("sse")
+    open_streams.inc()
     try:
         yield f"retry: {RECONNECT_MS}\n\n"
         while True:
@@ -133,6 +138,7 @@ async def joined_events(conversation: Conversation, after: int) -> AsyncIterator
                 chunk.append(event(item))
             yield "".join(chunk)
     finally:
+        open_streams.dec()
         outbox.stop()
         conversation.leave(outbox)
 
@@ -226,6 +232,8 @@ def build_router(
             )
         check_origin(request)
         after = resume_point(request)
+        if after:
+            replier.metrics.resumes.inc()
         if conversations.draining:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting.")
         who = quota_key(caller, request.client)
@@ -241,7 +249,7 @@ def build_router(
                 raise HTTPException(status.HTTP_404_NOT_FOUND, str(failed)) from failed
             raise
         return StreamingResponse(
-            joined_events(conversation, after),
+            joined_events(conversation, after, replier.metrics),
             media_type="text/event-stream",
             headers=STREAM_HEADERS,
             background=BackgroundTask(quotas.close_connection, who, holder),

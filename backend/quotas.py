@@ -27,6 +27,7 @@ from backend.auth import Principal
 from backend.cluster import SHARED_STATE_ERRORS
 from backend.config import Settings
 from backend.errors import ChatError
+from backend.metrics import Limit, Metrics
 from backend.slots import MemorySlots, RedisSlots, Slots
 from schemas import ChatResponse, Usage
 
@@ -114,7 +115,8 @@ class Held:
 class Quotas:
     """The limits of one deployment; every worker of it shares their counts through Redis."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis | None, metrics: Metrics) -> None:
+        self.metrics = metrics
         self.questions = (
             parse(settings.chat_quota_questions) if settings.chat_quota_questions else None
         )
@@ -151,7 +153,8 @@ class Quotas:
             raise await self._questions_refused(who)
         if self.tokens is not None and not await self.fixed.test(self.tokens, TOKENS, who):
             wait = await self._reset_in(self.fixed, self.tokens, TOKENS, who)
-            raise RateLimited(
+            raise self._refused(
+                "tokens",
                 f"You have used your {self.tokens.amount:,} model tokens "
                 f"{window_phrase(self.tokens)}; you can ask again {wait_phrase(wait)}.",
                 wait,
@@ -167,7 +170,8 @@ class Quotas:
         if self.replies is not None and not await self.slots.acquire(
             "replies", who, holder, self.replies
         ):
-            raise RateLimited(
+            raise self._refused(
+                "replies",
                 f"You already have {self.replies} "
                 f"repl{'ies' if self.replies != 1 else 'y'} in progress, the most allowed at "
                 "once. Wait for one to finish, or stop it, and ask again.",
@@ -197,12 +201,18 @@ class Quotas:
     async def _questions_refused(self, who: str) -> RateLimited:
         assert self.questions is not None
         wait = await self._reset_in(self.moving, self.questions, QUESTIONS, who)
-        return RateLimited(
+        return self._refused(
+            "questions",
             f"You have asked {self.questions.amount} question"
             f"{'s' if self.questions.amount != 1 else ''} {window_phrase(self.questions)}, the "
             f"most allowed; you can ask again {wait_phrase(wait)}.",
             wait,
         )
+
+    def _refused(self, limit: Limit, message: str, retry_after: float | None) -> RateLimited:
+        self.metrics.quota_refusals.labels(limit).inc()
+        log.info("quota refused: %s", limit)
+        return RateLimited(message, retry_after)
 
     @staticmethod
     async def _reset_in(
@@ -224,7 +234,8 @@ class Quotas:
             return None
         holder = new_holder()
         if not await self.slots.acquire("connections", who, holder, limit):
-            raise RateLimited(
+            raise self._refused(
+                "connections",
                 f"You have {limit} connection{'s' if limit != 1 else ''} open, the most "
                 "allowed at once. Close one (another tab or client) and try again.",
                 None,

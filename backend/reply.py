@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -18,10 +19,11 @@ from backend.chain import ChatChain
 from backend.config import Settings
 from backend.errors import ChatError, ClientGone, describe_upstream, is_retryable
 from backend.history import History, TokenCounter
+from backend.metrics import Metrics
 from backend.turn import Turn
 from backend.upstream import Upstream
 from backend.usage import counted, reported
-from schemas import ChatResponse, EndStatus
+from schemas import ChatResponse, EndStatus, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,13 @@ log = logging.getLogger(__name__)
 class Replier:
     """Answers questions with one chain; shared by every connection of an app."""
 
-    def __init__(self, settings: Settings, chain: ChatChain, upstream: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, chain: ChatChain, upstream: Upstream, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.chain = chain
         self.upstream = upstream
+        self.metrics = metrics
 
     async def answer(self, turn: Turn, history: History) -> EndStatus:
         """Stream the reply to `turn`'s question, from `start` to exactly one `end`.
@@ -41,6 +46,8 @@ class Replier:
         closed, the text streamed so far stays in `turn`, and `end` says `interrupted`.
         """
         status: EndStatus = "error"
+        failure: ErrorCode | None = None
+        started = time.perf_counter()
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
         sent: list[BaseMessage] = []  # what the model was asked, once it is
@@ -57,6 +64,7 @@ class Replier:
             else:
                 log.warning("reply failed: %s (%r)", error.message, exc)
             turn.send(error.frame())
+            failure = error.code
         finally:
             if turn.usage is None and sent and (turn.streamed or status == "completed"):
                 turn.usage = counted(sent, turn.text, self.count)
@@ -65,6 +73,14 @@ class Replier:
             with contextlib.suppress(ClientGone):
                 turn.send(end)
             log.info("reply %s, %d characters", status, len(turn.text))
+            first = turn.first_token_at
+            self.metrics.reply_ended(
+                status,
+                failure,
+                None if first is None else first - started,
+                turn.pieces,
+                turn.usage,
+            )
         return status
 
     @property

@@ -80,6 +80,7 @@ class Supervisor:
         output: logging.Logger | None = None,
         share_output: bool = False,
         pass_fds: Sequence[int] = (),
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
         self.command = list(command)
@@ -90,6 +91,7 @@ class Supervisor:
         self.output = output or log
         self.share_output = share_output
         self.pass_fds = tuple(pass_fds)
+        self.on_exit = on_exit  # called with the process id of each child that exited
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
         self.label = f"[{self.output.name.rsplit('.', 1)[-1]}]"
@@ -210,6 +212,8 @@ class Supervisor:
         # Whatever the child left running in its group goes with it.
         signal_group(child.pid, signal.SIGKILL)
         child.transport.close()
+        if self.on_exit is not None:
+            self.on_exit(child.pid)
         return child.returncode if child.returncode is not None else -1
 
     async def _probe_until_ready(self, child: _Child, started: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from schemas import ChatResponse, Usage
@@ -31,11 +32,18 @@ class Turn:
         self._parts = [] if parts is None else parts
         # The model tokens the reply took, once it has ended (None if the model was not asked).
         self.usage: Usage | None = None
+        # `time.perf_counter()` when the first piece of text was sent.
+        self.first_token_at: float | None = None
 
     @property
     def text(self) -> str:
         """The reply so far."""
         return "".join(self._parts)
+
+    @property
+    def pieces(self) -> int:
+        """How many pieces of text the reply has had so far."""
+        return len(self._parts)
 
     @property
     def streamed(self) -> bool:
@@ -45,6 +53,8 @@ class Turn:
     def token(self, text: str) -> None:
         """Send a piece of the reply and keep it."""
         self.sink.token(text)
+        if not self._parts:
+            self.first_token_at = time.perf_counter()
         self._parts.append(text)
 
     def send(self, frame: ChatResponse) -> None:

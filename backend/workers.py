@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from backend.config import Settings
+from backend.metrics import MULTIPROCESS_DIR
 from backend.server import bind
 from backend.supervisor import RestartPolicy, Supervisor
 
@@ -40,6 +47,20 @@ def scale_out_problem(settings: Settings) -> str | None:
     return None
 
 
+def shared_metrics_dir() -> str | None:
+    """Where the workers write their metrics for each other (see backend/metrics.py): the
+    folder `PROMETHEUS_MULTIPROC_DIR` names, emptied, or a new one; the new one is returned,
+    for removal when the workers stop."""
+    given = os.environ.get(MULTIPROCESS_DIR)
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        return None
+    made = tempfile.mkdtemp(prefix="chat-metrics-")
+    os.environ[MULTIPROCESS_DIR] = made  # inherited by every worker
+    return made
+
+
 async def _always_ready() -> bool:
     return True
 
@@ -48,6 +69,7 @@ async def serve_workers(count: int, host: str, port: int, settings: Settings) ->
     """Run `count` workers on `host`:`port` until SIGTERM or SIGINT, then drain them all."""
     listener = bind(host, port)
     listener.set_inheritable(True)
+    metrics_dir = shared_metrics_dir()
     policy = RestartPolicy(stop_grace=settings.chat_shutdown_grace + STOP_MARGIN)
     command = [sys.executable, "-m", "backend", "--fd", str(listener.fileno())]
     workers = [
@@ -58,6 +80,7 @@ async def serve_workers(count: int, host: str, port: int, settings: Settings) ->
             policy=policy,
             share_output=True,
             pass_fds=[listener.fileno()],
+            on_exit=mark_process_dead,
         )
         for number in range(1, count + 1)
     ]
@@ -72,3 +95,5 @@ async def serve_workers(count: int, host: str, port: int, settings: Settings) ->
     log.info("stopping %d workers", count)
     await asyncio.gather(*(worker.stop() for worker in workers))
     listener.close()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

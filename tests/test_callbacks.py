@@ -8,6 +8,7 @@ import pytest
 from backend.chain import build_chain
 from backend.errors import ClientGone
 from backend.history import History
+from backend.metrics import Metrics
 from backend.reply import Replier
 from backend.turn import Turn
 from backend.upstream import remote_upstream
@@ -41,7 +42,7 @@ async def test_handler_that_cannot_send_stops_generation(
     settings = make_settings()
     async with openai.DefaultAsyncHttpxClient(timeout=5) as client:
         upstream = remote_upstream(settings)
-        replier = Replier(settings, build_chain(settings, upstream, client), upstream)
+        replier = Replier(settings, build_chain(settings, upstream, client), upstream, Metrics())
         turn = Turn("talk", VanishingSink(tokens=5))
         with pytest.raises(ClientGone):
             await replier.answer(turn, History(1000))

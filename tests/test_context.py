@@ -10,6 +10,7 @@ from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
 from backend.chain import ChatChain, build_model
 from backend.history import ContextWindow, History
+from backend.metrics import Metrics
 from backend.reply import Replier
 from backend.turn import Turn
 from backend.upstream import remote_upstream
@@ -53,7 +54,9 @@ async def test_question_too_long_counts_the_chains_own_prompt(
     async with openai.DefaultAsyncHttpxClient(timeout=5) as client:
         chain = ChatChain(prompt, build_model(settings, upstream, client))
         sink = Recorder()
-        status = await Replier(settings, chain, upstream).answer(Turn("Q" * 25, sink), History(100))
+        status = await Replier(settings, chain, upstream, Metrics()).answer(
+            Turn("Q" * 25, sink), History(100)
+        )
     assert status == "error"
     error = next(frame for frame in sink.frames if frame.type == "error")
     assert error.code == "bad_request"
