@@ -73,6 +73,7 @@ lint: install
 bench: install
 	$(PY) -m bench.run
 	$(PY) -m bench.cluster
+	$(PY) -m bench.guarded
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/frames.py.

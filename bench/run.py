@@ -120,10 +120,10 @@ async def stop_latency(url: str, trials: int) -> list[float]:
     return latencies
 
 
-async def ttft_socket(url: str, trials: int) -> list[float]:
+async def ttft_socket(url: str, trials: int, **options: Any) -> list[float]:
     """Question sent to first token received, through a WebSocket server."""
     times = []
-    async with connect(url, compression=None) as ws:
+    async with connect(url, compression=None, **options) as ws:
         for _ in range(trials):
             sent = time.perf_counter()
             await ws.send("bench tokens=3")
@@ -156,9 +156,9 @@ async def ttft_direct(upstream: str, trials: int) -> list[float]:
     return times
 
 
-async def throughput(url: str, tokens: int) -> float:
+async def throughput(url: str, tokens: int, **options: Any) -> float:
     """Tokens per second to one client, question sent to `end` received."""
-    async with connect(url, compression=None, max_size=None) as ws:
+    async with connect(url, compression=None, max_size=None, **options) as ws:
         sent = time.perf_counter()
         await ws.send(f"bench tokens={tokens}")
         got = await until_end(ws)
