@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 
 from backend.cluster import RENEW_EVERY, SHARED_STATE_ERRORS, UNREACHABLE, Cluster, Entry
@@ -306,53 +306,81 @@ class ClusterConversation(Conversation):
 
     async def _run_turn(self, question: str | None, who: str) -> bool:
         quotas = self.services.quotas
-        await quotas.check(who)
-        async with self._lock:
-            await self._interrupt()  # a reply of ours gives the lease back as it ends
-            if self._letting_go is not None:
-                await self._letting_go
-            try:
-                await self._take_over()
-            except SHARED_STATE_ERRORS as exc:
-                raise ChatError("unavailable", UNREACHABLE) from exc
-            held: Held | None = None
-            try:
-                await self._load()
-                if question is None and not self.turns:
-                    self.cluster.let_go(self.id)
-                    await self.cluster.release(self.id)
-                    return False
-                held = await quotas.begin_reply(who, new_holder())
-                if question is None:
-                    record = self.turns[-1]
-                    record.restart()
-                    first = [ChatResponse.echo(record.question, seq=record.echo_seq)]
-                else:
-                    if self.title is None:
-                        self.title = title_for(question)
-                        self.created_at = now()
-                    self.seq += 1
-                    record = TurnRecord(len(self.turns), question, echo_seq=self.seq)
-                    self.turns.append(record)
-                    first = [ChatResponse.echo(question, seq=record.echo_seq)]
-                self.updated_at = now()
-                self._publisher = self.broadcaster.publisher(self.id, record.position)
-                for frame in first:
-                    self._publisher.send(frame)
-                self._start(record, regenerate=question is None, held=held)
-            except BaseException:
-                await quotas.end_reply(held, None)
-                await self._let_go()
-                raise
-            return True
+        # The quotas are read from Redis while the lease is taken, but nothing is stopped, here
+        # or on another worker, until they have said yes.
+        checking = asyncio.ensure_future(quotas.check(who))
+        try:
+            async with self._lock:
+                if self.replying:
+                    await checking
+                await self._interrupt()  # a reply of ours gives the lease back as it ends
+                if self._letting_go is not None:
+                    await self._letting_go
+                try:
+                    await self._take_over(checking)
+                except SHARED_STATE_ERRORS as exc:
+                    raise ChatError("unavailable", UNREACHABLE) from exc
+                return await self._start_turn(question, who, checking)
+        finally:
+            if not checking.done():
+                checking.cancel()
+            elif not checking.cancelled():
+                checking.exception()  # raised above, or moot: the turn failed before it
 
-    async def _take_over(self) -> None:
-        """Hold the lease, stopping the reply another worker runs if need be."""
+    async def _start_turn(
+        self, question: str | None, who: str, checking: asyncio.Future[None]
+    ) -> bool:
+        """With the lease held: the quotas' answer, then the turn, or the lease given back."""
+        quotas = self.services.quotas
+        held: Held | None = None
+        try:
+            await checking
+            # The reply's slot is taken while the conversation is read from the store.
+            loaded, admitted = await asyncio.gather(
+                self._load(), quotas.begin_reply(who, new_holder()), return_exceptions=True
+            )
+            if isinstance(admitted, BaseException):
+                raise admitted
+            held = admitted
+            if isinstance(loaded, BaseException):
+                raise loaded
+            if question is None and not self.turns:
+                await quotas.end_reply(held, None)
+                self.cluster.let_go(self.id)
+                await self.cluster.release(self.id)
+                return False
+            if question is None:
+                record = self.turns[-1]
+                record.restart()
+                first = [ChatResponse.echo(record.question, seq=record.echo_seq)]
+            else:
+                if self.title is None:
+                    self.title = title_for(question)
+                    self.created_at = now()
+                self.seq += 1
+                record = TurnRecord(len(self.turns), question, echo_seq=self.seq)
+                self.turns.append(record)
+                first = [ChatResponse.echo(question, seq=record.echo_seq)]
+            self.updated_at = now()
+            self._publisher = self.broadcaster.publisher(self.id, record.position)
+            for frame in first:
+                self._publisher.send(frame)
+            self._start(record, regenerate=question is None, held=held)
+        except BaseException:
+            await quotas.end_reply(held, None)
+            await self._let_go()
+            raise
+        return True
+
+    async def _take_over(self, first: Awaitable[None]) -> None:
+        """Hold the lease, stopping the reply another worker runs if need be, once `first`
+        (the quotas' answer) has come."""
         deadline = time.monotonic() + TAKE_OVER_WITHIN
         asked = 0.0
         while not await self.cluster.acquire(self.id):
             # Asked again now and then: the holder may not have started its reply yet.
             if time.monotonic() - asked > ASK_AGAIN_AFTER:
+                await first
                 await self.cluster.stop_elsewhere(self.id)
                 asked = time.monotonic()
             if time.monotonic() > deadline:

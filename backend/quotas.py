@@ -9,6 +9,7 @@ are slots held while something runs (see `Slots`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -36,9 +37,30 @@ log = logging.getLogger(__name__)
 # Seconds a client refused a connection or a reply slot is told to wait before trying again:
 # a slot frees when something else of theirs ends, which no clock can say.
 SLOT_RETRY_AFTER = 5
+# Seconds between two sweeps of expired entries from the memory storage.
+SWEEP_EVERY = 1.0
 # What each rate counts, so that a question rate and a token rate of the same window differ.
 QUESTIONS = "questions"
 TOKENS = "tokens"
+
+
+class MemoryRates(MemoryStorage):
+    """`limits`' memory storage, sweeping out expired entries at most once a second.
+
+    Its own sweep runs after every hit and hops to a worker thread each time, which a busy
+    server pays for in latency. Entries are compared with the clock when they are read, so
+    the sweep only frees memory: less often is as correct.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept = 0.0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_EVERY:
+            self._swept = now
+            await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
 
 class RateLimited(ChatError):
@@ -99,6 +121,10 @@ def quota_key(principal: Principal, client: Address | None) -> str:
     return f"address:{client.host if client is not None else 'unknown'}"
 
 
+async def _true() -> bool:
+    return True
+
+
 def new_holder() -> str:
     """A fresh name for a slot holder (one reply, one connection)."""
     return uuid.uuid4().hex
@@ -128,42 +154,56 @@ class Quotas:
             for limit in (self.questions, self.tokens, self.replies, self.connections)
         )
         url = settings.chat_redis_url
+        self.remote = url is not None  # the counts are in Redis, a round trip away
         storage: Storage = (
             RedisStorage(f"async+{url}", implementation="redispy", key_prefix="chat:limits")
             if url
-            else MemoryStorage()
+            else MemoryRates()
         )
         self.moving = MovingWindowRateLimiter(storage)
         self.fixed = FixedWindowRateLimiter(storage)
         self.slots: Slots = RedisSlots(client) if client is not None else MemorySlots()
+        self._counting: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.slots.start()
 
     async def close(self) -> None:
+        await asyncio.gather(*self._counting, return_exceptions=True)
         await self.slots.close()
 
     # Replies.
 
     async def check(self, who: str) -> None:
         """Refuse a question now if its rates are used up (nothing is counted yet)."""
-        if self.questions is not None and not await self.moving.test(
-            self.questions, QUESTIONS, who
-        ):
+        questions, tokens = self.questions, self.tokens
+        if questions is None and tokens is None:
+            return
+        testing_questions = self.moving.test(questions, QUESTIONS, who) if questions else _true()
+        testing_tokens = self.fixed.test(tokens, TOKENS, who) if tokens else _true()
+        if self.remote:  # both at once: one round trip's wait instead of two
+            questions_left, tokens_left = await asyncio.gather(testing_questions, testing_tokens)
+        else:
+            questions_left, tokens_left = await testing_questions, await testing_tokens
+        if not questions_left:
             raise await self._questions_refused(who)
-        if self.tokens is not None and not await self.fixed.test(self.tokens, TOKENS, who):
-            wait = await self._reset_in(self.fixed, self.tokens, TOKENS, who)
+        if not tokens_left:
+            assert tokens is not None
+            wait = await self._reset_in(self.fixed, tokens, TOKENS, who)
             raise self._refused(
                 "tokens",
-                f"You have used your {self.tokens.amount:,} model tokens "
-                f"{window_phrase(self.tokens)}; you can ask again {wait_phrase(wait)}.",
+                f"You have used your {tokens.amount:,} model tokens "
+                f"{window_phrase(tokens)}; you can ask again {wait_phrase(wait)}.",
                 wait,
             )
 
     async def begin_reply(self, who: str, holder: str) -> Held | None:
         """Take a reply slot and count the question; None when nothing is limited.
 
-        Called once the reply it pre-empts, if any, has ended and given its slot back.
+        Called once the reply it pre-empts, if any, has ended and given its slot back, and
+        after `check`. In Redis the question is counted on the side, off the way to the first
+        token: questions sent at the same instant on several sockets may then share a window's
+        last place.
         """
         if not self.enabled:
             return None
@@ -177,11 +217,20 @@ class Quotas:
                 "once. Wait for one to finish, or stop it, and ask again.",
                 None,
             )
-        held = Held(who, holder)
-        if self.questions is not None and not await self.moving.hit(self.questions, QUESTIONS, who):
-            await self.end_reply(held, None)
-            raise await self._questions_refused(who)
-        return held
+        if self.questions is not None:
+            if self.remote:  # off the way to the first token
+                counting = asyncio.create_task(self._count_question(self.questions, who))
+                self._counting.add(counting)
+                counting.add_done_callback(self._counting.discard)
+            else:
+                await self.moving.hit(self.questions, QUESTIONS, who)
+        return Held(who, holder)
+
+    async def _count_question(self, questions: RateLimitItem, who: str) -> None:
+        try:
+            await self.moving.hit(questions, QUESTIONS, who)
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot count a question: %s", exc)
 
     async def end_reply(self, held: Held | None, usage: Usage | None) -> None:
         """Give the slot back and charge the reply's tokens (never raises: the reply is over
