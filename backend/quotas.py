@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 SLOT_RETRY_AFTER = 5
 # Seconds between two sweeps of expired entries from the memory storage.
 SWEEP_EVERY = 1.0
+# Seconds a "tokens left" read from Redis stands, and for how many users at most.
+TOKENS_RECHECK = 1.0
+TOKENS_FINE_USERS = 10_000
 # What each rate counts, so that a question rate and a token rate of the same window differ.
 QUESTIONS = "questions"
 TOKENS = "tokens"
@@ -164,6 +167,8 @@ class Quotas:
         self.fixed = FixedWindowRateLimiter(storage)
         self.slots: Slots = RedisSlots(client) if client is not None else MemorySlots()
         self._counting: set[asyncio.Task[None]] = set()
+        # Users whose tokens were left when last read, until when that stands (monotonic).
+        self._tokens_fine: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.slots.start()
@@ -180,7 +185,7 @@ class Quotas:
         if questions is None and tokens is None:
             return
         testing_questions = self.moving.test(questions, QUESTIONS, who) if questions else _true()
-        testing_tokens = self.fixed.test(tokens, TOKENS, who) if tokens else _true()
+        testing_tokens = self._tokens_left(tokens, who) if tokens else _true()
         if self.remote:  # both at once: one round trip's wait instead of two
             questions_left, tokens_left = await asyncio.gather(testing_questions, testing_tokens)
         else:
@@ -196,6 +201,22 @@ class Quotas:
                 f"{window_phrase(tokens)}; you can ask again {wait_phrase(wait)}.",
                 wait,
             )
+
+    async def _tokens_left(self, tokens: RateLimitItem, who: str) -> bool:
+        """Whether `who` has tokens left. In Redis, a yes is taken as read for a second, until
+        this worker charges them again: tokens are charged as replies end, so the count may
+        trail by a reply anyway, and the round trip is saved for most questions."""
+        if not self.remote:
+            return await self.fixed.test(tokens, TOKENS, who)
+        now = time.monotonic()
+        if self._tokens_fine.get(who, 0.0) > now:
+            return True
+        left = await self.fixed.test(tokens, TOKENS, who)
+        if left:
+            if len(self._tokens_fine) > TOKENS_FINE_USERS:
+                self._tokens_fine.clear()
+            self._tokens_fine[who] = now + TOKENS_RECHECK
+        return left
 
     async def begin_reply(self, who: str, holder: str) -> Held | None:
         """Take a reply slot and count the question; None when nothing is limited.
@@ -242,6 +263,7 @@ class Quotas:
                 await self.slots.release("replies", held.who, held.holder)
             if self.tokens is not None and usage is not None:
                 spent = usage.prompt_tokens + usage.completion_tokens
+                self._tokens_fine.pop(held.who, None)
                 if spent:
                     await self.fixed.hit(self.tokens, TOKENS, held.who, cost=spent)
         except SHARED_STATE_ERRORS as exc:

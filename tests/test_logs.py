@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import httpx
+import jwt
 
 from backend.server import free_port
 from deploy.services import environment_without_settings
@@ -19,6 +21,7 @@ from tests.harness import (
     conversation_of,
     healthy,
     python_process,
+    recv,
     temp_database,
 )
 
@@ -74,3 +77,52 @@ async def test_text_lines_carry_the_ids_too(fake: FakeUpstream) -> None:
     assert len(ended) == 2
     assert f"[conversation={conversation} reply=" in ended[0]
     assert SECRET not in log
+
+
+async def test_credentials_and_questions_never_reach_the_log(fake: FakeUpstream) -> None:
+    """Signed in, refused, rate limited, through tickets: the log names none of the secrets."""
+    jwt_secret = "jwt-secret-that-is-long-enough-9d41"
+    api_key = "sk-script-key-5521"
+    metrics_token = "metrics-token-7770"
+    bearer = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, jwt_secret, "HS256")
+    port = free_port()
+    env = environment_without_settings()
+    env.update(
+        OPENAI_BASE_URL=fake.url,
+        CHAT_MODEL="fake-model",
+        CHAT_DATABASE_URL=temp_database(),
+        CHAT_LOG_FORMAT="json",
+        CHAT_AUTH="token",
+        CHAT_JWT_SECRET=jwt_secret,
+        CHAT_API_KEYS=f"scripts:{api_key}",
+        CHAT_METRICS_TOKEN=metrics_token,
+        CHAT_QUOTA_QUESTIONS="1/minute",
+    )
+    async with python_process(
+        "-m", "backend", "--port", str(port), env=env, stderr=asyncio.subprocess.PIPE
+    ) as server:
+        base = f"http://127.0.0.1:{port}"
+        await healthy(base)
+        signed = {"Authorization": f"Bearer {bearer}"}
+        async with httpx.AsyncClient(base_url=base, timeout=UNIT) as client:
+            ticket = (await client.post("/api/ws-ticket", headers=signed)).json()["ticket"]
+            async with connect(f"ws://127.0.0.1:{port}/chat?ticket={ticket}") as ws:
+                await ask(ws, f"socket {SECRET}")
+                await ws.send(f"over the quota {SECRET}")
+                assert (await recv(ws))["code"] == "rate_limited"
+            # Refused: a used ticket, a forged token, a wrong metrics token.
+            used = await client.get("/sse", params={"ticket": ticket, "prompt": SECRET})
+            assert used.status_code == 401
+            forged = {"Authorization": f"Bearer {bearer[:-4]}AAAA"}
+            assert (await client.get("/api/conversations", headers=forged)).status_code == 401
+            scripted = {"Authorization": f"Bearer {api_key}"}
+            streamed = await client.get("/stream", params={"prompt": SECRET}, headers=scripted)
+            assert streamed.status_code == 200
+            metrics = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
+            assert metrics.status_code == 401
+        server.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(server.communicate(), UNIT * 10)
+    log = err.decode()
+    assert "quota refused: questions" in log  # it did log what happened...
+    for secret in (SECRET, jwt_secret, api_key, metrics_token, bearer, ticket):
+        assert secret not in log  # ...and none of what was said or shown to prove who
