@@ -231,22 +231,34 @@ async def test_quotas_hold_across_workers(
         **deployment_env(upstream_server, postgres, redis_server),
         "CHAT_AUTH": "token",
         "CHAT_JWT_SECRET": SECRET,
-        "CHAT_QUOTA_QUESTIONS": "2 per 3 seconds",
+        "CHAT_QUOTA_QUESTIONS": "3 per 3 seconds",
+        "CHAT_QUOTA_TOKENS": "200 per 5 seconds",
         "CHAT_QUOTA_REPLIES": "1",
         "CHAT_QUOTA_CONNECTIONS": "2",
     }
     deployed = Deployment(2, env).start()
     try:
         one, two = (f"ws://127.0.0.1:{worker.port}/chat" for worker in deployed.workers)
-        # Questions: two on one worker use up the window on the other.
+        # Questions: three on one worker use up the window on the other.
         carol = token("carol")
         async with connect(one, additional_headers=headers(carol)) as ws:
-            await ask(ws, "first")
-            await ask(ws, "second")
+            for question in ("first", "second", "third"):
+                await ask(ws, question)
         async with connect(two, additional_headers=headers(carol)) as ws:
-            frame = await refused(ws, "third")
+            frame = await refused(ws, "fourth")
+            assert "questions per 3 seconds" in frame["message"]
             await asyncio.sleep(frame["retry_after"] + 0.1)
             await ask(ws, "after the window")
+        # Model tokens: what replies on one worker spent counts on the other.
+        erin, wordy = token("erin"), " ".join(["word"] * 150)
+        upstream_server.then(Behaviour(tokens=["ok"]), Behaviour(tokens=["ok"]))
+        async with connect(one, additional_headers=headers(erin)) as ws:
+            assert (await ask(ws, wordy))[-1]["usage"]["prompt_tokens"] > 150
+        async with connect(two, additional_headers=headers(erin)) as ws:
+            await ask(ws, wordy)  # 168 of 200 spent before it: allowed
+        async with connect(one, additional_headers=headers(erin)) as ws:
+            frame = await refused(ws, "one more")
+            assert "200 model tokens per 5 seconds" in frame["message"]
         # Replies at once: a reply on one worker holds the user's only slot on the other.
         dave = token("dave")
         async with (
