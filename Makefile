@@ -72,6 +72,7 @@ lint: install
 # Measure latency and throughput (fake model server, then the embedded model); see docs/benchmarks.md.
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.load
 	$(PY) -m bench.cluster
 	$(PY) -m bench.guarded
 	$(PY) -m bench.local

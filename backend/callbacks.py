@@ -62,6 +62,12 @@ class ProgressHandler(AsyncCallbackHandler):
         self.on_info = on_info
         self.model = model
 
+    @property
+    def ignore_llm(self) -> bool:
+        # The model's own events (a token, the end) are not ours: skipping them spares the
+        # callback manager a call per token. Chat-model starts are still delivered.
+        return True
+
     async def on_chat_model_start(
         self,
         serialized: dict[str, Any],

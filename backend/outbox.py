@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+from backend.eager import start_eagerly
 from backend.errors import ClientGone
 from schemas import ChatResponse
 
@@ -19,6 +22,9 @@ from schemas import ChatResponse
 # history a client is sent when it joins does not count.)
 MAX_PENDING = 1000
 OVERFLOW_CODE = 1008
+# Tokens closer together than this (seconds) are not sent one by one from the task that
+# produced them: they queue, and the writer sends those that piled up as one frame.
+DIRECT_GAP = 0.001
 
 
 @dataclass
@@ -84,6 +90,12 @@ class Outbox:
         self._wake = asyncio.Event()
         self._gone = False
         self.stopped = asyncio.Event()
+        # Set by a writer that can send a frame's JSON itself: a token that finds nothing
+        # queued and the writer waiting is sent at once, from the task that produced it.
+        self.direct: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        self._writer_waiting = False
+        self._sending: asyncio.Task[None] | None = None  # a direct send still under way
+        self._sent_at = 0.0  # when the last direct send was (`time.perf_counter()`)
 
     @property
     def gone(self) -> bool:
@@ -109,13 +121,40 @@ class Outbox:
         pending = self._pending
         if self._gone or len(pending) - self._preloaded >= self._max_pending:
             self._check()
-        last = pending[-1] if pending else None
+        if not pending:
+            if self._writer_waiting and self.direct is not None and self._sending is None:
+                now = time.perf_counter()
+                if now - self._sent_at >= DIRECT_GAP:
+                    self._sent_at = now
+                    self._send_now(TokenRun([text], seq).to_json())
+                    return
+            self._pending.append(TokenRun([text], seq))
+            self._wake.set()
+            return
+        last = pending[-1]
         if type(last) is TokenRun:
             last.parts.append(text)
             last.seq = seq
         else:
             self._pending.append(TokenRun([text], seq))
             self._wake.set()
+
+    def _send_now(self, text: str) -> None:
+        assert self.direct is not None
+        try:
+            self._sending = start_eagerly(self.direct(text))
+        except Exception as exc:  # the socket is closed or closing
+            self.stop()
+            raise ClientGone("the client's connection is closed") from exc
+        if self._sending is not None:  # the client is slow: the writer waits for it
+            self._sending.add_done_callback(self._sent)
+            self._wake.set()
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending = None
+        if not task.cancelled() and task.exception() is not None:
+            self.stop()
+        self._wake.set()
 
     def close(self, code: int, reason: str) -> None:
         """Send what is queued, then end the connection with `code`; nothing more is queued."""
@@ -136,10 +175,17 @@ class Outbox:
             raise ClientGone(f"the client left {unread} frames unread")
 
     async def take(self) -> list[Pending]:
-        """Wait for something to send, then take all of it."""
-        while not self._pending:
+        """Wait for something to send, then take all of it (after any direct send)."""
+        while not self._pending or self._sending is not None:
+            if self._sending is not None:
+                await asyncio.wait([self._sending])
+                continue
             self._wake.clear()
-            await self._wake.wait()
+            self._writer_waiting = True
+            try:
+                await self._wake.wait()
+            finally:
+                self._writer_waiting = False
         batch, self._pending = self._pending, []
         self._preloaded = 0
         return batch
@@ -153,4 +199,5 @@ class Outbox:
     def stop(self) -> None:
         """The writer has stopped: the client is gone."""
         self._gone = True
+        self.direct = None
         self.stopped.set()

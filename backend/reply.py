@@ -50,7 +50,7 @@ class Replier:
         started = time.perf_counter()
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
-        sent: list[BaseMessage] = []  # what the model was asked, once it is
+        sent: list[list[BaseMessage]] = []  # the history sent with the question, once it is
         try:
             turn.usage = reported(await self._generate(turn, history, sent))
             status = "completed"
@@ -67,7 +67,8 @@ class Replier:
             failure = error.code
         finally:
             if turn.usage is None and sent and (turn.streamed or status == "completed"):
-                turn.usage = counted(sent, turn.text, self.count)
+                messages = self.chain.messages(sent[0], turn.question)
+                turn.usage = counted(messages, turn.text, self.count)
             end = ChatResponse.bot("end", status=status)
             end.usage = turn.usage
             with contextlib.suppress(ClientGone):
@@ -89,7 +90,9 @@ class Replier:
         window = self.upstream.context
         return window.count if window is not None else count_tokens_approximately
 
-    async def _generate(self, turn: Turn, history: History, sent: list[BaseMessage]) -> BaseMessage:
+    async def _generate(
+        self, turn: Turn, history: History, sent: list[list[BaseMessage]]
+    ) -> BaseMessage:
         """Run the chain, retrying once, quickly, if it failed before its first token."""
         await self.upstream.ensure_ready(turn.info)
         callbacks: list[BaseCallbackHandler] = [
@@ -98,7 +101,7 @@ class Replier:
         ]
         config = RunnableConfig(callbacks=callbacks)
         earlier = self._history_for(turn.question, history)
-        sent[:] = self.chain.messages(earlier, turn.question)
+        sent.append(earlier)  # the prompt is formatted again only if usage must be counted
         for attempt in (1, 2):
             try:
                 return await self.chain.ainvoke(earlier, turn.question, config)

@@ -34,6 +34,7 @@ EXPIRED = "Your sign-in has expired. Sign in again and reconnect to carry on whe
 
 async def write(outbox: Outbox, websocket: WebSocket) -> None:
     """Send what `outbox` queues, in order, until a `Close` or the socket fails."""
+    outbox.direct = websocket.send_text
     try:
         while True:
             for item in await outbox.take():

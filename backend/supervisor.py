@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,8 @@ class _Child(asyncio.SubprocessProtocol):
         self._partial = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
+        # A subprocess transport, though not always a subclass of asyncio's (uvloop's is not).
+        self.transport = cast(asyncio.SubprocessTransport, transport)
 
     @property
     def pid(self) -> int:

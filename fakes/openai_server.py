@@ -56,6 +56,9 @@ class Behaviour:
     # Report usage (when asked, with `stream_options.include_usage`): a prompt token per word
     # of the messages, a completion token per token sent.
     usage: bool = True
+    # Append "|SEND_TIME" (time.time(), to the microsecond) to every token as it is written,
+    # so a client can tell how long the path after the fake took for each one.
+    stamp: bool = False
 
 
 @dataclass
@@ -355,7 +358,8 @@ class FakeUpstream:
                 return False
             if not await pause(behaviour.delay):
                 return False
-            writer.write(chunk({"content": token}))
+            text = f"{token}|{time.time():.6f}" if behaviour.stamp else token
+            writer.write(chunk({"content": text}))
             record.tokens_sent += 1
             if behaviour.delay > 0 or index % 64 == 0:
                 await writer.drain()
@@ -375,7 +379,8 @@ def _settle(changed: asyncio.Future[None]) -> None:
 
 
 def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
-    """Read a behaviour from a question of the form `bench tokens=N delay=S [first=S]`.
+    """Read a behaviour from a question of the form
+    `bench tokens=N delay=S [first=S] [stamp=1]`.
 
     Lets a process that cannot reach the fake's Python objects (a benchmark driving it over
     HTTP) choose each reply's shape.
@@ -389,6 +394,7 @@ def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
         tokens=[" tok"] * int(options.get("tokens", "20")),
         delay=float(options.get("delay", "0")),
         first_delay=float(options.get("first", "0")),
+        stamp=options.get("stamp") == "1",
     )
 
 
