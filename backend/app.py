@@ -26,6 +26,7 @@ from backend.conversations import Conversations, UnknownConversation
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
 from backend.metrics import Metrics, build_metrics_route
+from backend.model_transport import model_transport
 from backend.origin import origin_refusal
 from backend.quotas import RateLimited, quota_key
 from backend.reply import Replier
@@ -64,7 +65,9 @@ def make_upstream(settings: Settings) -> Upstream:
 def create_app(settings: Settings) -> FastAPI:
     """The whole application, configured by `settings`."""
     upstream = make_upstream(settings)
-    http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout)
+    http_client = openai.DefaultAsyncHttpxClient(
+        timeout=settings.chat_timeout, transport=model_transport(openai.DEFAULT_CONNECTION_LIMITS)
+    )
     metrics = Metrics()
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream, metrics)
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
