@@ -1,4 +1,5 @@
-"""Hand LangChain each stream chunk as the JSON dict it arrived as.
+"""Hand LangChain each stream chunk as the JSON dict it arrived as, and send its messages as
+they are.
 
 `ChatOpenAI` accepts plain dicts from its client and would otherwise get a pydantic object per
 chunk from the openai SDK, only to turn it straight back into a dict (`model_dump`). Building
@@ -62,6 +63,13 @@ class DictChunkCompletions:
         self._completions = completions
 
     async def create(self, **payload: Any) -> Any:
+        # The SDK walks every parameter through its type-directed transform, which for the
+        # messages (a list of unions of typed dicts) costs more than the rest of the request.
+        # LangChain's messages are plain JSON already: they go in the body as they are.
+        messages = payload.pop("messages", None)
+        if messages is not None:
+            payload["messages"] = []
+            payload["extra_body"] = {**(payload.get("extra_body") or {}), "messages": messages}
         result = await self._completions.create(**payload)
         if isinstance(result, openai.AsyncStream):
             return DictChunkStream(result)
