@@ -26,7 +26,7 @@ from backend.errors import ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Outbox, Raw
 from backend.publishing import TEXT, Broadcaster, Publisher
-from backend.quotas import Held, new_holder
+from backend.quotas import Held
 from backend.records import ConversationRecord, TurnRecord, now, title_for
 from backend.tail import Tail
 from schemas import ChatResponse
@@ -337,7 +337,7 @@ class ClusterConversation(Conversation):
             await checking
             # The reply's slot is taken while the conversation is read from the store.
             loaded, admitted = await asyncio.gather(
-                self._load(), quotas.begin_reply(who, new_holder()), return_exceptions=True
+                self._load(), quotas.begin_reply(who), return_exceptions=True
             )
             if isinstance(admitted, BaseException):
                 raise admitted

@@ -21,7 +21,7 @@ from backend.config import Settings
 from backend.errors import ClientGone
 from backend.history import History
 from backend.outbox import Outbox
-from backend.quotas import Held, Quotas, new_holder
+from backend.quotas import Held, Quotas
 from backend.records import ConversationRecord, TurnRecord, now, title_for
 from backend.reply import Replier
 from backend.turn import Turn
@@ -198,7 +198,7 @@ class Conversation:
         await self.services.quotas.check(who)
         async with self._lock:
             await self._interrupt()
-            held = await self.services.quotas.begin_reply(who, new_holder())
+            held = await self.services.quotas.begin_reply(who)
             if self.title is None:
                 self.title = title_for(question)
                 self.created_at = now()
@@ -216,7 +216,7 @@ class Conversation:
             await self._interrupt()
             if not self.turns:
                 return False
-            held = await self.services.quotas.begin_reply(who, new_holder())
+            held = await self.services.quotas.begin_reply(who)
             record = self.turns[-1]
             record.restart()
             self.updated_at = now()

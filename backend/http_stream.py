@@ -25,7 +25,7 @@ from backend.inbound import check_question
 from backend.metrics import Metrics
 from backend.origin import origin_refusal
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
-from backend.quotas import Held, Quotas, RateLimited, new_holder, quota_key
+from backend.quotas import Held, Quotas, RateLimited, quota_key
 from backend.reply import Replier
 from backend.turn import Turn
 from schemas import ChatResponse, EndStatus
@@ -186,7 +186,7 @@ def build_router(
         who = quota_key(caller, request.client)
         try:
             await quotas.check(who)
-            held = await quotas.begin_reply(who, new_holder())
+            held = await quotas.begin_reply(who)
         except RateLimited as limited:
             raise limited.http() from limited
         history = History(settings.chat_history_tokens)

@@ -218,7 +218,7 @@ class Quotas:
             self._tokens_fine[who] = now + TOKENS_RECHECK
         return left
 
-    async def begin_reply(self, who: str, holder: str) -> Held | None:
+    async def begin_reply(self, who: str) -> Held | None:
         """Take a reply slot and count the question; None when nothing is limited.
 
         Called once the reply it pre-empts, if any, has ended and given its slot back, and
@@ -228,6 +228,7 @@ class Quotas:
         """
         if not self.enabled:
             return None
+        holder = new_holder()
         if self.replies is not None and not await self.slots.acquire(
             "replies", who, holder, self.replies
         ):
