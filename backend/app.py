@@ -140,6 +140,8 @@ def create_app(settings: Settings) -> FastAPI:
             principal = await access.principal(
                 websocket.headers, websocket.query_params.get("ticket")
             )
+            who = quota_key(principal, websocket.client)
+            holder = await quotas.open_connection(who)
         except Unauthorized as unauthorized:
             log.info("refused a socket: %s", unauthorized)
             await websocket.send_denial_response(
@@ -148,21 +150,12 @@ def create_app(settings: Settings) -> FastAPI:
                 )
             )
             return
-        except SHARED_STATE_ERRORS as exc:
-            log.warning("cannot check a ticket: %s", exc)
-            await websocket.send_denial_response(
-                PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-            )
-            return
-        who = quota_key(principal, websocket.client)
-        try:
-            holder = await quotas.open_connection(who)
         except RateLimited as limited:
             log.info("refused a socket: %s", limited)
             await websocket.send_denial_response(limited.denial())
             return
         except SHARED_STATE_ERRORS as exc:
-            log.warning("cannot count a socket: %s", exc)
+            log.warning("cannot check a ticket or count a socket: %s", exc)
             await websocket.send_denial_response(
                 PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
             )
