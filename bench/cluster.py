@@ -34,6 +34,7 @@ from backend.server import free_port
 from bench.run import (
     FAILURES,
     cpu_seconds,
+    fake_model,
     first_token,
     frame,
     ms,
@@ -41,6 +42,7 @@ from bench.run import (
     percentile,
     process,
     rejoin_latency,
+    server_env,
     throughput,
     until_end,
     wait_for_port,
@@ -221,17 +223,10 @@ def main() -> None:
         redis.start()
         with (
             tempfile.TemporaryDirectory() as data,
-            process(["-m", "fakes.openai_server"]) as fake,
+            fake_model() as upstream,
             contextlib.ExitStack() as stack,
         ):
-            assert fake.stdout is not None
-            upstream = fake.stdout.readline().strip()
-            env = {
-                "OPENAI_BASE_URL": upstream,
-                "OPENAI_API_KEY": "",
-                "CHAT_MODEL": "fake-model",
-                "CHAT_HISTORY_TOKENS": "200",
-            }
+            env = server_env(upstream)
             single = stack.enter_context(
                 worker({**env, "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{data}/chat.db"})
             )

@@ -24,10 +24,12 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from backend.server import free_port
 from bench.run import (
+    fake_model,
     first_token,
     frame,
     ms,
     process,
+    server_env,
     throughput,
     ttft_direct,
     until_end,
@@ -143,27 +145,22 @@ def main() -> None:
     try:
         with (
             tempfile.TemporaryDirectory() as data,
-            process(["-m", "fakes.openai_server"]) as fake,
+            fake_model() as upstream,
             contextlib.ExitStack() as stack,
         ):
-            assert fake.stdout is not None
-            upstream = fake.stdout.readline().strip()
             servers: list[Server] = []
             for name, storage, guarded in VARIANTS:
                 port = free_port()
-                env = {
-                    "OPENAI_BASE_URL": upstream,
-                    "OPENAI_API_KEY": "",
-                    "CHAT_MODEL": "fake-model",
-                    "CHAT_HISTORY_TOKENS": "200",
-                    "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{data}/{len(servers)}.db",
+                env = server_env(
+                    upstream,
+                    CHAT_DATABASE_URL=f"sqlite+aiosqlite:///{data}/{len(servers)}.db",
                     **({"CHAT_REDIS_URL": redis.url} if storage == "redis" else {}),
                     **(
                         {"CHAT_AUTH": "token", "CHAT_JWT_SECRET": SECRET, **QUOTAS}
                         if guarded
                         else {}
                     ),
-                }
+                )
                 stack.enter_context(process(["-m", "backend", "--port", str(port)], env))
                 wait_for_port(port)
                 headers = {"Authorization": f"Bearer {bearer}"} if guarded else {}

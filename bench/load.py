@@ -22,7 +22,6 @@ import contextlib
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.asyncio.client import connect
@@ -31,11 +30,14 @@ from backend.server import free_port
 from bench.run import (
     FAILURES,
     TOKEN,
+    Server,
     cpu_seconds,
+    fake_model,
     frame,
     ms,
     percentile,
     process,
+    server_env,
     stop_latency,
     throughput,
     ttft_direct,
@@ -46,13 +48,6 @@ from bench.run import (
 TOKENS = 60
 DELAY = 0.05  # 20 tokens/s
 IDLE_SOCKETS = 2000
-
-
-@dataclass(frozen=True)
-class Server:
-    name: str
-    url: str
-    pid: int
 
 
 def rss_bytes(pid: int) -> int:
@@ -180,19 +175,11 @@ def main() -> None:
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory() as data,
-        process(["-m", "fakes.openai_server"]) as fake,
+        fake_model() as upstream,
         contextlib.ExitStack() as stack,
     ):
-        assert fake.stdout is not None
-        upstream = fake.stdout.readline().strip()
         ports = {name: free_port() for name in ("ours", "minimal", "sdk")}
-        env = {
-            "OPENAI_BASE_URL": upstream,
-            "OPENAI_API_KEY": "",
-            "CHAT_MODEL": "fake-model",
-            "CHAT_HISTORY_TOKENS": "200",
-            "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{data}/chat.db",
-        }
+        env = server_env(upstream, CHAT_DATABASE_URL=f"sqlite+aiosqlite:///{data}/chat.db")
         ours = stack.enter_context(process(["-m", "backend", "--port", str(ports["ours"])], env))
         minimal = stack.enter_context(
             process(["-m", "bench.minimal_relay", str(ports["minimal"]), upstream])

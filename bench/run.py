@@ -68,6 +68,25 @@ def process(
         proc.wait(10)
 
 
+@contextmanager
+def fake_model() -> Iterator[str]:
+    """The fake OpenAI-compatible model in its own process; yields its base URL."""
+    with process(["-m", "fakes.openai_server"]) as fake:
+        assert fake.stdout is not None
+        yield fake.stdout.readline().strip()
+
+
+def server_env(upstream: str, **settings: str) -> dict[str, str]:
+    """The chat server's environment for talking to the fake model at `upstream`."""
+    return {
+        "OPENAI_BASE_URL": upstream,
+        "OPENAI_API_KEY": "",
+        "CHAT_MODEL": "fake-model",
+        "CHAT_HISTORY_TOKENS": "200",
+        **settings,
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -346,18 +365,10 @@ def main() -> None:
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory() as data,
-        process(["-m", "fakes.openai_server"]) as fake,
+        fake_model() as upstream,
     ):
-        assert fake.stdout is not None
-        upstream = fake.stdout.readline().strip()
         ours_port, bare_port, before_port = free_port(), free_port(), free_port()
-        env = {
-            "OPENAI_BASE_URL": upstream,
-            "OPENAI_API_KEY": "",
-            "CHAT_MODEL": "fake-model",
-            "CHAT_HISTORY_TOKENS": "200",
-            "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{data}/chat.db",
-        }
+        env = server_env(upstream, CHAT_DATABASE_URL=f"sqlite+aiosqlite:///{data}/chat.db")
         with contextlib.ExitStack() as stack:
             ours = stack.enter_context(process(["-m", "backend", "--port", str(ours_port)], env))
             bare = stack.enter_context(
