@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from backend import ai_sdk
 from backend.access import CHALLENGE, Access
 from backend.api import build_api
 from backend.auth import Authenticator, Principal, Tickets, Unauthorized
@@ -107,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_exception_handler(unreachable, shared_state_down)
     app.include_router(build_router(replier, conversations, settings, access))
     app.include_router(build_api(conversations, access))
+    app.include_router(ai_sdk.build_router(conversations, settings, access, metrics))
     app.include_router(access.router())
     app.include_router(build_metrics_route(metrics, settings))
 

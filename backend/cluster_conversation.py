@@ -219,6 +219,22 @@ class ClusterConversation(Conversation):
             if not self.replying:
                 self.services.on_idle(self)
 
+    async def reply_in_flight(self) -> int | None:
+        local = await super().reply_in_flight()
+        if local is not None:
+            return local
+        try:
+            entries = await self.cluster.whole_turn(self.id)
+        except SHARED_STATE_ERRORS as exc:
+            raise ChatError("unavailable", UNREACHABLE) from exc
+        # The stream holds the latest turn, from its question said back (or only a reset's
+        # acknowledgement, which is no turn).
+        if not entries or entries[0][2].get("k") == "info":
+            return None
+        if any(fields.get("k") == "end" for _, _, fields in entries):
+            return None
+        return entries[0][0] - 1
+
     def close_all(self, code: int, reason: str) -> list[Outbox]:
         for follower in self._followers.values():
             if follower.catching_up is not None:

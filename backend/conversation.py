@@ -173,6 +173,18 @@ class Conversation:
         else:
             self.services.on_idle(self)
 
+    def let_go(self) -> None:
+        """A request that held the conversation without joining it is done with it."""
+        if self.idle:
+            self.services.on_idle(self)
+
+    async def reply_in_flight(self) -> int | None:
+        """The `seq` just before the first frame of the reply in flight (its question said
+        back), wherever it runs; None when there is none."""
+        if not self.replying or not self.turns:
+            return None
+        return self.turns[-1].echo_seq - 1
+
     def close_all(self, code: int, reason: str) -> list[Outbox]:
         """End every client's connection with `code`; the clients that were closed."""
         clients, self.clients = self.clients, set()

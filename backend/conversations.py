@@ -105,7 +105,26 @@ class Conversations:
 
     def new(self, owner: str) -> Conversation:
         """A fresh conversation of `owner`'s; it is stored from its first question on."""
-        conversation = self._make(uuid.uuid4().hex, None, owner)
+        return self._begin(uuid.uuid4().hex, owner)
+
+    async def open_or_begin(self, conversation_id: str, owner: str) -> Conversation:
+        """`owner`'s conversation with this id, or a new one by it if there is none.
+
+        Only for ids that no other user can arrive at (derived from `owner`'s own), so that
+        an id nobody has is `owner`'s to take.
+        """
+        try:
+            return await self.open(conversation_id, owner)
+        except UnknownConversation:
+            conversation = self._live.get(conversation_id)  # begun meanwhile by a request
+            if conversation is None:
+                return self._begin(conversation_id, owner)
+            if conversation.owner != owner:
+                raise
+            return conversation
+
+    def _begin(self, conversation_id: str, owner: str) -> Conversation:
+        conversation = self._make(conversation_id, None, owner)
         self._live[conversation.id] = conversation
         if self.cluster is not None:
             self._spawn(self._announce(conversation.id, owner))

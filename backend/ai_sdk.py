@@ -1,0 +1,331 @@
+"""The Vercel AI SDK's chat routes: `useChat` and `DefaultChatTransport` against our conversations.
+
+- `POST /api/chat`: what the transport sends (`id`, `messages`, `trigger`, `messageId`),
+  answered with the UI message stream (`backend/ui_stream.py`) of the reply it starts.
+- `GET /api/chat/{id}/stream`: the reply in flight, from its start (the SDK replays it), or
+  204 when there is none: `useChat({ resume: true })` after a reload.
+- `POST /api/chat/{id}/stop`: stop the reply in flight, as a `stop` frame does.
+- `GET /api/chat/{id}`: the chat's messages as UI messages, to start `useChat` with.
+
+A chat is one of our stored conversations, run by the same session core as a socket. The
+conversation's own history is what the model sees: of the messages the client sends, only the
+last one (the new question) is read. A dropped request is a dropped client: its reply goes on
+for the resume grace, so a reload finds it; only the stop request stops it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
+
+from backend.access import Access
+from backend.auth import Principal
+from backend.config import Settings
+from backend.conversation import Conversation
+from backend.conversations import ID_PATTERN, Conversations, UnknownConversation
+from backend.errors import ChatError
+from backend.inbound import check_question
+from backend.metrics import Metrics
+from backend.origin import origin_refusal
+from backend.outbox import Outbox
+from backend.quotas import RateLimited, quota_key
+from backend.records import ConversationRecord, TurnRecord
+from backend.ui_stream import HEADERS, message_id, reply_events
+
+MAX_CHAT_ID = 256
+
+
+class TextPart(BaseModel):
+    """A part of a UI message; only text parts are read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class UIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = ""
+    role: Literal["system", "user", "assistant"]
+    parts: list[TextPart] = Field(default_factory=list)
+
+
+class ChatRequest(BaseModel):
+    """The body `DefaultChatTransport` posts (plus whatever the app adds with `body`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1, max_length=MAX_CHAT_ID)
+    messages: list[UIMessage] = Field(default_factory=list)
+    trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
+    messageId: str | None = None
+
+
+def conversation_id_for(chat_id: str, owner: str) -> str:
+    """The conversation a chat id stands for: derived from its owner, so users cannot meet."""
+    return hashlib.sha256(f"{owner}\0{chat_id}".encode()).hexdigest()[:32]
+
+
+def unprocessable(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+
+
+def refusal(error: ChatError) -> HTTPException:
+    """A failure to start a reply, before any of the stream went out."""
+    if error.code == "unavailable":
+        return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, error.message)
+    return unprocessable(error.message)
+
+
+async def chat_request(request: Request) -> ChatRequest:
+    """The request's body, or 422 with a sentence that says what is wrong with it."""
+    try:
+        body: Any = json.loads(await request.body())
+    except ValueError as exc:
+        raise unprocessable("The body must be JSON, as DefaultChatTransport sends.") from exc
+    try:
+        return ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise unprocessable(f"Bad chat request: {where}: {first['msg']}.") from exc
+
+
+def question_of(chat: ChatRequest, max_chars: int) -> str:
+    """The new question: the text of the last message, which must be the user's."""
+    if not chat.messages or chat.messages[-1].role != "user":
+        raise unprocessable("The last message must be the user's new question.")
+    text = "".join(part.text or "" for part in chat.messages[-1].parts if part.type == "text")
+    try:
+        return check_question(text, max_chars)
+    except ChatError as error:
+        raise unprocessable(error.message) from error
+
+
+async def find(
+    conversations: Conversations, chat_id: str, owner: str, begin: bool = False
+) -> Conversation | None:
+    """The conversation of `owner`'s chat `chat_id`; begun if `begin`, else None if none.
+
+    A chat id that is one of the owner's conversation ids (from `/conversations`, or the web
+    client's URL) is that conversation; any other id stands for a conversation of its own.
+    """
+    if ID_PATTERN.fullmatch(chat_id):
+        try:
+            return await conversations.open(chat_id, owner)
+        except UnknownConversation:
+            pass
+    conversation_id = conversation_id_for(chat_id, owner)
+    if begin:
+        return await conversations.open_or_begin(conversation_id, owner)
+    try:
+        return await conversations.open(conversation_id, owner)
+    except UnknownConversation:
+        return None
+
+
+def ui_messages(record: ConversationRecord) -> list[dict[str, Any]]:
+    """A stored conversation as the SDK's UI messages, with the ids its streams use."""
+    messages: list[dict[str, Any]] = []
+    for turn in record.turns:
+        messages.append(
+            {
+                "id": f"u{turn.echo_seq}",
+                "role": "user",
+                "parts": [{"type": "text", "text": turn.question}],
+            }
+        )
+        reply = assistant_message(record.id, turn)
+        if reply is not None:
+            messages.append(reply)
+    return messages
+
+
+def assistant_message(conversation_id: str, turn: TurnRecord) -> dict[str, Any] | None:
+    start = next((event for event in turn.events if event.type == "start"), None)
+    if start is None or start.seq is None:
+        return None
+    parts: list[dict[str, Any]] = []
+    for event in turn.events:
+        if event.type == "info":
+            data: dict[str, Any] = {"message": event.message, "seq": event.seq}
+            parts.append({"type": "data-info", "data": data})
+        elif event.type == "error":
+            data = {"code": event.code, "message": event.message, "seq": event.seq}
+            parts.append({"type": "data-error", "data": data})
+    text = {"type": "text", "text": turn.text, "state": "done" if turn.status else "streaming"}
+    metadata: dict[str, Any] = {"conversation": conversation_id, "seq": start.seq}
+    if turn.status is not None:
+        metadata["status"] = turn.status
+    if turn.usage is not None:
+        metadata["usage"] = turn.usage.model_dump()
+    return {
+        "id": message_id(start.seq),
+        "role": "assistant",
+        "parts": [text, *parts],
+        "metadata": metadata,
+    }
+
+
+def build_router(
+    conversations: Conversations, settings: Settings, access: Access, metrics: Metrics
+) -> APIRouter:
+    """The AI SDK's `/api/chat` routes."""
+    router = APIRouter(prefix="/api/chat", tags=["Vercel AI SDK"])
+    quotas = conversations.quotas
+
+    def check_origin(request: Request) -> None:
+        refused = origin_refusal(request.headers, settings.chat_allowed_origins)
+        if refused is not None:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
+
+    async def follow(
+        request: Request, caller: Principal, conversation: Conversation, after: int
+    ) -> StreamingResponse:
+        """Stream the next reply after `after` to this request, counted as a connection."""
+        who = quota_key(caller, request.client)
+        try:
+            holder = await quotas.open_connection(who)
+        except RateLimited as limited:
+            conversation.let_go()
+            raise limited.http() from limited
+        outbox = Outbox()
+        await conversation.join(outbox, after)
+
+        async def events() -> AsyncIterator[str]:
+            open_streams = metrics.connections.labels("sse")
+            open_streams.inc()
+            try:
+                async for text in reply_events(outbox, conversation.id):
+                    yield text
+            finally:
+                open_streams.dec()
+                outbox.stop()
+                conversation.leave(outbox)
+
+        async def done() -> None:
+            outbox.stop()
+            conversation.leave(outbox)  # if the stream never began
+            await quotas.close_connection(who, holder)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers=HEADERS,
+            background=BackgroundTask(done),
+        )
+
+    @router.post(
+        "",
+        summary="Answer a chat's new message (or regenerate) as a UI message stream",
+        responses={
+            422: {"description": "A malformed request, or nothing to regenerate"},
+            429: {"description": "A quota of the caller's is used up"},
+        },
+    )
+    async def chat(
+        request: Request,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> StreamingResponse:
+        check_origin(request)
+        body = await chat_request(request)
+        regenerate = body.trigger == "regenerate-message"
+        question = None if regenerate else question_of(body, settings.chat_max_question_chars)
+        if conversations.draining:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting.")
+        who = quota_key(caller, request.client)
+        conversation = await find(conversations, body.id, caller.user, begin=True)
+        assert conversation is not None
+        try:
+            if question is not None:
+                await conversation.ask(question, who)
+            elif not await conversation.regenerate(who):
+                raise unprocessable("Nothing was asked in this chat yet, so nothing to regenerate.")
+        except RateLimited as limited:
+            conversation.let_go()
+            raise limited.http() from limited
+        except ChatError as error:
+            conversation.let_go()
+            raise refusal(error) from error
+        except BaseException:
+            conversation.let_go()
+            raise
+        # The reply's own frames come after this `seq` (its task has not run yet).
+        return await follow(request, caller, conversation, conversation.seq)
+
+    @router.get(
+        "/{chat_id}/stream",
+        summary="The chat's reply in flight, from its start, as a UI message stream",
+        responses={204: {"description": "No reply is in flight"}},
+    )
+    async def resume(
+        chat_id: str,
+        request: Request,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> Response:
+        check_origin(request)
+        conversation = await find(conversations, chat_id, caller.user)
+        if conversation is None:
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        try:
+            after = await conversation.reply_in_flight()
+        except ChatError as error:
+            conversation.let_go()
+            raise refusal(error) from error
+        if after is None:
+            conversation.let_go()
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        metrics.resumes.inc()
+        return await follow(request, caller, conversation, after)
+
+    @router.post(
+        "/{chat_id}/stop",
+        summary="Stop the chat's reply in flight; its text so far is kept",
+        responses={404: {"description": "No such chat"}},
+    )
+    async def stop(
+        chat_id: str,
+        request: Request,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> dict[str, bool]:
+        check_origin(request)
+        conversation = await find(conversations, chat_id, caller.user)
+        if conversation is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No chat {chat_id[:64]!r}.")
+        try:
+            stopped = await conversation.stop()
+        except ChatError as error:
+            raise refusal(error) from error
+        finally:
+            conversation.let_go()
+        return {"stopped": stopped}
+
+    @router.get(
+        "/{chat_id}",
+        summary="The chat's messages, as UI messages",
+        responses={404: {"description": "No such chat"}},
+    )
+    async def messages(
+        chat_id: str,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> dict[str, Any]:
+        record = None
+        if ID_PATTERN.fullmatch(chat_id):
+            record = await conversations.read(chat_id, caller.user)
+        if record is None:
+            derived = conversation_id_for(chat_id, caller.user)
+            record = await conversations.read(derived, caller.user)
+        if record is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No chat {chat_id[:64]!r}.")
+        return {"id": chat_id, "conversation": record.id, "messages": ui_messages(record)}
+
+    return router
