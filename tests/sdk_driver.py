@@ -1,0 +1,59 @@
+"""Chats made with the real Vercel AI SDK, in Node, driven from a test (`tests/sdk/driver.mjs`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.harness import UNIT
+
+DRIVER = Path(__file__).parent / "sdk" / "driver.mjs"
+
+
+class SdkDriver:
+    """Sends the driver one command at a time and returns its answer: the chat's state."""
+
+    def __init__(self, process: asyncio.subprocess.Process, api: str) -> None:
+        self.process = process
+        self.api = api
+
+    async def do(self, op: str, chat: str = "a", within: float = UNIT * 5, **fields: Any) -> Any:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        command = {"op": op, "chat": chat, **fields}
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.stdin.drain()
+        line = await asyncio.wait_for(self.process.stdout.readline(), within)
+        assert line, f"the SDK driver exited during {command}"
+        answer: dict[str, Any] = json.loads(line)
+        assert answer.pop("ok"), answer["failure"]
+        return answer
+
+    async def new(self, chat_id: str, chat: str = "a", **headers: str) -> Any:
+        return await self.do("new", chat, id=chat_id, api=self.api, headers=headers)
+
+
+def reply_text(state: dict[str, Any]) -> str:
+    """The text of the chat's last message, if it is the assistant's."""
+    last = state["messages"][-1] if state["messages"] else None
+    if last is None or last["role"] != "assistant":
+        return ""
+    return "".join(part["text"] for part in last["parts"] if part["type"] == "text")
+
+
+@asynccontextmanager
+async def sdk_driver(base: str) -> AsyncIterator[SdkDriver]:
+    """A driver whose chats talk to the server at `base` (its `/api/chat`)."""
+    process = await asyncio.create_subprocess_exec(
+        "node", str(DRIVER), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        yield SdkDriver(process, f"{base}/api/chat")
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
