@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,3 +61,27 @@ async def sdk_driver(base: str) -> AsyncIterator[SdkDriver]:
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+FRONTEND = Path(__file__).parent.parent / "frontend"
+
+
+@functools.cache
+def browser_bundle() -> str:
+    """The SDK's `Chat` for a plain page (`tests/sdk/browser_chat.mjs`), bundled by esbuild."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "ai-sdk.js"
+        subprocess.run(
+            [
+                str(FRONTEND / "node_modules" / ".bin" / "esbuild"),
+                str(Path(__file__).parent / "sdk" / "browser_chat.mjs"),
+                "--bundle",
+                "--format=iife",
+                "--platform=browser",
+                "--log-level=warning",
+                f"--outfile={out}",
+            ],
+            check=True,
+            env={**os.environ, "NODE_PATH": str(FRONTEND / "node_modules")},
+        )
+        return out.read_text()

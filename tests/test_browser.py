@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from tests.harness import (
     temp_database,
     wait_hung_up,
 )
+from tests.sdk_driver import browser_bundle
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -451,6 +453,59 @@ async def test_a_2023_style_client_works_unchanged(
     )
     await expect(page.locator("#header")).to_have_text("Ask a question")
     assert fake.requests[1].messages[2]["content"] == "Paris is the capital."
+
+
+async def test_a_page_on_the_vercel_ai_sdk_chats_resumes_and_stops(
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
+) -> None:
+    """The SDK's own `Chat` from its npm bundle, as `useChat` uses it, in a page of its own."""
+    counting = [f"w{i} " for i in range(150)]
+    fake.then(Behaviour(tokens=["Hi", " there."]), Behaviour(tokens=counting, delay=0.02))
+    page_html = (Path(__file__).parent / "fixtures" / "ai_sdk_chat.html").read_text()
+    bundle = browser_bundle()
+    await browser.route(
+        f"{server.http}/sdk.html*",
+        lambda route: route.fulfill(body=page_html, content_type="text/html"),
+    )
+    await browser.route(
+        f"{server.http}/ai-sdk.js",
+        lambda route: route.fulfill(body=bundle, content_type="text/javascript"),
+    )
+    page = await browser.new_page()
+    page.on("pageerror", lambda error: PAGE_ERRORS.append(f"script error: {error}"))
+    chat = f"page-{uuid.uuid4().hex[:8]}"
+    await page.goto(f"{server.http}/sdk.html?chat={chat}")
+    await expect(page.locator("body")).to_have_attribute("data-ready", "yes")
+    replies = page.locator("li.assistant")
+    await page.locator("#question").fill("hello")
+    await page.locator("#question").press("Enter")
+    await expect(replies.last).to_have_text("Hi there.")
+    await expect(replies.last).to_have_attribute("data-status", "completed")
+    # A reload mid-reply: the page loads the chat and resumes the reply, to its last word.
+    await page.locator("#question").fill("count")
+    await page.locator("#question").press("Enter")
+    await expect(replies.last).to_contain_text("w5 ")
+    await page.reload()
+    await expect(page.locator("li.user")).to_have_text(["hello", "count"])
+    await expect(replies.last).to_have_text("".join(counting).strip(), timeout=UNIT * 5 * 1000)
+    await expect(replies.last).to_have_attribute("data-status", "completed")
+    assert fake.requests[1].completed
+    # Stop: the model request is closed at once and the text so far stays.
+    fake.then(Behaviour(tokens=counting, delay=0.02))
+    await page.locator("#question").fill("count again")
+    await page.locator("#question").press("Enter")
+    await expect(replies.nth(2)).to_contain_text("w5 ")
+    await page.locator("#stop").click()
+    await wait_hung_up(fake, 2, within=UNIT)
+    await expect(page.locator("#status")).to_have_text("ready")
+    shown = await replies.nth(2).text_content()
+    assert shown is not None
+    assert "w5" in shown
+    assert "w149" not in shown
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        stored = (await client.get(f"{server.http}/api/chat/{chat}")).json()["messages"][-1]
+    assert stored["metadata"]["status"] == "interrupted"
+    assert stored["parts"][0]["text"].startswith(shown)
 
 
 async def test_signing_in_with_a_token(
