@@ -97,6 +97,7 @@ class Conversation:
         self._changed: set[int] = set()
         self._lock = asyncio.Lock()
         self._grace: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # `time.monotonic()` when it last had no client and no reply
         self._background: set[asyncio.Task[Any]] = set()
 
     @property

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any
@@ -30,6 +31,8 @@ RESTARTING = "The server is restarting; reconnect to resume the conversation."
 DELETED = "This conversation was deleted."
 # Seconds the clients' writers get to send their close frames when draining.
 CLOSE_WAIT = 1.0
+# Seconds an idle, stored conversation stays in memory after its last client or reply.
+LINGER = 30.0
 # Seconds a deletion waits for the worker running the conversation's reply to stop it.
 RELEASE_WITHIN = 5.0
 
@@ -69,6 +72,7 @@ class Conversations:
         self._live: dict[str, Conversation] = {}
         self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._evicting: set[str] = set()  # conversations with an `_evict` under way
         self._writer_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -253,7 +257,10 @@ class Conversations:
                 task.cancel()
 
     def _on_idle(self, conversation: Conversation) -> None:
-        self._spawn(self._evict(conversation))
+        conversation.idle_since = time.monotonic()
+        if conversation.id not in self._evicting:
+            self._evicting.add(conversation.id)
+            self._spawn(self._evict(conversation))
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
@@ -284,7 +291,17 @@ class Conversations:
             await asyncio.sleep(WATCH_TTL / 3)
 
     async def _evict(self, conversation: Conversation) -> None:
-        # Kept in memory until what it said is stored (at the writer's next tick).
-        await self.writer.stored(conversation.id)
+        try:
+            # Kept in memory until what it said is stored (at the writer's next tick), and a
+            # stored one for `LINGER` seconds more: the next question of a client that asks
+            # over HTTP (each a request of its own) finds it without reading the store.
+            await self.writer.stored(conversation.id)
+            while conversation.stored and conversation.idle:
+                left = conversation.idle_since + LINGER - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.sleep(left)
+        finally:
+            self._evicting.discard(conversation.id)
         if conversation.idle and self._live.get(conversation.id) is conversation:
             del self._live[conversation.id]

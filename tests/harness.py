@@ -70,7 +70,8 @@ class LiveServer(Addressed):
         self.settings = settings
         self.sock = bind("127.0.0.1", port)
         self.port = self.sock.getsockname()[1]
-        self.server = chat_server(create_app(settings), settings, "127.0.0.1", self.port)
+        self.app = create_app(settings)
+        self.server = chat_server(self.app, settings, "127.0.0.1", self.port)
         self.server.config.log_level = "warning"
         self.thread = threading.Thread(target=self._run, name="app-server", daemon=True)
 

@@ -6,6 +6,7 @@ on both deployment shapes, so a resumed stream may come from another worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -289,3 +290,31 @@ async def test_tokens_and_quotas_apply(make_settings: SettingsFactory, fake: Fak
             assert [text_of(m) for m in mine["messages"]] == ["hi", "You said: hi"]
             listed = (await client.get("/api/conversations", headers=alice)).json()
     assert mine["conversation"] in {c["id"] for c in listed["conversations"]}
+
+
+async def test_a_chats_next_question_does_not_read_the_store(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    """Each question is a request of its own; the conversation stays in memory between them."""
+    with live_server(make_settings()) as server:
+        store = server.app.state.conversations.store
+        loads: list[str] = []
+        load = store.load
+
+        async def counted(conversation_id: str) -> Any:
+            loads.append(conversation_id)
+            return await load(conversation_id)
+
+        store.load = counted
+        chat = chat_id()
+        async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+            for question in ["one", "two", "three"]:
+                answered = await client.post("/api/chat", json=body(chat, ("user", question)))
+                assert f"You said: {question}" in answered.text
+                await asyncio.sleep(1.2)  # past the writer's tick, which stores the turn
+    assert len(loads) == 1  # the first question's, to learn the chat is new
+    assert [m["content"] for m in fake.requests[-1].messages if m["role"] == "user"] == [
+        "one",
+        "two",
+        "three",
+    ]
