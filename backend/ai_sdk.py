@@ -15,13 +15,13 @@ for the resume grace, so a reload finds it; only the stop request stops it at on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
@@ -37,7 +37,7 @@ from backend.origin import origin_refusal
 from backend.outbox import Outbox
 from backend.quotas import RateLimited, quota_key
 from backend.records import ConversationRecord, TurnRecord
-from backend.ui_stream import HEADERS, message_id, reply_events
+from backend.ui_stream import HEADERS, EventStream, message_id, reply_events
 
 MAX_CHAT_ID = 256
 
@@ -65,7 +65,9 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str = Field(min_length=1, max_length=MAX_CHAT_ID)
-    messages: list[UIMessage] = Field(default_factory=list)
+    # Only the last message is read (the stored conversation is what the model sees), so only
+    # it is validated, however long the chat has grown.
+    messages: list[Any] = Field(default_factory=list)
     trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
     messageId: str | None = None
 
@@ -95,16 +97,27 @@ async def chat_request(request: Request) -> ChatRequest:
     try:
         return ChatRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise unprocessable(f"Bad chat request: {where}: {first['msg']}.") from exc
+        raise invalid(exc, "") from exc
+
+
+def invalid(error: ValidationError, within: str) -> HTTPException:
+    """A 422 naming the first thing wrong in a part of the body."""
+    first = error.errors()[0]
+    where = ".".join([within, *(str(part) for part in first["loc"])]).strip(".") or "body"
+    return unprocessable(f"Bad chat request: {where}: {first['msg']}.")
 
 
 def question_of(chat: ChatRequest, max_chars: int) -> str:
     """The new question: the text of the last message, which must be the user's."""
-    if not chat.messages or chat.messages[-1].role != "user":
+    if not chat.messages:
         raise unprocessable("The last message must be the user's new question.")
-    text = "".join(part.text or "" for part in chat.messages[-1].parts if part.type == "text")
+    try:
+        last = UIMessage.model_validate(chat.messages[-1])
+    except ValidationError as exc:
+        raise invalid(exc, f"messages.{len(chat.messages) - 1}") from exc
+    if last.role != "user":
+        raise unprocessable("The last message must be the user's new question.")
+    text = "".join(part.text or "" for part in last.parts if part.type == "text")
     try:
         return check_question(text, max_chars)
     except ChatError as error:
@@ -190,7 +203,7 @@ def build_router(
 
     async def follow(
         request: Request, caller: Principal, conversation: Conversation, after: int
-    ) -> StreamingResponse:
+    ) -> EventStream:
         """Stream the next reply after `after` to this request, counted as a connection."""
         who = quota_key(caller, request.client)
         try:
@@ -217,12 +230,7 @@ def build_router(
             conversation.leave(outbox)  # if the stream never began
             await quotas.close_connection(who, holder)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers=HEADERS,
-            background=BackgroundTask(done),
-        )
+        return EventStream(events(), HEADERS, BackgroundTask(done))
 
     @router.post(
         "",
@@ -235,7 +243,7 @@ def build_router(
     async def chat(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
-    ) -> StreamingResponse:
+    ) -> EventStream:
         check_origin(request)
         body = await chat_request(request)
         regenerate = body.trigger == "regenerate-message"
@@ -260,7 +268,12 @@ def build_router(
             conversation.let_go()
             raise
         # The reply's own frames come after this `seq` (its task has not run yet).
-        return await follow(request, caller, conversation, conversation.seq)
+        after = conversation.seq
+        # Let the reply send its request to the model before this one's response is set up,
+        # as a socket's session does by waiting for the next message: the model's time to
+        # first token then hides that work instead of adding to it.
+        await asyncio.sleep(0)
+        return await follow(request, caller, conversation, after)
 
     @router.get(
         "/{chat_id}/stream",

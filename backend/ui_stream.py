@@ -9,9 +9,15 @@ metadata on `finish`, with the conversation's id.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from backend.outbox import Close, Outbox, Pending, Raw, TokenRun
 
@@ -128,3 +134,51 @@ async def reply_events(outbox: Outbox, conversation_id: str) -> AsyncIterator[st
         text = stream.feed(await outbox.take())
         if text:
             yield text
+
+
+class EventStream(Response):
+    """An SSE response written as its pieces come, until they end or the client leaves.
+
+    What `StreamingResponse` does, with plain asyncio: the pieces are written from a task of
+    their own while this one waits for the client's disconnect, and whichever ends first ends
+    the other; then the background task runs.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        headers: Mapping[str, str],
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self.content = content
+        self.status_code = 200
+        self.background = background
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writing = asyncio.ensure_future(self._write(send))
+        listening = asyncio.ensure_future(self._listen(receive))
+        try:
+            await asyncio.wait((writing, listening), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            writing.cancel()
+            listening.cancel()
+            await asyncio.wait((writing, listening))
+            if self.background is not None:
+                await self.background()
+        failure = None if writing.cancelled() else writing.exception()
+        if failure is not None and not isinstance(failure, OSError):  # OSError: the client left
+            raise failure
+
+    async def _write(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for piece in self.content:
+            await send({"type": "http.response.body", "body": piece.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _listen(self, receive: Receive) -> None:
+        with contextlib.suppress(OSError):
+            while (await receive())["type"] != "http.disconnect":
+                pass

@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import httpx
@@ -25,6 +26,7 @@ from backend.config import DEFAULT_SYSTEM_PROMPT
 from backend.local_model import bundled_model_path, gguf_token_counter
 from backend.server import free_port
 from bench.run import process
+from bench.sdk import HttpClient, sdk_text
 
 QUESTION = "Explain in a few sentences how a lighthouse works."
 REPLY_TOKENS = 128
@@ -54,6 +56,12 @@ async def through_socket(url: str) -> Timing:
                 parts.append(frame["message"])
             elif frame["type"] == "end":
                 return Timing(first, time.perf_counter() - sent - first, "".join(parts))
+
+
+async def through_sdk_route(client: HttpClient) -> Timing:
+    """The same question as a new chat on `POST /api/chat` (the Vercel AI SDK's route)."""
+    first, total, text = await sdk_text(client, uuid.uuid4().hex[:16], QUESTION)
+    return Timing(first, total - first, text)
 
 
 async def direct(client: openai.AsyncOpenAI, model: str) -> Timing:
@@ -101,9 +109,12 @@ async def measure(port: int, rounds: int, started: float) -> None:
     client = openai.AsyncOpenAI(base_url=health["upstream"], api_key="none", max_retries=0)
     ours: list[Timing] = []
     theirs: list[Timing] = []
-    for _ in range(rounds):
-        ours.append(await through_socket(url))
-        theirs.append(await direct(client, health["model"]))
+    sdk: list[Timing] = []
+    async with HttpClient(port) as http_client:
+        for _ in range(rounds):
+            ours.append(await through_socket(url))
+            theirs.append(await direct(client, health["model"]))
+            sdk.append(await through_sdk_route(http_client))
     await client.close()
 
     def rate(timing: Timing) -> float:
@@ -125,6 +136,14 @@ async def measure(port: int, rounds: int, started: float) -> None:
     print(
         f"tokens/s p50: direct {tps_direct:.1f}, through the server {tps_ours:.1f}, "
         f"ratio {tps_ours / tps_direct:.2f}  (target >= 0.9)"
+    )
+    ttft_sdk = statistics.median(t.first for t in sdk)
+    same_sdk = sum(a.text == b.text for a, b in zip(ours, sdk, strict=True))
+    tps_sdk = statistics.median(rate(t) for t in sdk)
+    print(
+        f"the AI SDK route against the WebSocket: time to first token p50 {ttft_sdk * 1000:.0f} "
+        f"ms ({ttft_sdk / ttft_ours:.2f}x), tokens/s p50 {tps_sdk:.1f} ({tps_sdk / tps_ours:.2f}x)"
+        f"  (target within 10%); same text in {same_sdk} of {rounds}"
     )
 
 

@@ -82,9 +82,15 @@ class HttpClient:
 
 async def sdk_reply(client: HttpClient, chat_id: str, question: str) -> tuple[float, float, int]:
     """One question: seconds to the first text delta, seconds to `finish`, tokens received."""
+    first, finished, text = await sdk_text(client, chat_id, question)
+    return first, finished, text.count(TOKEN)
+
+
+async def sdk_text(client: HttpClient, chat_id: str, question: str) -> tuple[float, float, str]:
+    """One question: seconds to the first text delta, seconds to `finish`, the text."""
     sent = time.perf_counter()
     first = 0.0
-    tokens = 0
+    parts: list[str] = []
     finished = 0.0
     pending = b""
     async for data in client.post_stream(
@@ -98,12 +104,12 @@ async def sdk_reply(client: HttpClient, chat_id: str, question: str) -> tuple[fl
             if chunk["type"] == "text-delta":
                 if not first:
                     first = time.perf_counter() - sent
-                tokens += chunk["delta"].count(TOKEN)
+                parts.append(chunk["delta"])
             elif chunk["type"] == "finish":
                 finished = time.perf_counter() - sent
     if not finished:
         raise RuntimeError("the stream ended without `finish`")
-    return first, finished, tokens
+    return first, finished, "".join(parts)
 
 
 async def socket_reply(

@@ -244,6 +244,8 @@ async def test_bad_requests_are_4xx_with_a_reason(server: Addressed, fake: FakeU
         (body(chat, ("user", "hi"), trigger="bogus"), "trigger"),
         (body(chat, trigger="regenerate-message"), "nothing to regenerate"),
         (body("x" * 300, ("user", "hi")), "id"),
+        ({**body(chat), "messages": [{"role": "robot", "parts": []}]}, "messages.0.role"),
+        ({**body(chat), "messages": [{"role": "user", "parts": "hi"}]}, "messages.0.parts"),
     ]
     async with httpx.AsyncClient(timeout=UNIT) as client:
         for sent, reason in cases:
