@@ -75,6 +75,7 @@ bench: install
 	$(PY) -m bench.load
 	$(PY) -m bench.cluster
 	$(PY) -m bench.guarded
+	$(PY) -m bench.sdk
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/frames.py.
