@@ -40,6 +40,7 @@ from backend.records import ConversationRecord, TurnRecord
 from backend.ui_stream import HEADERS, EventStream, message_id, reply_events
 
 MAX_CHAT_ID = 256
+NOTHING_TO_REGENERATE = "Nothing was asked in this chat yet, so nothing to regenerate."
 
 
 class TextPart(BaseModel):
@@ -201,16 +202,19 @@ def build_router(
         if refused is not None:
             raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
 
-    async def follow(
-        request: Request, caller: Principal, conversation: Conversation, after: int
-    ) -> EventStream:
-        """Stream the next reply after `after` to this request, counted as a connection."""
+    async def connection(request: Request, caller: Principal) -> tuple[str, str | None]:
+        """The caller's quota key, and the connection slot this request's stream takes (or
+        429), taken before anything is asked of the model."""
         who = quota_key(caller, request.client)
         try:
-            holder = await quotas.open_connection(who)
+            return who, await quotas.open_connection(who)
         except RateLimited as limited:
-            conversation.let_go()
             raise limited.http() from limited
+
+    async def follow(
+        conversation: Conversation, after: int, who: str, holder: str | None
+    ) -> EventStream:
+        """Stream the next reply after `after` to this request; it holds `holder` till then."""
         outbox = Outbox()
         await conversation.join(outbox, after)
 
@@ -250,22 +254,26 @@ def build_router(
         question = None if regenerate else question_of(body, settings.chat_max_question_chars)
         if conversations.draining:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting.")
-        who = quota_key(caller, request.client)
-        conversation = await find(conversations, body.id, caller.user, begin=True)
-        assert conversation is not None
+        who, holder = await connection(request, caller)
         try:
-            if question is not None:
-                await conversation.ask(question, who)
-            elif not await conversation.regenerate(who):
-                raise unprocessable("Nothing was asked in this chat yet, so nothing to regenerate.")
-        except RateLimited as limited:
-            conversation.let_go()
-            raise limited.http() from limited
-        except ChatError as error:
-            conversation.let_go()
-            raise refusal(error) from error
-        except BaseException:
-            conversation.let_go()
+            conversation = await find(conversations, body.id, caller.user, begin=True)
+            assert conversation is not None
+            try:
+                if question is not None:
+                    await conversation.ask(question, who)
+                elif not await conversation.regenerate(who):
+                    raise unprocessable(
+                        "Nothing was asked in this chat yet, so nothing to regenerate."
+                    )
+            except BaseException:
+                conversation.let_go()
+                raise
+        except BaseException as failed:
+            await quotas.close_connection(who, holder)
+            if isinstance(failed, RateLimited):
+                raise failed.http() from failed
+            if isinstance(failed, ChatError):
+                raise refusal(failed) from failed
             raise
         # The reply's own frames come after this `seq` (its task has not run yet).
         after = conversation.seq
@@ -273,7 +281,7 @@ def build_router(
         # as a socket's session does by waiting for the next message: the model's time to
         # first token then hides that work instead of adding to it.
         await asyncio.sleep(0)
-        return await follow(request, caller, conversation, after)
+        return await follow(conversation, after, who, holder)
 
     @router.get(
         "/{chat_id}/stream",
@@ -297,8 +305,13 @@ def build_router(
         if after is None:
             conversation.let_go()
             return Response(status_code=status.HTTP_204_NO_CONTENT)
+        try:
+            who, holder = await connection(request, caller)
+        except HTTPException:
+            conversation.let_go()
+            raise
         metrics.resumes.inc()
-        return await follow(request, caller, conversation, after)
+        return await follow(conversation, after, who, holder)
 
     @router.post(
         "/{chat_id}/stop",

@@ -320,3 +320,21 @@ async def test_a_chats_next_question_does_not_read_the_store(
         "two",
         "three",
     ]
+
+
+async def test_a_stream_over_the_connection_quota_is_refused_before_the_model_is_asked(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=COUNTING, delay=0.02))
+    with live_server(make_settings(chat_quota_connections=1)) as server:
+        async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+            first = body(chat_id(), ("user", "count"))
+            async with client.stream("POST", "/api/chat", json=first) as streaming:
+                assert streaming.status_code == 200
+                await fake.arrived(1)
+                second = await client.post("/api/chat", json=body(chat_id(), ("user", "hi")))
+                assert second.status_code == 429
+                assert "1 connection open" in second.json()["detail"]
+                resumed = await client.get(f"/api/chat/{first['id']}/stream")
+                assert resumed.status_code == 429
+            assert len(fake.requests) == 1
