@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as redis
@@ -73,6 +74,13 @@ def entry_of(raw: tuple[str, dict[str, str]]) -> Entry:
     return int(entry_id.split("-", 1)[0]), fields["f"], fields
 
 
+@dataclass(eq=False)
+class Hold:
+    """A lease this worker keeps renewing, and what to do if it is lost."""
+
+    on_lost: Callable[[], None]
+
+
 class Cluster:
     """This worker's connection to the others."""
 
@@ -92,7 +100,7 @@ class Cluster:
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         # Leases this worker holds while their replies run, and what to do if one is lost.
-        self._held: dict[str, Callable[[], None]] = {}
+        self._held: dict[str, Hold] = {}
 
     # Keys.
 
@@ -175,7 +183,7 @@ class Cluster:
 
     def hold(self, conversation_id: str, on_lost: Callable[[], None]) -> None:
         """Keep renewing a lease just acquired until `let_go`; `on_lost()` if it is lost."""
-        self._held[conversation_id] = on_lost
+        self._held[conversation_id] = Hold(on_lost)
 
     def let_go(self, conversation_id: str) -> None:
         self._held.pop(conversation_id, None)
@@ -184,22 +192,27 @@ class Cluster:
         """Every `RENEW_EVERY` s, renew every lease held here, in one round trip."""
         while True:
             await asyncio.sleep(RENEW_EVERY)
-            held = list(self._held)
-            if not held:
-                continue
-            pipe = self.redis.pipeline(transaction=False)
-            for conversation_id in held:
-                pipe.eval(RENEW, 1, self.lease(conversation_id), self.worker, LEASE_MS)
             try:
-                renewed = await pipe.execute()
+                await self.renew()
             except SHARED_STATE_ERRORS as exc:
                 log.warning("cannot renew leases (%s); trying again", exc)
-                continue
-            for conversation_id, ok in zip(held, renewed, strict=True):
-                on_lost = self._held.get(conversation_id)
-                if not ok and on_lost is not None:
-                    del self._held[conversation_id]
-                    on_lost()
+
+    async def renew(self) -> None:
+        """Renew every lease held here, in one round trip; `on_lost()` for those lost."""
+        held = list(self._held.items())
+        if not held:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for conversation_id, _ in held:
+            pipe.eval(RENEW, 1, self.lease(conversation_id), self.worker, LEASE_MS)
+        renewed = await pipe.execute()
+        for (conversation_id, hold), ok in zip(held, renewed, strict=True):
+            # Only the hold that was renewed: while the round trip was out, the lease may have
+            # been given back and taken again for the next reply, whose hold this failure is
+            # not about.
+            if not ok and self._held.get(conversation_id) is hold:
+                del self._held[conversation_id]
+                hold.on_lost()
 
     async def release(self, conversation_id: str) -> None:
         await self.redis.eval(RELEASE, 1, self.lease(conversation_id), self.worker)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,3 +214,44 @@ async def test_a_catch_up_slower_than_a_store_write_sends_the_text_once(
             frames = await until_end(follower, within=UNIT * 5)
     assert text_of(frames) == "".join(words)
     assert [f["seq"] for f in frames] == sorted({f["seq"] for f in frames})
+
+
+async def test_a_renewal_that_fails_for_a_lease_given_back_spares_the_next_reply(
+    redis_server: Redis,
+) -> None:
+    """A reply gives its lease back while a renewal is on its way and the next reply takes the
+    lease again: the renewal's failure is about the old hold, not the new one."""
+    cluster = Cluster(redis_server.url)
+    conversation = uuid.uuid4().hex
+    lost: list[str] = []
+    try:
+        assert await cluster.acquire(conversation)
+        cluster.hold(conversation, lambda: lost.append("first reply"))
+        pipeline = cluster.redis.pipeline
+
+        class Racing:
+            """A renewal round trip during which the lease changes hands."""
+
+            def __init__(self) -> None:
+                self.inner = pipeline(transaction=False)
+
+            def eval(self, *args: Any) -> None:
+                self.inner.eval(*args)
+
+            async def execute(self) -> list[Any]:
+                await cluster.release(conversation)
+                cluster.let_go(conversation)
+                answers: list[Any] = await self.inner.execute()
+                assert await cluster.acquire(conversation)
+                cluster.hold(conversation, lambda: lost.append("next reply"))
+                return answers
+
+        cluster.redis.pipeline = lambda **_: Racing()  # type: ignore[method-assign,assignment]
+        await cluster.renew()
+        assert lost == []
+        cluster.redis.pipeline = pipeline  # type: ignore[method-assign]
+        await cluster.renew()  # the next reply's lease is renewed, and kept
+        assert lost == []
+        assert await cluster.holder(conversation) == cluster.worker
+    finally:
+        await cluster.redis.aclose()
