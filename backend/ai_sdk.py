@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
@@ -37,7 +36,7 @@ from backend.origin import origin_refusal
 from backend.outbox import Outbox
 from backend.quotas import RateLimited, quota_key
 from backend.records import ConversationRecord, TurnRecord
-from backend.ui_stream import HEADERS, EventStream, message_id, reply_events
+from backend.ui_stream import HEADERS, EventStream, SendText, message_id, write_reply
 
 MAX_CHAT_ID = 256
 NOTHING_TO_REGENERATE = "Nothing was asked in this chat yet, so nothing to regenerate."
@@ -218,12 +217,11 @@ def build_router(
         outbox = Outbox()
         await conversation.join(outbox, after)
 
-        async def events() -> AsyncIterator[str]:
+        async def write(send: SendText) -> None:
             open_streams = metrics.connections.labels("sse")
             open_streams.inc()
             try:
-                async for text in reply_events(outbox, conversation.id):
-                    yield text
+                await write_reply(outbox, conversation.id, send)
             finally:
                 open_streams.dec()
                 outbox.stop()
@@ -234,7 +232,7 @@ def build_router(
             conversation.leave(outbox)  # if the stream never began
             await quotas.close_connection(who, holder)
 
-        return EventStream(events(), HEADERS, BackgroundTask(done))
+        return EventStream(write, HEADERS, BackgroundTask(done))
 
     @router.post(
         "",

@@ -68,6 +68,11 @@ class Close:
 Pending = ChatResponse | TokenRun | Raw | Close
 
 
+def token_json(text: str, seq: int | None) -> str:
+    """One token as the `stream` frame a socket is sent."""
+    return TokenRun([text], seq).to_json()
+
+
 def seq_of(item: ChatResponse | TokenRun | Raw) -> int | None:
     """The `seq` a queued item is sent with."""
     return item.seq
@@ -91,8 +96,10 @@ class Outbox:
         self._gone = False
         self.stopped = asyncio.Event()
         # Set by a writer that can send a frame's JSON itself: a token that finds nothing
-        # queued and the writer waiting is sent at once, from the task that produced it.
+        # queued and the writer waiting is sent at once, from the task that produced it, as
+        # `format_token` writes it (a `stream` frame's JSON, unless the writer says otherwise).
         self.direct: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        self.format_token: Callable[[str, int | None], str] = token_json
         self._writer_waiting = False
         self._sending: asyncio.Task[None] | None = None  # a direct send still under way
         self._sent_at = 0.0  # when the last direct send was (`time.perf_counter()`)
@@ -126,7 +133,7 @@ class Outbox:
                 now = time.perf_counter()
                 if now - self._sent_at >= DIRECT_GAP:
                     self._sent_at = now
-                    self._send_now(TokenRun([text], seq).to_json())
+                    self._send_now(self.format_token(text, seq))
                     return
             self._pending.append(TokenRun([text], seq))
             self._wake.set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -27,6 +27,7 @@ HEADERS = {
     "x-vercel-ai-ui-message-stream": "v1",
 }
 DONE = "data: [DONE]\n\n"
+SendText = Callable[[str], Coroutine[Any, Any, None]]
 FINISH_REASONS = {"completed": "stop", "interrupted": "other", "error": "error"}
 
 
@@ -80,6 +81,11 @@ class ReplyStream:
                 self._frame(item.model_dump(exclude_none=True), out)
         return "".join(out)
 
+    def token(self, text: str, seq: int | None) -> str:
+        """A token sent on its own, straight from the reply (after `start`, as it comes)."""
+        assert self.text_id is not None
+        return delta(self.text_id, text)
+
     def _frame(self, frame: dict[str, Any], out: list[str]) -> None:
         kind = frame["type"]
         if frame["sender"] != "bot":
@@ -127,17 +133,24 @@ def _fields(frame: dict[str, Any], *names: str) -> dict[str, Any]:
     return {name: frame[name] for name in names if name in frame}
 
 
-async def reply_events(outbox: Outbox, conversation_id: str) -> AsyncIterator[str]:
-    """The UI message stream of the next reply to reach `outbox`, to its end."""
+async def write_reply(outbox: Outbox, conversation_id: str, send: SendText) -> None:
+    """Write the UI message stream of the next reply to reach `outbox`, to its end.
+
+    A token that finds nothing queued is sent by the reply's own task, as on a socket.
+    """
     stream = ReplyStream(conversation_id)
+    outbox.format_token = stream.token
     while not stream.ended:
         text = stream.feed(await outbox.take())
         if text:
-            yield text
+            await send(text)
+        # Tokens go straight out once the reply has started (and the writer waits again).
+        outbox.direct = send if stream.text_id is not None and not stream.ended else None
 
 
 class EventStream(Response):
-    """An SSE response written as its pieces come, until they end or the client leaves.
+    """An SSE response that `write` writes, piece by piece, until it returns or the client
+    leaves.
 
     What `StreamingResponse` does, with plain asyncio: the pieces are written from a task of
     their own while this one waits for the client's disconnect, and whichever ends first ends
@@ -148,11 +161,11 @@ class EventStream(Response):
 
     def __init__(
         self,
-        content: AsyncIterator[str],
+        write: Callable[[SendText], Awaitable[None]],
         headers: Mapping[str, str],
         background: BackgroundTask | None = None,
     ) -> None:
-        self.content = content
+        self.write = write
         self.status_code = 200
         self.background = background
         self.init_headers(headers)
@@ -173,9 +186,11 @@ class EventStream(Response):
             raise failure
 
     async def _write(self, send: Send) -> None:
+        async def piece(text: str) -> None:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        async for piece in self.content:
-            await send({"type": "http.response.body", "body": piece.encode(), "more_body": True})
+        await self.write(piece)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _listen(self, receive: Receive) -> None:

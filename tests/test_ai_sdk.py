@@ -38,6 +38,16 @@ async def stored_reply(base: str, chat: str) -> dict[str, Any]:
     return last
 
 
+def streamed_text(stream: str) -> str:
+    """The reply text a UI message stream carried, from its `text-delta` chunks."""
+    chunks = [
+        json.loads(line.removeprefix("data: "))
+        for line in stream.splitlines()
+        if line.startswith("data: {")
+    ]
+    return "".join(chunk["delta"] for chunk in chunks if chunk["type"] == "text-delta")
+
+
 def text_of(message: dict[str, Any]) -> str:
     return "".join(part["text"] for part in message["parts"] if part["type"] == "text")
 
@@ -259,7 +269,7 @@ async def test_bad_requests_are_4xx_with_a_reason(server: Addressed, fake: FakeU
         assert fake.requests == []
         response = await client.post(f"{server.http}/api/chat", json=body(chat, ("user", "ok")))
         assert response.status_code == 200
-        assert "You said: ok" in response.text
+        assert streamed_text(response.text) == "You said: ok"
         assert (await client.post(f"{server.http}/api/chat/{chat_id()}/stop")).status_code == 404
         assert (await client.get(f"{server.http}/api/chat/{chat_id()}/stream")).status_code == 204
         assert (await client.get(f"{server.http}/api/chat/{chat_id()}")).status_code == 404
@@ -282,7 +292,7 @@ async def test_tokens_and_quotas_apply(make_settings: SettingsFactory, fake: Fak
                 "/api/chat", json=body(chat, ("user", "hi")), headers=alice
             )
             assert answered.status_code == 200
-            assert "You said: hi" in answered.text
+            assert streamed_text(answered.text) == "You said: hi"
             again = await client.post("/api/chat", json=body(chat, ("user", "more")), headers=alice)
             assert again.status_code == 429
             assert "Retry-After" in again.headers
@@ -312,7 +322,7 @@ async def test_a_chats_next_question_does_not_read_the_store(
         async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
             for question in ["one", "two", "three"]:
                 answered = await client.post("/api/chat", json=body(chat, ("user", question)))
-                assert f"You said: {question}" in answered.text
+                assert streamed_text(answered.text) == f"You said: {question}"
                 await asyncio.sleep(1.2)  # past the writer's tick, which stores the turn
     assert len(loads) == 1  # the first question's, to learn the chat is new
     assert [m["content"] for m in fake.requests[-1].messages if m["role"] == "user"] == [
