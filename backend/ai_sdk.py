@@ -260,9 +260,7 @@ def build_router(
                 if question is not None:
                     await conversation.ask(question, who)
                 elif not await conversation.regenerate(who):
-                    raise unprocessable(
-                        "Nothing was asked in this chat yet, so nothing to regenerate."
-                    )
+                    raise unprocessable(NOTHING_TO_REGENERATE)
             except BaseException:
                 conversation.let_go()
                 raise
