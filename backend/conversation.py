@@ -182,7 +182,8 @@ class Conversation:
     async def reply_in_flight(self) -> int | None:
         """The `seq` just before the first frame of the reply in flight (its question said
         back), wherever it runs; None when there is none."""
-        if not self.replying or not self.turns:
+        # A reply whose `end` is out is not in flight, though its task may still be closing.
+        if not self.replying or not self.turns or self.turns[-1].status is not None:
             return None
         return self.turns[-1].echo_seq - 1
 
