@@ -32,11 +32,18 @@ from backend.conversations import ID_PATTERN, Conversations, UnknownConversation
 from backend.errors import ChatError
 from backend.inbound import check_question
 from backend.metrics import Metrics
-from backend.origin import origin_refusal
+from backend.origin import refuse_foreign
 from backend.outbox import Outbox
 from backend.quotas import RateLimited, quota_key
 from backend.records import ConversationRecord, TurnRecord
-from backend.ui_stream import HEADERS, EventStream, SendText, message_id, write_reply
+from backend.ui_stream import (
+    HEADERS,
+    EventStream,
+    SendText,
+    data_part,
+    message_id,
+    write_reply,
+)
 
 MAX_CHAT_ID = 256
 NOTHING_TO_REGENERATE = "Nothing was asked in this chat yet, so nothing to regenerate."
@@ -132,18 +139,25 @@ async def find(
     A chat id that is one of the owner's conversation ids (from `/conversations`, or the web
     client's URL) is that conversation; any other id stands for a conversation of its own.
     """
-    if ID_PATTERN.fullmatch(chat_id):
+    *own, derived = conversation_ids(chat_id, owner)
+    for conversation_id in own:
         try:
-            return await conversations.open(chat_id, owner)
+            return await conversations.open(conversation_id, owner)
         except UnknownConversation:
             pass
-    conversation_id = conversation_id_for(chat_id, owner)
     if begin:
-        return await conversations.open_or_begin(conversation_id, owner)
+        return await conversations.open_or_begin(derived, owner)
     try:
-        return await conversations.open(conversation_id, owner)
+        return await conversations.open(derived, owner)
     except UnknownConversation:
         return None
+
+
+def conversation_ids(chat_id: str, owner: str) -> list[str]:
+    """The conversations a chat id may stand for, in the order to try them: the id itself if
+    it is a conversation id, then the one derived from it (where a new chat begins)."""
+    derived = conversation_id_for(chat_id, owner)
+    return [chat_id, derived] if ID_PATTERN.fullmatch(chat_id) else [derived]
 
 
 def ui_messages(record: ConversationRecord) -> list[dict[str, Any]]:
@@ -167,14 +181,11 @@ def assistant_message(conversation_id: str, turn: TurnRecord) -> dict[str, Any] 
     start = next((event for event in turn.events if event.type == "start"), None)
     if start is None or start.seq is None:
         return None
-    parts: list[dict[str, Any]] = []
-    for event in turn.events:
-        if event.type == "info":
-            data: dict[str, Any] = {"message": event.message, "seq": event.seq}
-            parts.append({"type": "data-info", "data": data})
-        elif event.type == "error":
-            data = {"code": event.code, "message": event.message, "seq": event.seq}
-            parts.append({"type": "data-error", "data": data})
+    parts = [
+        data_part(event.model_dump(exclude_none=True))
+        for event in turn.events
+        if event.type in ("info", "error")
+    ]
     text = {"type": "text", "text": turn.text, "state": "done" if turn.status else "streaming"}
     metadata: dict[str, Any] = {"conversation": conversation_id, "seq": start.seq}
     if turn.status is not None:
@@ -195,11 +206,6 @@ def build_router(
     """The AI SDK's `/api/chat` routes."""
     router = APIRouter(prefix="/api/chat", tags=["Vercel AI SDK"])
     quotas = conversations.quotas
-
-    def check_origin(request: Request) -> None:
-        refused = origin_refusal(request.headers, settings.chat_allowed_origins)
-        if refused is not None:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
 
     async def connection(request: Request, caller: Principal) -> tuple[str, str | None]:
         """The caller's quota key, and the connection slot this request's stream takes (or
@@ -246,7 +252,7 @@ def build_router(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> EventStream:
-        check_origin(request)
+        refuse_foreign(request.headers, settings.chat_allowed_origins)
         body = await chat_request(request)
         regenerate = body.trigger == "regenerate-message"
         question = None if regenerate else question_of(body, settings.chat_max_question_chars)
@@ -289,7 +295,7 @@ def build_router(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> Response:
-        check_origin(request)
+        refuse_foreign(request.headers, settings.chat_allowed_origins)
         conversation = await find(conversations, chat_id, caller.user)
         if conversation is None:
             return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -319,7 +325,7 @@ def build_router(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> dict[str, bool]:
-        check_origin(request)
+        refuse_foreign(request.headers, settings.chat_allowed_origins)
         conversation = await find(conversations, chat_id, caller.user)
         if conversation is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"No chat {chat_id[:64]!r}.")
@@ -340,13 +346,11 @@ def build_router(
         chat_id: str,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> dict[str, Any]:
-        record = None
-        if ID_PATTERN.fullmatch(chat_id):
-            record = await conversations.read(chat_id, caller.user)
-        if record is None:
-            derived = conversation_id_for(chat_id, caller.user)
-            record = await conversations.read(derived, caller.user)
-        if record is None:
+        for conversation_id in conversation_ids(chat_id, caller.user):
+            record = await conversations.read(conversation_id, caller.user)
+            if record is not None:
+                break
+        else:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"No chat {chat_id[:64]!r}.")
         return {"id": chat_id, "conversation": record.id, "messages": ui_messages(record)}
 

@@ -23,7 +23,7 @@ from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
 from backend.metrics import Metrics
-from backend.origin import origin_refusal
+from backend.origin import refuse_foreign
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.quotas import Held, Quotas, RateLimited, quota_key
 from backend.reply import Replier
@@ -161,11 +161,6 @@ def build_router(
     router = APIRouter()
     quotas = conversations.quotas
 
-    def check_origin(request: Request) -> None:
-        refused = origin_refusal(request.headers, settings.chat_allowed_origins)
-        if refused is not None:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
-
     def question_from(request: Request) -> str:
         params = request.query_params
         text = params.get("prompt", params.get("user_input"))
@@ -181,7 +176,7 @@ def build_router(
 
     async def reply_to(request: Request, caller: Principal) -> OneOff:
         """The one-off reply a request asks for, admitted by the caller's quotas (or 429)."""
-        check_origin(request)
+        refuse_foreign(request.headers, settings.chat_allowed_origins)
         question = question_from(request)
         who = quota_key(caller, request.client)
         try:
@@ -230,7 +225,7 @@ def build_router(
                 headers=STREAM_HEADERS,
                 background=BackgroundTask(reply.settle),
             )
-        check_origin(request)
+        refuse_foreign(request.headers, settings.chat_allowed_origins)
         after = resume_point(request)
         if after:
             replier.metrics.resumes.inc()

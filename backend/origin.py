@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
+from fastapi import HTTPException, status
+
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:
     """Whether a handshake with this `Origin` header, sent to this `Host`, may proceed.
@@ -52,3 +54,10 @@ def origin_refusal(headers: Mapping[str, str], allowed: Iterable[str]) -> str | 
         return None
     origin = headers.get("origin", "another site")
     return f"Requests from {origin} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."
+
+
+def refuse_foreign(headers: Mapping[str, str], allowed: Iterable[str]) -> None:
+    """Raise the 403 for an HTTP request that `origin_refusal` refuses."""
+    refused = origin_refusal(headers, allowed)
+    if refused is not None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, refused)

@@ -19,13 +19,10 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from backend.http_stream import STREAM_HEADERS
 from backend.outbox import Close, Outbox, Pending, Raw, TokenRun
 
-HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-    "x-vercel-ai-ui-message-stream": "v1",
-}
+HEADERS = {**STREAM_HEADERS, "x-vercel-ai-ui-message-stream": "v1"}
 DONE = "data: [DONE]\n\n"
 SendText = Callable[[str], Coroutine[Any, Any, None]]
 FINISH_REASONS = {"completed": "stop", "interrupted": "other", "error": "error"}
@@ -105,12 +102,10 @@ class ReplyStream:
             return
         if kind == "stream":
             out.append(delta(self.text_id, frame["message"]))
-        elif kind == "info":
-            out.append(chunk({"type": "data-info", "data": _fields(frame, "message", "seq")}))
-        elif kind == "error":
-            data = _fields(frame, "code", "message", "seq")
-            out.append(chunk({"type": "data-error", "data": data}))
-            out.append(chunk({"type": "error", "errorText": frame["message"]}))
+        elif kind in ("info", "error"):
+            out.append(chunk(data_part(frame)))
+            if kind == "error":
+                out.append(chunk({"type": "error", "errorText": frame["message"]}))
         elif kind == "end":
             status = frame.get("status", "completed")
             metadata = {"conversation": self.conversation_id, "status": status}
@@ -127,6 +122,13 @@ class ReplyStream:
             )
             out.append(DONE)
             self.ended = True
+
+
+def data_part(frame: dict[str, Any]) -> dict[str, Any]:
+    """The data part an `info` or `error` frame travels in, live or replayed from the store."""
+    if frame["type"] == "error":
+        return {"type": "data-error", "data": _fields(frame, "code", "message", "seq")}
+    return {"type": "data-info", "data": _fields(frame, "message", "seq")}
 
 
 def _fields(frame: dict[str, Any], *names: str) -> dict[str, Any]:
