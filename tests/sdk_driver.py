@@ -40,6 +40,12 @@ class SdkDriver:
     async def new(self, chat_id: str, chat: str = "a", **headers: str) -> Any:
         return await self.do("new", chat, id=chat_id, api=self.api, headers=headers)
 
+    async def mid_reply(self, chat_id: str, question: str, chars: int) -> Any:
+        """A new chat (named "a") that has asked `question` and shown `chars` of the reply."""
+        await self.new(chat_id)
+        await self.do("send", text=question, wait=False)
+        return await self.do("wait_text", chars=chars)
+
 
 def reply_text(state: dict[str, Any]) -> str:
     """The text of the chat's last message, if it is the assistant's."""

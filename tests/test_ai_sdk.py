@@ -81,9 +81,7 @@ async def test_stop_ends_the_reply_and_the_model_request_at_once(
     fake.then(Behaviour(tokens=COUNTING, delay=0.02))
     chat = chat_id()
     async with sdk_driver(server.http) as sdk:
-        await sdk.new(chat)
-        await sdk.do("send", text="count", wait=False)
-        await sdk.do("wait_text", chars=12)
+        await sdk.mid_reply(chat, "count", chars=12)
         stopped_at = time.monotonic()
         state = await sdk.do("stop")
         assert state["stopped"] == {"stopped": True}
@@ -107,9 +105,7 @@ async def test_a_dropped_request_is_resumed_with_the_exact_text(
     fake.then(Behaviour(tokens=COUNTING, delay=0.01))
     chat = chat_id()
     async with sdk_driver(server.http) as sdk:
-        await sdk.new(chat)
-        await sdk.do("send", text="count", wait=False)
-        await sdk.do("wait_text", chars=20)
+        await sdk.mid_reply(chat, "count", chars=20)
         dropped = await sdk.do("abort")  # what a reload does to the request
         assert len(reply_text(dropped)) < len(FULL)
         # The page comes back: a new chat with the same id asks for the stream in flight.
@@ -136,9 +132,7 @@ async def test_a_request_nobody_comes_back_for_is_stopped_after_the_grace(
     chat = chat_id()
     with live_server(make_settings(chat_resume_grace=0.5)) as server:
         async with sdk_driver(server.http) as sdk:
-            await sdk.new(chat)
-            await sdk.do("send", text="count", wait=False)
-            await sdk.do("wait_text", chars=8)
+            await sdk.mid_reply(chat, "count", chars=8)
             dropped_at = time.monotonic()
             await sdk.do("abort")
             await wait_hung_up(fake, 0, within=UNIT * 2)
