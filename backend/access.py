@@ -1,4 +1,5 @@
-"""The one gate every route and socket passes: who the caller is, or HTTP 401.
+"""The one gate every route and socket passes: a page of this site (or none), or HTTP 403; who
+the caller is, or HTTP 401.
 
 HTTP requests carry `Authorization: Bearer`. The WebSocket and the SSE/text streams, which a
 browser opens without headers of its own, also take `?ticket=` from `POST /api/ws-ticket`.
@@ -7,14 +8,17 @@ browser opens without headers of its own, also take `?ticket=` from `POST /api/w
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
 from backend.auth import TICKET_TTL, Authenticator, Principal, Tickets, Unauthorized, bearer
+from backend.logs import Throttled
+from backend.origin import refuse_foreign
 
 log = logging.getLogger(__name__)
+refusals = Throttled(log)
 
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -30,9 +34,12 @@ class Ticket(BaseModel):
 class Access:
     """Authenticates callers for the app's routes."""
 
-    def __init__(self, authenticator: Authenticator, tickets: Tickets) -> None:
+    def __init__(
+        self, authenticator: Authenticator, tickets: Tickets, allowed_origins: Iterable[str] = ()
+    ) -> None:
         self.authenticator = authenticator
         self.tickets = tickets
+        self.allowed_origins = list(allowed_origins)
 
     @property
     def enabled(self) -> bool:
@@ -54,10 +61,21 @@ class Access:
         return await self._http(request, request.query_params.get("ticket"))
 
     async def _http(self, request: Request, ticket: str | None) -> Principal:
+        # Before the credential: another site's page learns nothing, not even whether its
+        # visitor is signed in. Browsers attach no bearer token by themselves today, but a
+        # cookie or a proxy that adds one would make these routes act in the visitor's name.
+        refuse_foreign(request.headers, self.allowed_origins)
         try:
             return await self.principal(request.headers, ticket)
         except Unauthorized as refused:
-            log.info("refused %s %s: %s", request.method, request.url.path, refused)
+            refusals.log(
+                logging.INFO,
+                "unauthorized",
+                "refused %s %s: %s",
+                request.method,
+                request.url.path,
+                refused,
+            )
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, str(refused), headers=CHALLENGE
             ) from refused

@@ -12,6 +12,9 @@ from backend.conversations import ID_PATTERN, Conversations
 from backend.records import ConversationRecord, ConversationSummary
 from schemas import conversations as api
 
+# Past any real list, and far inside what SQLite's and PostgreSQL's OFFSET take (64 bits).
+MAX_OFFSET = 1_000_000_000
+
 
 def summary_of(row: ConversationSummary) -> api.ConversationSummary:
     return api.ConversationSummary(
@@ -57,7 +60,7 @@ def build_api(conversations: Conversations, access: Access) -> APIRouter:
     @router.get("", summary="List conversations, most recently updated first")
     async def list_conversations(
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> api.ConversationPage:
         # What is only in memory yet is written first, so the list is never behind the chat.

@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from backend import ai_sdk
+from backend import ai_sdk, http_errors
 from backend.access import CHALLENGE, Access
 from backend.api import build_api
 from backend.auth import Authenticator, Principal, Tickets, Unauthorized
@@ -26,6 +26,7 @@ from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
+from backend.logs import Throttled
 from backend.metrics import Metrics, build_metrics_route
 from backend.model_transport import model_transport
 from backend.origin import origin_refusal
@@ -36,6 +37,8 @@ from backend.store import SqlStore
 from backend.upstream import Upstream, remote_upstream
 
 log = logging.getLogger(__name__)
+# Refused handshakes are the client's doing, and anyone can send them as fast as they like.
+refusals = Throttled(log)
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 STATIC_DIR = FRONTEND_DIR / "static"
@@ -73,7 +76,11 @@ def create_app(settings: Settings) -> FastAPI:
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream, metrics)
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
     conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
-    access = Access(Authenticator(settings), Tickets(cluster.redis if cluster else None))
+    access = Access(
+        Authenticator(settings),
+        Tickets(cluster.redis if cluster else None),
+        settings.chat_allowed_origins,
+    )
     quotas = conversations.quotas
 
     @asynccontextmanager
@@ -94,6 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
     app.state.conversations = conversations
+    http_errors.install(app)
 
     async def shared_state_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s failed: %s", request.method, request.url.path, exc)
@@ -128,7 +136,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def chat(websocket: WebSocket) -> None:
         refused = origin_refusal(websocket.headers, settings.chat_allowed_origins)
         if refused is not None:
-            log.warning("refused a socket: %s", refused)
+            refusals.log(logging.WARNING, "origin", "refused a socket: %s", refused)
             await websocket.send_denial_response(
                 PlainTextResponse(refused, status_code=status.HTTP_403_FORBIDDEN)
             )
@@ -145,7 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
             who = quota_key(principal, websocket.client)
             holder = await quotas.open_connection(who)
         except Unauthorized as unauthorized:
-            log.info("refused a socket: %s", unauthorized)
+            refusals.log(logging.INFO, "unauthorized", "refused a socket: %s", unauthorized)
             await websocket.send_denial_response(
                 PlainTextResponse(
                     str(unauthorized), status.HTTP_401_UNAUTHORIZED, headers=CHALLENGE
@@ -153,7 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
             return
         except RateLimited as limited:
-            log.info("refused a socket: %s", limited)
+            refusals.log(logging.INFO, "rate limited", "refused a socket: %s", limited)
             await websocket.send_denial_response(limited.denial())
             return
         except SHARED_STATE_ERRORS as exc:

@@ -36,6 +36,9 @@ JWKS_LIFESPAN = 300
 JWKS_TIMEOUT = 5
 ASYMMETRIC = ["RS256", "ES256"]
 REFUSED = "A valid bearer token is required: pass it as 'Authorization: Bearer TOKEN'."
+# API-key users are named apart from JWT subjects, so a sign-in service's user named like a
+# script (`sub: ci-bot`) never reads that script's conversations, nor the other way round.
+KEY_USER_PREFIX = "key:"
 
 
 class Unauthorized(Exception):
@@ -110,7 +113,7 @@ class Authenticator:
             else None
         )
         # Compared as digests, in constant time: a key's length or prefix never shows.
-        self.keys = {_digest(key): user for user, key in settings.api_keys}
+        self.keys = {_digest(key): KEY_USER_PREFIX + user for user, key in settings.api_keys}
 
     async def principal(self, token: str | None) -> Principal:
         """Who `token` says the caller is; raises `Unauthorized`."""
@@ -162,6 +165,11 @@ class Authenticator:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("The token names no user ('sub').")
+        if subject.startswith(KEY_USER_PREFIX):
+            raise Unauthorized(
+                f"The token's user ('sub') may not start with {KEY_USER_PREFIX!r}: "
+                "that prefix names the users of API keys."
+            )
         return Principal(subject, float(claims["exp"]))
 
 

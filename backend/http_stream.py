@@ -23,7 +23,6 @@ from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
 from backend.metrics import Metrics
-from backend.origin import refuse_foreign
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.quotas import Held, Quotas, RateLimited, quota_key
 from backend.reply import Replier
@@ -176,7 +175,6 @@ def build_router(
 
     async def reply_to(request: Request, caller: Principal) -> OneOff:
         """The one-off reply a request asks for, admitted by the caller's quotas (or 429)."""
-        refuse_foreign(request.headers, settings.chat_allowed_origins)
         question = question_from(request)
         who = quota_key(caller, request.client)
         try:
@@ -225,7 +223,6 @@ def build_router(
                 headers=STREAM_HEADERS,
                 background=BackgroundTask(reply.settle),
             )
-        refuse_foreign(request.headers, settings.chat_allowed_origins)
         after = resume_point(request)
         if after:
             replier.metrics.resumes.inc()

@@ -82,3 +82,25 @@ def configure(format: LogFormat) -> None:
         logger.propagate = True
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Throttled:
+    """Writes a line that may repeat at will (a refusal anyone can provoke) at most once per
+    `every` seconds for each kind, saying how many like it were left out meanwhile."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
+        self.logger = logger
+        self.every = every
+        # kind -> (when its last line was written, lines left out since)
+        self.seen: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last, left_out = self.seen.get(kind, (-self.every, 0))
+        if now - last < self.every:
+            self.seen[kind] = (last, left_out + 1)
+            return
+        self.seen[kind] = (now, 0)
+        if left_out:
+            message += f" ({left_out} more like it in the last {self.every:.0f} s)"
+        self.logger.log(level, message, *args)

@@ -115,6 +115,34 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def client_addresses(request: Request) -> list[str]:
+    """Every address a request says it came through: its peer and each forwarding header's.
+
+    uvicorn turns a trusted proxy's `X-Forwarded-For` into the peer, but does not read RFC
+    7239's `Forwarded`, so a proxy that sends only that one would make every client look like
+    the proxy itself. Reading both, a client counts as local only if no hop says otherwise;
+    headers a remote client adds itself can only make it look less local.
+    """
+    addresses = [request.client.host if request.client is not None else ""]
+    for value in request.headers.getlist("x-forwarded-for"):
+        addresses += [hop.strip() for hop in value.split(",")]
+    for value in request.headers.getlist("forwarded"):
+        for element in value.split(","):
+            for pair in element.split(";"):
+                name, _, given = pair.strip().partition("=")
+                if name.lower() == "for":
+                    addresses.append(forwarded_node(given))
+    return addresses
+
+
+def forwarded_node(node: str) -> str:
+    """The address in a `Forwarded: for=` node: unquoted, without its port or IPv6 brackets."""
+    node = node.strip().strip('"')
+    if node.startswith("["):
+        return node[1 : node.find("]")] if "]" in node else node
+    return node.rsplit(":", 1)[0] if node.count(":") == 1 else node
+
+
 def build_metrics_route(metrics: Metrics, settings: Settings) -> APIRouter:
     """`GET /metrics`."""
     router = APIRouter(tags=["operations"])
@@ -130,8 +158,7 @@ def build_metrics_route(metrics: Metrics, settings: Settings) -> APIRouter:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             return
-        client = request.client.host if request.client is not None else ""
-        if not is_loopback(client):
+        if not all(is_loopback(address) for address in client_addresses(request)):
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
                 "Metrics are served to this machine only; set CHAT_METRICS_TOKEN to read "

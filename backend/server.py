@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from backend.config import Settings
+from backend.protocols import HttpProtocol, WebSocketProtocol
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
@@ -17,7 +18,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uv
         app,
         host=host,
         port=port,
-        ws="websockets-sansio",
+        http=HttpProtocol,
+        ws=WebSocketProtocol,
         ws_max_size=settings.ws_max_size,
         log_level="info",
         timeout_graceful_shutdown=5,

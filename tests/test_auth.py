@@ -195,6 +195,17 @@ async def test_api_keys_are_users_of_their_own(guarded: LiveServer, fake: FakeUp
     async with httpx.AsyncClient(base_url=guarded.http, headers=headers(API_KEY)) as client:
         listed = (await client.get("/api/conversations")).json()["conversations"]
         assert [entry["id"] for entry in listed] == [conversation]
+        assert (await client.post("/api/ws-ticket")).json()["user"] == "key:scripts"
+    # A signed-in user named like the key's user is someone else, and the key's own name
+    # cannot be claimed by a token.
+    async with httpx.AsyncClient(base_url=guarded.http, headers=headers(token("scripts"))) as same:
+        assert (await same.get("/api/conversations")).json()["conversations"] == []
+        assert (await same.get(f"/api/conversations/{conversation}")).status_code == 404
+    claimed = headers(token("key:scripts"))
+    async with httpx.AsyncClient(base_url=guarded.http, headers=claimed) as client:
+        refused = await client.get("/api/conversations")
+        assert refused.status_code == 401
+        assert "API keys" in refused.json()["detail"]
 
 
 async def test_a_ticket_opens_one_socket_once(guarded: LiveServer, fake: FakeUpstream) -> None:

@@ -128,8 +128,19 @@ async def test_metrics_without_a_token_are_for_this_machine_only(
         await scrape(server.http)
         # Through a proxy on this machine, for a client elsewhere.
         async with httpx.AsyncClient(base_url=server.http) as client:
-            refused = await client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
-        assert refused.status_code == 403
+            for forwarded in (
+                {"X-Forwarded-For": "203.0.113.9"},
+                # RFC 7239, which uvicorn does not read: any hop elsewhere makes it remote.
+                {"Forwarded": "for=203.0.113.9"},
+                {"Forwarded": 'for="[2001:db8::1]:4711";proto=https'},
+                {"Forwarded": "for=127.0.0.1, for=198.51.100.7"},
+                {"Forwarded": "for=unknown"},
+            ):
+                refused = await client.get("/metrics", headers=forwarded)
+                assert refused.status_code == 403, forwarded
+                assert "CHAT_METRICS_TOKEN" in refused.json()["detail"]
+            local = await client.get("/metrics", headers={"Forwarded": 'for="[::1]:5000"'})
+            assert local.status_code == 200
 
 
 async def test_every_worker_reports_all_of_them(

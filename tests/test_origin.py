@@ -9,7 +9,7 @@ from websockets.exceptions import InvalidStatus
 from backend.origin import origin_allowed
 from deploy.services import Addressed
 from fakes.openai_server import FakeUpstream
-from tests.harness import UNIT, SettingsFactory, ask, connect, live_server
+from tests.harness import UNIT, SettingsFactory, ask, connect, conversation_of, live_server
 
 
 async def test_foreign_origin_is_refused_with_403(server: Addressed, fake: FakeUpstream) -> None:
@@ -82,6 +82,39 @@ async def test_http_streams_refuse_cross_site_requests(
     if status == 403:
         assert "CHAT_ALLOWED_ORIGINS" in response.json()["detail"]
         assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "headers", [{"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"}]
+)
+async def test_every_route_on_conversations_refuses_another_sites_page(
+    server: Addressed, fake: FakeUpstream, headers: dict[str, str]
+) -> None:
+    async with connect(server.ws) as ws:
+        await ask(ws, "mine")
+        conversation = conversation_of(ws)
+    routes = [
+        ("GET", "/api/conversations"),
+        ("GET", f"/api/conversations/{conversation}"),
+        ("DELETE", f"/api/conversations/{conversation}"),
+        ("POST", "/api/ws-ticket"),
+        ("GET", f"/api/chat/{conversation}"),
+        ("GET", f"/api/chat/{conversation}/stream"),
+        ("POST", f"/api/chat/{conversation}/stop"),
+        ("GET", f"/sse?conversation={conversation}"),
+        ("GET", "/stream?prompt=hi"),
+    ]
+    async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+        for method, path in routes:
+            response = await client.request(method, path, headers=headers)
+            assert response.status_code == 403, (method, path, response.text)
+            # JSON's `detail`, or the /api/chat routes' plain sentence.
+            assert "CHAT_ALLOWED_ORIGINS" in response.text
+        # Nothing was done in the visitor's name: the conversation is still there, whole.
+        kept = await client.get(f"/api/conversations/{conversation}")
+        assert kept.status_code == 200
+        assert kept.json()["messages"][0]["text"] == "mine"
+    assert len(fake.requests) == 1
 
 
 async def test_http_stream_accepts_its_own_page(server: Addressed, fake: FakeUpstream) -> None:
