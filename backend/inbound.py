@@ -70,6 +70,10 @@ def parse_client_frame(
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None
+        except RecursionError as exc:
+            raise bad_request("The message's JSON nests too deeply. " + HOW_TO_ASK) from exc
+        except ValueError as exc:  # a number of more digits than Python converts
+            raise bad_request("The message's JSON holds a number too long to read.") from exc
         if isinstance(data, dict):
             return _from_object(data, max_question_chars)
     return Question(type="question", message=check_question(text, max_question_chars))

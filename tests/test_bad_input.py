@@ -34,6 +34,9 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     (b"\x00\x01binary", "Binary frames are not supported"),
     ("x" * 16_001, "16,001 characters long; the limit is 16,000"),
     (json.dumps({"type": "question", "message": "y" * 20_000}), "the limit is 16,000"),
+    ('{"type": "question", "message": ' + "[" * 5_000 + "]" * 5_000 + "}", "nests too deeply"),
+    ('{"type": "stop", "x": ' + "[" * 30_000 + "]" * 30_000 + "}", "nests too deeply"),
+    ('{"type": "stop", "after": ' + "9" * 5_000 + "}", "a number too long"),
 ]
 
 
