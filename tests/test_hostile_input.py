@@ -14,10 +14,19 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
 from fakes.openai_server import FakeUpstream
 from tests.conftest import fake_settings
-from tests.harness import UNIT, LiveServer, ask, connect, conversation_of, live_server
+from tests.harness import (
+    UNIT,
+    LiveServer,
+    ask,
+    close_of,
+    connect,
+    conversation_of,
+    live_server,
+)
 
 UPGRADE = (
     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
@@ -239,3 +248,23 @@ async def test_refused_handshakes_write_no_errors_and_few_lines(
     assert errors == []
     refusals = [r.getMessage() for r in caplog.records if "refused a socket" in r.getMessage()]
     assert 2 <= len(refusals) <= 4, refusals
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "after=99999999999999999999999999",
+        "after=-1",
+        "after=1e3",
+        "conversation=" + "a" * 7_000,
+        "conversation=%00",
+        "conversation=%E2%80%AE",
+    ],
+)
+async def test_a_socket_with_hostile_parameters_is_closed_with_a_reason(
+    target: LiveServer, query: str
+) -> None:
+    async with ws_connect(f"{target.ws}?{query}") as ws:
+        code, reason = await close_of(ws)
+    assert code == 1008
+    assert reason.endswith(".")
