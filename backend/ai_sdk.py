@@ -7,6 +7,9 @@
 - `POST /api/chat/{id}/stop`: stop the reply in flight, as a `stop` frame does.
 - `GET /api/chat/{id}`: the chat's messages as UI messages, to start `useChat` with.
 
+Their errors are plain-text sentences (`{"detail": ...}` for a client that asks for JSON):
+the SDK throws a failed response's body as its error's message, which apps show as it is.
+
 A chat is one of our stored conversations, run by the same session core as a socket. The
 conversation's own history is what the model sees: of the messages the client sends, only the
 last one (the new question) is read. A dropped request is a dropped client: its reply goes on
@@ -17,10 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi.responses import PlainTextResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
@@ -47,6 +54,7 @@ from backend.ui_stream import (
 
 MAX_CHAT_ID = 256
 NOTHING_TO_REGENERATE = "Nothing was asked in this chat yet, so nothing to regenerate."
+EMPTY_QUESTION = "The question is empty."
 
 
 class TextPart(BaseModel):
@@ -77,6 +85,78 @@ class ChatRequest(BaseModel):
     messages: list[Any] = Field(default_factory=list)
     trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
     messageId: str | None = None
+
+
+class SentenceErrors(APIRoute):
+    """A route whose error responses are the sentence alone, as text, unless JSON is asked for.
+
+    `DefaultChatTransport` makes a failed response's whole body its error's message, which
+    apps show as it is: a sentence reads well there, `{"detail": ...}` does not.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except Exception as failure:
+                # The app's own handler answers, so status and headers (`Retry-After`,
+                # `WWW-Authenticate`) stay what every other route sends.
+                answer = await app_answer(request, failure)
+                if answer is None:
+                    raise
+                return answer if wants_json(request) else as_sentence(answer)
+
+        return handler
+
+
+async def app_answer(request: Request, failure: Exception) -> Response | None:
+    """The response the app's exception handlers give for `failure`, if one handles it."""
+    handlers = request.app.exception_handlers
+    for kind in type(failure).__mro__:
+        handler = handlers.get(kind)
+        if handler is not None:
+            result = handler(request, failure)
+            answer: Response = await result if inspect.isawaitable(result) else result
+            return answer
+    return None
+
+
+def wants_json(request: Request) -> bool:
+    """Whether the client asked for JSON (`Accept: application/json`)."""
+    return "application/json" in request.headers.get("accept", "")
+
+
+def as_sentence(answer: Response) -> Response:
+    """A JSON `{"detail": "..."}` error as its sentence in plain text, with the same headers."""
+    try:
+        detail = json.loads(bytes(answer.body)).get("detail")
+    except (ValueError, AttributeError):
+        return answer
+    if not isinstance(detail, str):
+        return answer
+    headers = {
+        name: value
+        for name, value in answer.headers.items()
+        if name not in ("content-length", "content-type")
+    }
+    return PlainTextResponse(detail, answer.status_code, headers=headers)
+
+
+def sentences(refusals: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these refusals (status: why), each told as plain text."""
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    return {code: {"description": why, "content": text} for code, why in refusals.items()}
+
+
+# What any of the routes may be refused with, besides what each says of its own.
+REFUSALS = {
+    401: "No valid bearer token, with CHAT_AUTH=token",
+    403: "A request from another site's page",
+    422: "A malformed request",
+    503: "The server is restarting, or cannot reach its shared state",
+}
 
 
 def conversation_id_for(chat_id: str, owner: str) -> str:
@@ -128,6 +208,9 @@ def question_of(chat: ChatRequest, max_chars: int) -> str:
     try:
         return check_question(text, max_chars)
     except ChatError as error:
+    if not text.strip():
+        # Said without the socket's advice on how to frame a question: an app shows it as is.
+        raise unprocessable(EMPTY_QUESTION)
         raise unprocessable(error.message) from error
 
 
@@ -204,7 +287,7 @@ def build_router(
     conversations: Conversations, settings: Settings, access: Access, metrics: Metrics
 ) -> APIRouter:
     """The AI SDK's `/api/chat` routes."""
-    router = APIRouter(prefix="/api/chat", tags=["Vercel AI SDK"])
+    router = APIRouter(prefix="/api/chat", tags=["Vercel AI SDK"], route_class=SentenceErrors)
     quotas = conversations.quotas
 
     async def connection(request: Request, caller: Principal) -> tuple[str, str | None]:
@@ -243,10 +326,13 @@ def build_router(
     @router.post(
         "",
         summary="Answer a chat's new message (or regenerate) as a UI message stream",
-        responses={
-            422: {"description": "A malformed request, or nothing to regenerate"},
-            429: {"description": "A quota of the caller's is used up"},
-        },
+        responses=sentences(
+            {
+                **REFUSALS,
+                422: "A malformed request, or nothing to regenerate",
+                429: "A quota of the caller's is used up",
+            }
+        ),
     )
     async def chat(
         request: Request,
@@ -288,7 +374,10 @@ def build_router(
     @router.get(
         "/{chat_id}/stream",
         summary="The chat's reply in flight, from its start, as a UI message stream",
-        responses={204: {"description": "No reply is in flight"}},
+        responses={
+            204: {"description": "No reply is in flight"},
+            **sentences({**REFUSALS, 429: "A quota of the caller's is used up"}),
+        },
     )
     async def resume(
         chat_id: str,
@@ -318,7 +407,7 @@ def build_router(
     @router.post(
         "/{chat_id}/stop",
         summary="Stop the chat's reply in flight; its text so far is kept",
-        responses={404: {"description": "No such chat"}},
+        responses=sentences({**REFUSALS, 404: "No such chat"}),
     )
     async def stop(
         chat_id: str,
@@ -340,7 +429,7 @@ def build_router(
     @router.get(
         "/{chat_id}",
         summary="The chat's messages, as UI messages",
-        responses={404: {"description": "No such chat"}},
+        responses=sentences({**REFUSALS, 404: "No such chat"}),
     )
     async def messages(
         chat_id: str,

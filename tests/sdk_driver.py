@@ -1,4 +1,5 @@
-"""Chats made with the real Vercel AI SDK, in Node, driven from a test (`tests/sdk/driver.mjs`)."""
+"""The real Vercel AI SDK against the server: chats in Node (`tests/sdk/driver.mjs`) driven from a
+test, and the docs' React example bundled for a browser."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -15,7 +18,10 @@ from typing import Any
 
 from tests.harness import UNIT
 
-DRIVER = Path(__file__).parent / "sdk" / "driver.mjs"
+SDK = Path(__file__).parent / "sdk"
+DRIVER = SDK / "driver.mjs"
+# The SDK's majors the chats are tested with, by package name in frontend/package.json.
+SDK_PACKAGES = {"ai7": "ai", "ai6": "ai6"}
 
 
 class SdkDriver:
@@ -56,10 +62,14 @@ def reply_text(state: dict[str, Any]) -> str:
 
 
 @asynccontextmanager
-async def sdk_driver(base: str) -> AsyncIterator[SdkDriver]:
-    """A driver whose chats talk to the server at `base` (its `/api/chat`)."""
+async def sdk_driver(base: str, package: str = "ai") -> AsyncIterator[SdkDriver]:
+    """A driver whose chats, made with the SDK `package`, talk to the server at `base`."""
     process = await asyncio.create_subprocess_exec(
-        "node", str(DRIVER), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        "node",
+        str(DRIVER),
+        package,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         yield SdkDriver(process, f"{base}/api/chat")
@@ -70,24 +80,44 @@ async def sdk_driver(base: str) -> AsyncIterator[SdkDriver]:
 
 
 FRONTEND = Path(__file__).parent.parent / "frontend"
+DOCS = Path(__file__).parent.parent / "docs" / "protocol.md"
+EXAMPLE_SECTION = "## Using the Vercel AI SDK"
+
+
+def docs_example() -> str:
+    """The React example of the docs' section on the AI SDK, verbatim: its one `tsx` block."""
+    docs = DOCS.read_text()
+    section = docs[docs.index(EXAMPLE_SECTION) :]
+    section = section[: section.find("\n## ", 1)]
+    blocks = re.findall(r"^```tsx\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 1, f"{EXAMPLE_SECTION!r} should have one tsx block, not {len(blocks)}"
+    return str(blocks[0])
 
 
 @functools.cache
-def browser_bundle() -> str:
-    """The SDK's `Chat` for a plain page (`tests/sdk/browser_chat.mjs`), bundled by esbuild."""
+def example_bundle(example: str) -> str:
+    """`example` (a React module exporting `Chat`) in the page `tests/sdk/example_page.tsx`
+    mounts, bundled by esbuild with React and `@ai-sdk/react` from frontend/node_modules."""
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "ai-sdk.js"
+        # Side by side, so the page imports the example as `./example`.
+        shutil.copy(SDK / "example_page.tsx", Path(folder) / "page.tsx")
+        (Path(folder) / "example.tsx").write_text(example)
+        out = Path(folder) / "page.js"
         subprocess.run(
             [
                 str(FRONTEND / "node_modules" / ".bin" / "esbuild"),
-                str(Path(__file__).parent / "sdk" / "browser_chat.mjs"),
+                str(Path(folder) / "page.tsx"),
                 "--bundle",
                 "--format=iife",
                 "--platform=browser",
+                "--jsx=automatic",
+                # React reads this to choose its production build, as an app's bundler sets it.
+                '--define:process.env.NODE_ENV="production"',
                 "--log-level=warning",
                 f"--outfile={out}",
             ],
             check=True,
+            # The temporary folder has no node_modules of its own to resolve packages from.
             env={**os.environ, "NODE_PATH": str(FRONTEND / "node_modules")},
         )
         return out.read_text()

@@ -1,7 +1,8 @@
 """The Vercel AI SDK's `useChat` protocol, from the real `ai` package in Node, against the server.
 
-Each chat is an `AbstractChat` with `DefaultChatTransport`, as `useChat` builds it; the tests run
-on both deployment shapes, so a resumed stream may come from another worker.
+Each chat is an `AbstractChat` with `DefaultChatTransport`, as `useChat` builds it, from each of
+the SDK's majors that are tested; the tests run on both deployment shapes, so a resumed stream
+may come from another worker.
 """
 
 from __future__ import annotations
@@ -13,15 +14,25 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 
+from backend.ai_sdk import EMPTY_QUESTION
+from backend.auth import REFUSED
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, SettingsFactory, live_server, wait_hung_up
-from tests.sdk_driver import reply_text, sdk_driver
+from tests.sdk_driver import SDK_PACKAGES, reply_text, sdk_driver
 from tests.test_auth import SECRET, token
 
 COUNTING = [f"w{i} " for i in range(120)]
 FULL = "".join(COUNTING)
+
+
+@pytest.fixture(params=list(SDK_PACKAGES.values()), ids=list(SDK_PACKAGES))
+def sdk_package(request: pytest.FixtureRequest) -> str:
+    """The SDK package (one of its majors) the test's chats are made with."""
+    package: str = request.param
+    return package
 
 
 def chat_id() -> str:
@@ -52,8 +63,10 @@ def text_of(message: dict[str, Any]) -> str:
     return "".join(part["text"] for part in message["parts"] if part["type"] == "text")
 
 
-async def test_two_turns_keep_the_history(server: Addressed, fake: FakeUpstream) -> None:
-    async with sdk_driver(server.http) as sdk:
+async def test_two_turns_keep_the_history(
+    server: Addressed, fake: FakeUpstream, sdk_package: str
+) -> None:
+    async with sdk_driver(server.http, sdk_package) as sdk:
         chat = chat_id()
         await sdk.new(chat)
         first = await sdk.do("send", text="first question", wait=True)
@@ -76,11 +89,11 @@ async def test_two_turns_keep_the_history(server: Addressed, fake: FakeUpstream)
 
 
 async def test_stop_ends_the_reply_and_the_model_request_at_once(
-    server: Addressed, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream, sdk_package: str
 ) -> None:
     fake.then(Behaviour(tokens=COUNTING, delay=0.02))
     chat = chat_id()
-    async with sdk_driver(server.http) as sdk:
+    async with sdk_driver(server.http, sdk_package) as sdk:
         await sdk.mid_reply(chat, "count", chars=12)
         stopped_at = time.monotonic()
         state = await sdk.do("stop")
@@ -100,11 +113,11 @@ async def test_stop_ends_the_reply_and_the_model_request_at_once(
 
 
 async def test_a_dropped_request_is_resumed_with_the_exact_text(
-    server: Addressed, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream, sdk_package: str
 ) -> None:
     fake.then(Behaviour(tokens=COUNTING, delay=0.01))
     chat = chat_id()
-    async with sdk_driver(server.http) as sdk:
+    async with sdk_driver(server.http, sdk_package) as sdk:
         await sdk.mid_reply(chat, "count", chars=20)
         dropped = await sdk.do("abort")  # what a reload does to the request
         assert len(reply_text(dropped)) < len(FULL)
@@ -126,12 +139,12 @@ async def test_a_dropped_request_is_resumed_with_the_exact_text(
 
 
 async def test_a_request_nobody_comes_back_for_is_stopped_after_the_grace(
-    make_settings: SettingsFactory, fake: FakeUpstream
+    make_settings: SettingsFactory, fake: FakeUpstream, sdk_package: str
 ) -> None:
     fake.then(Behaviour(tokens=COUNTING, delay=0.02))
     chat = chat_id()
     with live_server(make_settings(chat_resume_grace=0.5)) as server:
-        async with sdk_driver(server.http) as sdk:
+        async with sdk_driver(server.http, sdk_package) as sdk:
             await sdk.mid_reply(chat, "count", chars=8)
             dropped_at = time.monotonic()
             await sdk.do("abort")
@@ -145,10 +158,10 @@ async def test_a_request_nobody_comes_back_for_is_stopped_after_the_grace(
 
 
 async def test_an_upstream_failure_is_the_sdks_error_with_our_code(
-    server: Addressed, fake: FakeUpstream
+    server: Addressed, fake: FakeUpstream, sdk_package: str
 ) -> None:
     fake.then(Behaviour(status=401, error_message="Incorrect API key provided"))
-    async with sdk_driver(server.http) as sdk:
+    async with sdk_driver(server.http, sdk_package) as sdk:
         await sdk.new(chat_id())
         state = await sdk.do("send", text="hello", wait=True)
         assert state["status"] == "error"
@@ -161,10 +174,39 @@ async def test_an_upstream_failure_is_the_sdks_error_with_our_code(
     assert reply_text(state) == "You said: again"
 
 
-async def test_regenerate_replaces_the_last_reply(server: Addressed, fake: FakeUpstream) -> None:
+async def test_a_refused_request_is_the_sdks_error_as_the_sentence(
+    make_settings: SettingsFactory, fake: FakeUpstream, sdk_package: str
+) -> None:
+    """The SDK makes a refused response's whole body its error's message: that is the sentence."""
+    settings = make_settings(
+        chat_auth="token", chat_jwt_secret=SECRET, chat_quota_questions="1 per 30 seconds"
+    )
+    alice = {"Authorization": f"Bearer {token('alice')}"}
+    with live_server(settings) as server:
+        async with sdk_driver(server.http, sdk_package) as sdk:
+            await sdk.new(chat_id(), chat="signed out")
+            signed_out = await sdk.do("send", chat="signed out", text="hi", wait=True)
+            await sdk.new(chat_id(), **alice)
+            empty = await sdk.do("send", text="   ", wait=True)
+            answered = await sdk.do("send", text="hi", wait=True)
+            limited = await sdk.do("send", text="more", wait=True)
+    assert signed_out["status"] == "error"
+    assert signed_out["error"] == REFUSED
+    assert empty["status"] == "error"
+    assert empty["error"] == EMPTY_QUESTION
+    assert answered["error"] is None
+    assert reply_text(answered) == "You said: hi"
+    assert limited["status"] == "error"
+    assert limited["error"].startswith("You have asked 1 question per 30 seconds, the most allowed")
+    assert len(fake.requests) == 1
+
+
+async def test_regenerate_replaces_the_last_reply(
+    server: Addressed, fake: FakeUpstream, sdk_package: str
+) -> None:
     fake.then(Behaviour(tokens=["first ", "take"]), Behaviour(tokens=["second ", "take"]))
     chat = chat_id()
-    async with sdk_driver(server.http) as sdk:
+    async with sdk_driver(server.http, sdk_package) as sdk:
         await sdk.new(chat)
         first = await sdk.do("send", text="tell me", wait=True)
         assert reply_text(first) == "first take"
@@ -258,13 +300,22 @@ async def test_bad_requests_are_4xx_with_a_reason(server: Addressed, fake: FakeU
             else:
                 response = await client.post(f"{server.http}/api/chat", json=sent)
             assert response.status_code == 422, (sent, response.text)
-            assert reason in response.json()["detail"], (sent, response.text)
+            assert response.headers["content-type"].startswith("text/plain"), response.headers
+            assert reason in response.text, (sent, response.text)
+        # A client that asks for JSON gets the sentence as the other routes send it.
+        response = await client.post(
+            f"{server.http}/api/chat", json=body(chat), headers={"Accept": "application/json"}
+        )
+        assert response.status_code == 422
+        assert response.json() == {"detail": "The last message must be the user's new question."}
         # None of it touched the chat: it still answers, and nothing reached the model before.
         assert fake.requests == []
         response = await client.post(f"{server.http}/api/chat", json=body(chat, ("user", "ok")))
         assert response.status_code == 200
         assert streamed_text(response.text) == "You said: ok"
-        assert (await client.post(f"{server.http}/api/chat/{chat_id()}/stop")).status_code == 404
+        missing = chat_id()
+        unknown = await client.post(f"{server.http}/api/chat/{missing}/stop")
+        assert (unknown.status_code, unknown.text) == (404, f"No chat {missing!r}.")
         assert (await client.get(f"{server.http}/api/chat/{chat_id()}/stream")).status_code == 204
         assert (await client.get(f"{server.http}/api/chat/{chat_id()}")).status_code == 404
 
@@ -278,9 +329,10 @@ async def test_tokens_and_quotas_apply(make_settings: SettingsFactory, fake: Fak
     bob = {"Authorization": f"Bearer {token('bob')}"}
     with live_server(settings) as server:
         async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
-            assert (
-                await client.post("/api/chat", json=body(chat, ("user", "hi")))
-            ).status_code == 401
+            signed_out = await client.post("/api/chat", json=body(chat, ("user", "hi")))
+            assert signed_out.status_code == 401
+            assert signed_out.headers["WWW-Authenticate"] == "Bearer"
+            assert signed_out.text == REFUSED
             assert (await client.get(f"/api/chat/{chat}/stream")).status_code == 401
             answered = await client.post(
                 "/api/chat", json=body(chat, ("user", "hi")), headers=alice
@@ -289,7 +341,8 @@ async def test_tokens_and_quotas_apply(make_settings: SettingsFactory, fake: Fak
             assert streamed_text(answered.text) == "You said: hi"
             again = await client.post("/api/chat", json=body(chat, ("user", "more")), headers=alice)
             assert again.status_code == 429
-            assert "Retry-After" in again.headers
+            assert 0 < int(again.headers["Retry-After"]) <= 30
+            assert again.text.startswith("You have asked 1 question per 30 seconds")
             # The same chat id is another chat for another user: Bob cannot see Alice's.
             assert (await client.get(f"/api/chat/{chat}", headers=bob)).status_code == 404
             mine = (await client.get(f"/api/chat/{chat}", headers=alice)).json()
@@ -338,7 +391,7 @@ async def test_a_stream_over_the_connection_quota_is_refused_before_the_model_is
                 await fake.arrived(1)
                 second = await client.post("/api/chat", json=body(chat_id(), ("user", "hi")))
                 assert second.status_code == 429
-                assert "1 connection open" in second.json()["detail"]
+                assert "1 connection open" in second.text
                 resumed = await client.get(f"/api/chat/{first['id']}/stream")
                 assert resumed.status_code == 429
             assert len(fake.requests) == 1

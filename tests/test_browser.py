@@ -21,10 +21,12 @@ from playwright.async_api import (
     Dialog,
     Locator,
     Page,
+    Response,
     async_playwright,
     expect,
 )
 
+from backend.ai_sdk import EMPTY_QUESTION
 from backend.server import free_port
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
@@ -38,7 +40,7 @@ from tests.harness import (
     temp_database,
     wait_hung_up,
 )
-from tests.sdk_driver import browser_bundle
+from tests.sdk_driver import docs_example, example_bundle
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -455,57 +457,114 @@ async def test_a_2023_style_client_works_unchanged(
     assert fake.requests[1].messages[2]["content"] == "Paris is the capital."
 
 
-async def test_a_page_on_the_vercel_ai_sdk_chats_resumes_and_stops(
-    browser: BrowserContext, server: Addressed, fake: FakeUpstream
-) -> None:
-    """The SDK's own `Chat` from its npm bundle, as `useChat` uses it, in a page of its own."""
-    counting = [f"w{i} " for i in range(150)]
-    fake.then(Behaviour(tokens=["Hi", " there."]), Behaviour(tokens=counting, delay=0.02))
-    page_html = (Path(__file__).parent / "fixtures" / "ai_sdk_chat.html").read_text()
-    bundle = browser_bundle()
+# A page with nothing but the docs' React example in it, as `tests/sdk/example_page.tsx` mounts it.
+EXAMPLE_PAGE = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>The docs' AI SDK example</title></head>
+<body><div id="root"></div><script src="/example.js"></script></body>
+</html>
+"""
+
+
+async def serve_example(browser: BrowserContext, server: Addressed, example: str) -> None:
+    """Serve `example`, bundled into its page, at `/example.html` of the server's origin."""
+    bundle = example_bundle(example)
     await browser.route(
-        f"{server.http}/sdk.html*",
-        lambda route: route.fulfill(body=page_html, content_type="text/html"),
+        f"{server.http}/example.html*",
+        lambda route: route.fulfill(body=EXAMPLE_PAGE, content_type="text/html"),
     )
     await browser.route(
-        f"{server.http}/ai-sdk.js",
+        f"{server.http}/example.js",
         lambda route: route.fulfill(body=bundle, content_type="text/javascript"),
     )
+
+
+async def test_the_docs_react_example_chats_resumes_and_stops(
+    browser: BrowserContext, server: Addressed, fake: FakeUpstream
+) -> None:
+    """The docs' React example, as written there, with `useChat` and React from npm."""
+    counting = [f"w{i} " for i in range(150)]
+    full = "".join(counting).strip()
+    fake.then(
+        Behaviour(tokens=["Hi", " there."]),
+        Behaviour(tokens=counting, delay=0.02),
+        Behaviour(tokens=counting, delay=0.02),
+    )
+    await serve_example(browser, server, docs_example())
     page = await browser.new_page()
     page.on("pageerror", lambda error: PAGE_ERRORS.append(f"script error: {error}"))
+    # The status of every question the page sent: a refused one would show here.
+    asked: list[int] = []
+    page.on(
+        "response",
+        lambda got: (
+            asked.append(got.status)
+            if got.request.method == "POST" and got.url == f"{server.http}/api/chat"
+            else None
+        ),
+    )
     chat = f"page-{uuid.uuid4().hex[:8]}"
-    await page.goto(f"{server.http}/sdk.html?chat={chat}")
-    await expect(page.locator("body")).to_have_attribute("data-ready", "yes")
-    replies = page.locator("li.assistant")
-    await page.locator("#question").fill("hello")
-    await page.locator("#question").press("Enter")
-    await expect(replies.last).to_have_text("Hi there.")
-    await expect(replies.last).to_have_attribute("data-status", "completed")
+    bubbles = page.locator("form p")
+    question = page.locator("input[name=q]")
+    send = page.get_by_role("button", name="Send")
+
+    async def ask(text: str) -> None:
+        await expect(send).to_be_visible()
+        await question.fill(text)
+        await question.press("Enter")
+
+    def resumed(response: Response) -> bool:
+        return response.url.endswith(f"/api/chat/{chat}/stream")
+
+    # useChat asks for the reply in flight as it mounts: there is none yet.
+    async with page.expect_response(resumed) as first_look:
+        await page.goto(f"{server.http}/example.html?chat={chat}")
+    assert (await first_look.value).status == 204
+    await ask("hello")
+    await expect(bubbles).to_have_text(["hello", "Hi there."])
     # A reload mid-reply: the page loads the chat and resumes the reply, to its last word.
-    await page.locator("#question").fill("count")
-    await page.locator("#question").press("Enter")
-    await expect(replies.last).to_contain_text("w5 ")
-    await page.reload()
-    await expect(page.locator("li.user")).to_have_text(["hello", "count"])
-    await expect(replies.last).to_have_text("".join(counting).strip(), timeout=UNIT * 5 * 1000)
-    await expect(replies.last).to_have_attribute("data-status", "completed")
+    await ask("count")
+    await expect(bubbles.nth(3)).to_contain_text("w5 ")
+    async with page.expect_response(resumed) as second_look:
+        await page.reload()
+    assert (await second_look.value).status == 200
+    await expect(bubbles).to_have_text(
+        ["hello", "Hi there.", "count", full], timeout=UNIT * 5 * 1000
+    )
     assert fake.requests[1].completed
-    # Stop: the model request is closed at once and the text so far stays.
-    fake.then(Behaviour(tokens=counting, delay=0.02))
-    await page.locator("#question").fill("count again")
-    await page.locator("#question").press("Enter")
-    await expect(replies.nth(2)).to_contain_text("w5 ")
-    await page.locator("#stop").click()
+    # Stop: the model request is closed at once, the text so far stays, and the click sends
+    # nothing else (a Send button in the Stop button's place would submit an empty question).
+    await ask("count again")
+    await expect(bubbles.nth(5)).to_contain_text("w5 ")
+    async with page.expect_response(lambda got: got.url.endswith("/stop")) as stopped:
+        await page.get_by_role("button", name="Stop").click()
+    assert await (await stopped.value).json() == {"stopped": True}
     await wait_hung_up(fake, 2, within=UNIT)
-    await expect(page.locator("#status")).to_have_text("ready")
-    shown = await replies.nth(2).text_content()
+    shown = await bubbles.nth(5).text_content()
     assert shown is not None
     assert "w5" in shown
     assert "w149" not in shown
+    # The next question is answered, and nothing came between the two.
+    await ask("next?")
+    await expect(bubbles).to_have_text(
+        ["hello", "Hi there.", "count", full, "count again", shown, "next?", "You said: next?"]
+    )
+    await expect(page.get_by_role("alert")).to_have_count(0)
+    assert asked == [200] * 4
+    assert [r.messages[-1]["content"] for r in fake.requests] == [
+        "hello",
+        "count",
+        "count again",
+        "next?",
+    ]
     async with httpx.AsyncClient(timeout=UNIT) as client:
-        stored = (await client.get(f"{server.http}/api/chat/{chat}")).json()["messages"][-1]
-    assert stored["metadata"]["status"] == "interrupted"
-    assert stored["parts"][0]["text"].startswith(shown)
+        stored = (await client.get(f"{server.http}/api/chat/{chat}")).json()["messages"]
+    assert stored[5]["metadata"]["status"] == "interrupted"
+    assert stored[5]["parts"][0]["text"].startswith(shown)
+    # A refused question: the example shows the server's sentence as it is.
+    await ask(" ")
+    await expect(page.get_by_role("alert")).to_have_text(EMPTY_QUESTION)
+    assert len(fake.requests) == 4
 
 
 async def test_signing_in_with_a_token(

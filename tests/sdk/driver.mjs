@@ -1,6 +1,7 @@
-// Drives chats made with the real Vercel AI SDK (`ai`, as pinned in frontend/package.json)
-// against the chat server, for the tests: one JSON command per line on stdin, one JSON answer
-// per line on stdout.
+// Drives chats made with the real Vercel AI SDK against the chat server, for the tests: one
+// JSON command per line on stdin, one JSON answer per line on stdout. The SDK is the package
+// named by the first argument, as pinned in frontend/package.json: `ai` (the current major)
+// or an alias of an earlier major, such as `ai6`.
 //
 //   {"op": "new", "chat": NAME, "id": CHAT_ID, "api": URL, "headers": {...}}
 //   {"op": "send", "chat": NAME, "text": TEXT, "wait": BOOL}   sendMessage
@@ -13,13 +14,16 @@
 //   {"op": "state", "chat": NAME}                               status, error, messages
 //
 // Every answer carries the chat's state: {"status", "error", "messages", "data"}.
+import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
-import { pathToFileURL } from "node:url";
 import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 
+// Found through the package's own `exports`, as a bundler would: majors lay out `dist` apart.
 const here = dirname(fileURLToPath(import.meta.url));
-const sdk = join(here, "..", "..", "frontend", "node_modules", "ai", "dist", "index.mjs");
+const root = join(here, "..", "..", "frontend", "node_modules", process.argv[2] ?? "ai");
+const manifest = JSON.parse(readFileSync(join(root, "package.json"), "utf8"));
+const sdk = join(root, manifest.exports["."].import);
 const { AbstractChat, DefaultChatTransport } = await import(pathToFileURL(sdk).href);
 
 class State {
