@@ -205,12 +205,12 @@ def question_of(chat: ChatRequest, max_chars: int) -> str:
     if last.role != "user":
         raise unprocessable("The last message must be the user's new question.")
     text = "".join(part.text or "" for part in last.parts if part.type == "text")
-    try:
-        return check_question(text, max_chars)
-    except ChatError as error:
     if not text.strip():
         # Said without the socket's advice on how to frame a question: an app shows it as is.
         raise unprocessable(EMPTY_QUESTION)
+    try:
+        return check_question(text, max_chars)
+    except ChatError as error:
         raise unprocessable(error.message) from error
 
 
