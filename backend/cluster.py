@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,13 @@ CONTROL_PATTERN = "chat:control:*"
 # a request waits for one before it fails.
 REDIS_CONNECTIONS = 32
 REDIS_WAIT_S = 5.0
+# A command whose connection broke is sent again this many times, on a fresh connection,
+# after a short wait: a connection that died with a Redis that restarted (or was cut) costs
+# no request, and a Redis that stays down still fails one within a fraction of a second, so
+# clients hear `unavailable` at once.
+REDIS_RETRIES = 2
+REDIS_RETRY_BASE_S = 0.02
+REDIS_RETRY_CAP_S = 0.2
 
 # Renew or release a lease only if this worker still holds it.
 RENEW = """
@@ -69,6 +79,21 @@ Entry = tuple[int, str, dict[str, str]]  # seq, frame JSON, other fields
 ControlHandler = Callable[[str, str], Awaitable[None]]
 
 
+def redis_options() -> dict[str, Any]:
+    """What every Redis client of a worker (leases and frames, the tail, the rate limits) is
+    opened with, so that each is whole again as soon as Redis is back."""
+    return {
+        "retry": Retry(
+            ExponentialWithJitterBackoff(base=REDIS_RETRY_BASE_S, cap=REDIS_RETRY_CAP_S),
+            REDIS_RETRIES,
+        ),
+        # redis-py's default ("auto") turns off the pool's check, as it hands a connection
+        # out, that the server has not closed it: every connection that outlived a Redis
+        # restart would fail the next request made on it.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+
+
 def entry_of(raw: tuple[str, dict[str, str]]) -> Entry:
     entry_id, fields = raw
     return int(entry_id.split("-", 1)[0]), fields["f"], fields
@@ -94,6 +119,7 @@ class Cluster:
             timeout=REDIS_WAIT_S,
             decode_responses=True,
             health_check_interval=5,
+            **redis_options(),
         )
         self.redis = redis.Redis.from_pool(pool)
         self._handlers: list[ControlHandler] = []

@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as redis
 from fastapi import HTTPException, status
@@ -25,7 +26,7 @@ from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimite
 from starlette.datastructures import Address
 
 from backend.auth import Principal
-from backend.cluster import SHARED_STATE_ERRORS
+from backend.cluster import SHARED_STATE_ERRORS, redis_options
 from backend.config import Settings
 from backend.errors import ChatError
 from backend.metrics import Limit, Metrics
@@ -158,8 +159,11 @@ class Quotas:
         )
         url = settings.chat_redis_url
         self.remote = url is not None  # the counts are in Redis, a round trip away
+        # The rates' own connections to Redis, opened like the cluster's (and closed with us).
+        self._rates_pool = redis.ConnectionPool.from_url(url, **redis_options()) if url else None
+        pool: dict[str, Any] = {"connection_pool": self._rates_pool}
         storage: Storage = (
-            RedisStorage(f"async+{url}", implementation="redispy", key_prefix="chat:limits")
+            RedisStorage(f"async+{url}", implementation="redispy", key_prefix="chat:limits", **pool)
             if url
             else MemoryRates()
         )
@@ -176,6 +180,8 @@ class Quotas:
     async def close(self) -> None:
         await asyncio.gather(*self._counting, return_exceptions=True)
         await self.slots.close()
+        if self._rates_pool is not None:
+            await self._rates_pool.aclose()
 
     # Replies.
 

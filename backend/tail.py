@@ -16,7 +16,14 @@ from typing import Any, cast
 
 import redis.asyncio as redis
 
-from backend.cluster import SHARED_STATE_ERRORS, STREAM_TTL_S, Cluster, Entry, entry_of
+from backend.cluster import (
+    SHARED_STATE_ERRORS,
+    STREAM_TTL_S,
+    Cluster,
+    Entry,
+    entry_of,
+    redis_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ class Tail:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         # A connection of its own: a blocking read holds it.
-        self.redis = redis.Redis.from_url(cluster.url, decode_responses=True)
+        self.redis = redis.Redis.from_url(cluster.url, decode_responses=True, **redis_options())
         self.wake_key = f"chat:wake:{cluster.worker}"
         self._positions: dict[str, int] = {}
         self._handlers: dict[str, Handler] = {}

@@ -1,0 +1,157 @@
+"""Redis and PostgreSQL going away and coming back under a deployment (nginx, two workers):
+what clients that stayed, and clients that come after, get."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+
+from backend.cluster import Cluster
+from backend.metrics import Metrics
+from backend.quotas import Quotas
+from backend.tail import Tail
+from deploy.services import Deployment, Postgres, Redis
+from fakes.openai_server import FakeUpstream
+from tests.conftest import deployment_env, fake_settings
+from tests.harness import UNIT, Frame, ask, connect, conversation_of, text_of, until_end
+
+
+class Outage:
+    """A deployment with a Redis of its own, to stop and start without disturbing the others."""
+
+    def __init__(self, fake: FakeUpstream, postgres: Postgres) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="chat-outage-"))
+        self.redis = Redis()
+        self.redis.start()
+        env = deployment_env(fake, postgres, self.redis)
+        # Quotas on, so the rate limiter's connections to Redis are in the way of every question.
+        env.update(CHAT_QUOTA_QUESTIONS="100000/minute", CHAT_QUOTA_REPLIES="1000")
+        self.deployment = Deployment(2, env, self.folder).start()
+
+    def log(self) -> str:
+        """What the workers have logged so far."""
+        return "".join(worker.log.read_text() for worker in self.deployment.workers if worker.log)
+
+    def restart_redis(self) -> None:
+        """Stop Redis (its data goes with it) and start it again on the same port."""
+        self.redis.stop()
+        self.redis.start()
+
+    def remove(self) -> None:
+        self.deployment.remove()
+        self.redis.remove()
+
+
+@pytest.fixture
+def lone_redis() -> Iterator[Redis]:
+    """A Redis for one test, to stop and start."""
+    server = Redis()
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="module")
+def outage(upstream_server: FakeUpstream, postgres: Postgres) -> Iterator[Outage]:
+    made = Outage(upstream_server, postgres)
+    yield made
+    made.remove()
+
+
+async def asked_once(ws: ClientConnection, question: str) -> list[Frame]:
+    """The frames of one question: its reply, or the error that refused it."""
+    await ws.send(json.dumps({"type": "question", "message": question}))
+    frames: list[Frame] = []
+    async with asyncio.timeout(UNIT * 5):
+        while not frames or frames[-1]["type"] not in ("end", "error"):
+            frames.append(json.loads(await ws.recv()))
+    return frames
+
+
+async def new_client_asks(url: str, question: str) -> tuple[str, list[Frame]]:
+    """A new socket asks one question: its conversation, and the frames of the question."""
+    async with connect(url) as ws:
+        return conversation_of(ws), await asked_once(ws, question)
+
+
+async def client_rejoins_and_asks(url: str, conversation: str, question: str) -> list[Frame]:
+    """A new socket joins a conversation of one turn, then asks: the frames of both."""
+    async with connect(f"{url}?conversation={conversation}") as ws:
+        history = await until_end(ws)
+        return history + await asked_once(ws, question)
+
+
+async def test_every_new_client_is_served_right_after_a_redis_restart(
+    outage: Outage, fake: FakeUpstream
+) -> None:
+    workers = outage.deployment.workers
+    # Busy first, so every pool of both workers holds connections to the Redis that goes.
+    async with asyncio.TaskGroup() as group:
+        warm = [
+            group.create_task(new_client_asks(workers[n % 2].ws, f"warm {n}")) for n in range(40)
+        ]
+    async with connect(workers[0].ws) as stayed:
+        assert (await ask(stayed, "before"))[-1]["status"] == "completed"
+        await asyncio.to_thread(outage.restart_redis)
+        # Right away: 30 new conversations, and 10 earlier ones joined on the other worker.
+        async with asyncio.TaskGroup() as group:
+            fresh = [
+                group.create_task(new_client_asks(workers[n % 2].ws, f"after {n}"))
+                for n in range(30)
+            ]
+            rejoined = [
+                group.create_task(
+                    client_rejoins_and_asks(workers[(n + 1) % 2].ws, warm[n].result()[0], "more")
+                )
+                for n in range(10)
+            ]
+        answers = [task.result()[1] for task in fresh] + [task.result() for task in rejoined]
+        assert [frames[-1] for frames in answers if frames[-1]["type"] != "end"] == []
+        for n, asked in enumerate(fresh):
+            assert asked.result()[1][-1]["status"] == "completed"
+            assert text_of(asked.result()[1]) == f"You said: after {n}"
+        for n, joined in enumerate(rejoined):
+            assert text_of(joined.result()) == f"You said: warm {n}You said: more"
+            assert joined.result()[-1]["status"] == "completed"
+        for question in ("still here?", "and again?"):
+            frames = await asked_once(stayed, question)
+            assert frames[-1].get("status") == "completed", frames[-1]
+            assert text_of(frames) == f"You said: {question}"
+
+
+async def test_no_pooled_connection_that_outlived_a_redis_restart_fails_a_request(
+    lone_redis: Redis, fake: FakeUpstream
+) -> None:
+    """Each of a worker's Redis clients (leases and frames, the tail's reader, the rate
+    limits) serves at once, and on every connection it had, once Redis is back."""
+    settings = fake_settings(
+        fake, chat_redis_url=lone_redis.url, chat_quota_questions="1000/second"
+    )
+    cluster = Cluster(lone_redis.url)
+    tail = Tail(cluster)
+    quotas = Quotas(settings, cluster.redis, Metrics())
+    busy = 20
+
+    async def use_every_pool() -> None:
+        # Requests sent together, so that each pool opens a connection for every one of them.
+        await asyncio.gather(
+            *(cluster.redis.blpop([f"nothing:{n}"], timeout=0.05) for n in range(busy)),
+            *(tail.redis.blpop([f"nothing:{n}"], timeout=0.05) for n in range(busy)),
+            *(quotas.check(f"user:{n}") for n in range(busy)),
+        )
+
+    try:
+        await use_every_pool()
+        await asyncio.to_thread(lone_redis.stop)
+        await asyncio.to_thread(lone_redis.start)
+        await use_every_pool()
+    finally:
+        await quotas.close()
+        await tail.redis.aclose()
+        await cluster.redis.aclose()
