@@ -78,9 +78,11 @@ bench: install
 	$(PY) -m bench.sdk
 	$(PY) -m bench.local
 
-# Rewrite schemas/*.schema.json from the models in schemas/frames.py.
+# Rewrite schemas/*.schema.json from the models in schemas/, and README's settings table from
+# backend/config.py.
 schemas: install
 	$(PY) -m schemas.export
+	$(PY) -m backend.settings_table
 
 # Remove the virtualenv and caches.
 clean:

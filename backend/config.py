@@ -33,62 +33,172 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    openai_api_key: SecretStr | None = None
-    openai_base_url: str | None = None
-    chat_model: str = "gpt-4o-mini"
-    # Unset: 0.7, or 0.2 for the embedded model, which wanders at higher temperatures.
-    chat_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    chat_system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # Tokens of earlier turns sent with each question; oldest turns go first.
-    chat_history_tokens: int = Field(default=3000, ge=0)
-    chat_max_question_chars: int = Field(default=16_000, ge=1)
-    chat_max_frame_bytes: int = Field(default=64 * 1024, ge=1024)
-    # Seconds to wait on the model server: to connect, and between two chunks of a reply.
-    chat_timeout: float = Field(default=60.0, gt=0)
-    # Seconds before the single retry of a request that failed before its first token.
-    chat_retry_delay: float = Field(default=0.25, ge=0)
-    chat_allowed_origins: Annotated[list[str], NoDecode] = []
-    # Longest reply, in tokens; unset means the model server's own limit (local mode: 512).
-    chat_max_reply_tokens: int | None = Field(default=None, ge=1)
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="API key; alone, it selects OpenAI"
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        description="base URL of any OpenAI-compatible server, e.g. `http://127.0.0.1:8080/v1` "
+        "(a key is then optional)",
+    )
+    chat_model: str = Field(
+        default="gpt-4o-mini",
+        description="model name sent to OpenAI or `OPENAI_BASE_URL` (the embedded model is "
+        "named after its file)",
+    )
+    chat_temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=2.0,
+        description="sampling temperature, 0 to 2; the small embedded model wanders at higher ones",
+        json_schema_extra={"shown_default": "`0.7` (embedded model: `0.2`)"},
+    )
+    chat_system_prompt: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        description="the system message of every request",
+        json_schema_extra={"shown_default": "a short helpful-assistant prompt"},
+    )
+    chat_history_tokens: int = Field(
+        default=3000,
+        ge=0,
+        description="tokens of earlier turns kept per conversation; the oldest turns are "
+        "dropped first",
+    )
+    chat_max_reply_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="longest reply, in tokens",
+        json_schema_extra={"shown_default": "server's limit (embedded: `512`)"},
+    )
+    chat_max_question_chars: int = Field(
+        default=16_000, ge=1, description="longest question accepted"
+    )
+    chat_max_frame_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="largest WebSocket frame accepted; frames over 4 times this close the "
+        "socket (1009)",
+    )
+    chat_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds to wait for the model server to connect, or between two pieces "
+        "of a reply",
+    )
+    chat_retry_delay: float = Field(
+        default=0.25,
+        ge=0,
+        description="seconds before the one retry of a request that failed before its first token",
+    )
+    chat_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="comma-separated browser origins allowed besides the server's own, e.g. "
+        "`https://app.example.com`",
+    )
+    chat_database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        description="where conversations are stored (SQLite or PostgreSQL): any SQLAlchemy "
+        "async URL",
+        json_schema_extra={"shown_default": "`sqlite+aiosqlite:///…/data/chat.db`"},
+    )
+    chat_log_format: LogFormat = Field(
+        default="text",
+        description="`json`: one JSON object per log line (time, level, logger, message, and "
+        "the `conversation` and `reply` ids on every line of a reply); request lines never "
+        "show query strings, so questions sent as `?prompt=` stay out of the log",
+    )
 
-    # Where conversations are stored: any SQLAlchemy async URL (SQLite or PostgreSQL).
-    chat_database_url: str = DEFAULT_DATABASE_URL
-    # Redis shared by every worker of a deployment (live frames, leases); unset: one process.
-    chat_redis_url: str | None = None
-    # Seconds a reply goes on after its last client left, so a reconnecting client finds it;
-    # 0 stops it at once.
-    chat_resume_grace: float = Field(default=30.0, ge=0)
-    # Seconds replies in flight get to finish when the server is asked to stop.
-    chat_shutdown_grace: float = Field(default=10.0, ge=0)
-    # Log lines as readable text, or one JSON object per line (for log collectors).
-    chat_log_format: LogFormat = "text"
+    chat_auth: Literal["none", "token"] = Field(
+        default="none",
+        description="`token`: every request needs a bearer token (JWT or API key); see "
+        "[docs/protocol.md](docs/protocol.md#who-is-asking-chat_authtoken). `none` refuses to "
+        "serve a non-loopback address",
+    )
+    chat_allow_anonymous: bool = Field(
+        default=False,
+        description="`1`: serve a non-loopback address with `CHAT_AUTH=none` anyway "
+        "(something else guards it)",
+        json_schema_extra={"shown_default": "—"},
+    )
+    chat_jwt_secret: SecretStr | None = Field(
+        default=None, description="HS256 secret of the JWTs your sign-in service issues"
+    )
+    chat_jwks_url: str | None = Field(
+        default=None, description="your identity provider's JWKS URL, for RS256/ES256 JWTs"
+    )
+    chat_jwt_audience: str | None = Field(
+        default=None, description="when set, JWTs must carry this `aud`"
+    )
+    chat_jwt_issuer: str | None = Field(
+        default=None, description="when set, JWTs must carry this `iss`"
+    )
+    chat_api_keys: SecretStr | None = Field(
+        default=None,
+        description="static keys for scripts: `USER:KEY,USER:KEY`; their users are `key:USER`",
+    )
 
-    # Who may chat: everyone as one anonymous user, or bearer tokens (see backend/auth.py).
-    chat_auth: Literal["none", "token"] = "none"
-    # Serve anonymously on a non-loopback address anyway (another layer guards the port).
-    chat_allow_anonymous: bool = False
-    chat_jwt_secret: SecretStr | None = None  # HS256
-    chat_jwks_url: str | None = None  # RS256 / ES256, keys published by an identity provider
-    chat_jwt_audience: str | None = None
-    chat_jwt_issuer: str | None = None
-    # Static keys for scripts: comma-separated USER:KEY pairs.
-    chat_api_keys: SecretStr | None = None
+    # Quotas in the `limits` notation: "20/minute", "200000/day", "5 per 10 seconds".
+    chat_quota_questions: str | None = Field(
+        default=None,
+        description="per user (per address without auth): questions and regenerations per "
+        "window, e.g. `20/minute`, `5 per 10 seconds`",
+    )
+    chat_quota_tokens: str | None = Field(
+        default=None,
+        description="per user: model tokens (prompt and reply) per window, e.g. `200000/day`",
+    )
+    chat_quota_replies: int | None = Field(
+        default=None, ge=1, description="per user: replies being written at once"
+    )
+    chat_quota_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="per user: open sockets and `/sse?conversation=` streams",
+    )
+    chat_metrics_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token `GET /metrics` needs; unset, it is served to this machine's "
+        "clients only",
+    )
 
-    # Quotas, per user (per client address when CHAT_AUTH=none); unset means unlimited.
-    # Rates in the `limits` notation: "20/minute", "200000/day", "5 per 10 seconds".
-    chat_quota_questions: str | None = None  # questions (and regenerations) asked
-    chat_quota_tokens: str | None = None  # model tokens, prompt and reply, spent
-    chat_quota_replies: int | None = Field(default=None, ge=1)  # replies running at once
-    chat_quota_connections: int | None = Field(default=None, ge=1)  # open sockets and streams
-
-    # `GET /metrics` needs this bearer token; unset, it is served to loopback clients only.
-    chat_metrics_token: SecretStr | None = None
+    chat_redis_url: str | None = Field(
+        default=None,
+        description="Redis shared by the workers of a scaled-out deployment; unset, one "
+        "process serves alone",
+    )
+    chat_resume_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds a reply goes on after its last client left, so a reconnecting "
+        "client finds it; `0` stops it at once",
+    )
+    chat_shutdown_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds replies in flight get to finish when the server is stopped "
+        "(SIGTERM, Ctrl-C)",
+    )
 
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
-    local_model_path: str | None = None  # any GGUF file; default: the bundled SmolLM2-135M
-    local_model_context: int = Field(default=2048, ge=256)
-    local_model_threads: int = Field(default=2, ge=1)
-    local_model_start_timeout: float = Field(default=120.0, gt=0)
+    local_model_path: str | None = Field(
+        default=None,
+        description="a GGUF file for the embedded model",
+        json_schema_extra={"shown_default": "the bundled SmolLM2-135M"},
+    )
+    local_model_context: int = Field(
+        default=2048,
+        ge=256,
+        description="the embedded model's context, in tokens; history is fitted into it with "
+        "the model's own tokenizer, leaving room for the reply",
+    )
+    local_model_threads: int = Field(
+        default=2, ge=1, description="CPU threads for the embedded model"
+    )
+    local_model_start_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds a question waits for the embedded model to start",
+    )
 
     @field_validator("chat_allowed_origins", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from backend import settings_table
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render
@@ -78,3 +79,8 @@ def test_schema_rejects_unknown_client_type() -> None:
     schema = json.loads((SCHEMA_DIR / "client_message.schema.json").read_text())
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"type": "dance"}, schema)
+
+
+def test_readme_settings_table_is_current() -> None:
+    readme = settings_table.README.read_text()
+    assert readme == settings_table.rewritten(readme), "README's settings table: `make schemas`"
