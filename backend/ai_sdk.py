@@ -181,6 +181,9 @@ async def chat_request(request: Request) -> ChatRequest:
         body: Any = json.loads(await request.body())
     except ValueError as exc:
         raise unprocessable("The body must be JSON, as DefaultChatTransport sends.") from exc
+    except RecursionError as exc:
+        # json's own guard: a body of a few kilobytes can nest deeper than the parser may go.
+        raise unprocessable("The body's JSON nests too deeply to be a chat request.") from exc
     try:
         return ChatRequest.model_validate(body)
     except ValidationError as exc:
