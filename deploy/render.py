@@ -17,7 +17,7 @@ def render(listen: str, state: str, workers: list[str]) -> str:
     values = {
         "LISTEN": listen,
         "STATE": state,
-        "WORKERS": "\n        ".join(f"server {worker};" for worker in workers),
+        "WORKERS": "\n        ".join(f"server {worker} max_fails=0;" for worker in workers),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():

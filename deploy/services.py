@@ -23,6 +23,8 @@ from deploy.render import render
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 UNPRIVILEGED = "nobody"
+# Seconds a service may take to come up: generous, since a loaded machine starts slowly.
+START_WITHIN = 60.0
 
 
 def as_unprivileged(command: list[str]) -> list[str]:
@@ -32,18 +34,35 @@ def as_unprivileged(command: list[str]) -> list[str]:
     return ["runuser", "-u", UNPRIVILEGED, "--", *command]
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], within: float = 20.0) -> None:
-    """Return once something accepts connections on `port`; fail if `process` died."""
+def see_log(log: Path | None) -> str:
+    """Where to read what a process said, for the end of an error message."""
+    return f"; its log: {log}" if log is not None else ""
+
+
+def wait_listening(
+    port: int,
+    process: subprocess.Popen[bytes],
+    within: float = START_WITHIN,
+    name: str = "the server",
+    log: Path | None = None,
+) -> None:
+    """Return once something accepts connections on `port`; fail, naming `name` and its `log`,
+    if `process` exits first or `within` seconds pass."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+            raise RuntimeError(
+                f"{name} (port {port}) exited with code {process.returncode} before accepting "
+                f"connections{see_log(log)}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {within} s")
+    raise RuntimeError(
+        f"{name} (port {port}) did not accept connections within {within:g} s{see_log(log)}"
+    )
 
 
 class Addressed:
@@ -102,7 +121,7 @@ class Service:
 
     unprivileged = True
     stop_signal = signal.SIGTERM
-    start_within = 20.0  # seconds until it must accept connections
+    start_within = START_WITHIN  # seconds until it must accept connections
 
     def __init__(self, name: str, folder: Path | None = None, port: int = 0) -> None:
         self.name = name
@@ -139,7 +158,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_listening(self.port, self.process, self.start_within)
+        wait_listening(self.port, self.process, self.start_within, self.name, self.log)
 
     def stop(self) -> None:
         """Stop the server and wait for it; its data stays until `remove`."""
@@ -255,10 +274,18 @@ class Nginx(Service):
 class Worker(Addressed):
     """`python -m backend` as one worker of a deployment; its output goes to `log`, if given."""
 
-    def __init__(self, env: dict[str, str], log: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path | None = None,
+        name: str = "the worker",
+        start_within: float = START_WITHIN,
+    ) -> None:
         self.port = free_port()
         self.env = env
         self.log = log
+        self.name = name
+        self.start_within = start_within
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -270,11 +297,14 @@ class Worker(Addressed):
         environment = {**environment_without_settings(), **self.env}
         output = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
         try:
+            # A session of its own: a terminal's Ctrl-C goes to whoever started the worker,
+            # which stops it with SIGTERM (a drain), not to the worker as an interrupt.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "backend", "--port", str(self.port)],
                 env=environment,
                 stdout=output,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             if not isinstance(output, int):
@@ -282,7 +312,7 @@ class Worker(Addressed):
 
     def wait_ready(self) -> None:
         assert self.process is not None
-        wait_healthy(self.http, self.process)
+        wait_healthy(self.http, self.process, self.start_within, self.name, self.log)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown at all."""
@@ -290,19 +320,32 @@ class Worker(Addressed):
             self.process.kill()
             self.process.wait()
 
-    def terminate(self) -> None:
-        """SIGTERM: drain, then exit."""
+    def terminate(self, within: float = 30.0) -> None:
+        """SIGTERM: drain, then exit; SIGKILL if it has not within `within` seconds."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(30)
+            try:
+                self.process.wait(within)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
-def wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 20.0) -> None:
-    """Return once `base`/healthz answers 200."""
+def wait_healthy(
+    base: str,
+    process: subprocess.Popen[bytes],
+    within: float = START_WITHIN,
+    name: str = "the worker",
+    log: Path | None = None,
+) -> None:
+    """Return once `base`/healthz answers 200; fail, naming `name` and its `log`, if `process`
+    exits first or `within` seconds pass."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the worker exited with {process.returncode}")
+            raise RuntimeError(
+                f"{name} ({base}) exited with code {process.returncode} before answering "
+                f"/healthz{see_log(log)}"
+            )
         try:
             with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:
                 if response.status == 200:
@@ -310,7 +353,7 @@ def wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 20
         except OSError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{base} never became healthy")
+    raise RuntimeError(f"{name} ({base}) did not answer /healthz within {within:g} s{see_log(log)}")
 
 
 class Deployment(Addressed):
@@ -318,16 +361,28 @@ class Deployment(Addressed):
     the deployment the README describes, on loopback ports."""
 
     def __init__(
-        self, workers: int, env: dict[str, str], folder: Path | None = None, port: int = 0
+        self,
+        workers: int,
+        env: dict[str, str],
+        folder: Path | None = None,
+        port: int = 0,
+        start_within: float = START_WITHIN,
     ) -> None:
         self.workers = [
-            Worker(env, folder / f"worker-{n}.log" if folder is not None else None)
+            Worker(
+                env,
+                folder / f"worker-{n}.log" if folder is not None else None,
+                f"worker {n}",
+                start_within,
+            )
             for n in range(1, workers + 1)
         ]
         self.nginx = Nginx([worker.port for worker in self.workers], folder, port)
+        self.nginx.start_within = start_within
         self.port = self.nginx.port
 
     def start(self) -> Deployment:
+        """Start the workers, and nginx once they all answer; on failure, stop them all."""
         try:
             for worker in self.workers:
                 worker.launch()
@@ -335,7 +390,10 @@ class Deployment(Addressed):
                 worker.wait_ready()
             self.nginx.start()
         except BaseException:
-            self.stop()
+            # Nothing was served yet: no drain to wait for, and a hung worker would not drain.
+            self.nginx.stop()
+            for worker in self.workers:
+                worker.kill()
             raise
         return self
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -94,26 +95,45 @@ async def test_several_workers_need_redis_and_a_shared_database(fake: FakeUpstre
 
 
 class Recipe:
-    """What `python -m deploy.local` printed: the proxy's URL and each worker's pid and URL."""
+    """What `python -m deploy.local` printed: the proxy's URL, each worker's pid and URL, and
+    PostgreSQL's and Redis's ports; `line()` reads what it prints next."""
 
-    def __init__(self, lines: list[str]) -> None:
+    def __init__(self, lines: list[str], process: asyncio.subprocess.Process) -> None:
         self.url = re.search(r"Chat at (http://\S+?)/? ", lines[0])[1]  # type: ignore[index]
         self.workers = [
             (int(match[1]), match[2])
             for line in lines
             if (match := re.match(r"worker \d+: pid (\d+), (http://\S+)", line))
         ]
+        self.ports = [
+            int(match[1])
+            for line in lines
+            if (match := re.match(r"(?:PostgreSQL|Redis): \S+127\.0\.0\.1:(\d+)/", line))
+        ]
+        self.process = process
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        line = (await self.process.stdout.readline()).decode()
+        assert line, "deploy.local exited"
+        return line.strip()
 
     @staticmethod
     def ws(http: str) -> str:
         return http.replace("http://", "ws://") + "/chat"
 
 
-@asynccontextmanager
-async def recipe(fake: FakeUpstream, data: Path) -> AsyncIterator[Recipe]:
-    """`python -m deploy.local` with two workers on the fake model, until the block ends."""
+def recipe_env(fake: FakeUpstream) -> dict[str, str]:
+    """The environment `python -m deploy.local` runs in: the fake model, no other settings."""
     env = environment_without_settings()
     env.update(OPENAI_BASE_URL=fake.url, CHAT_MODEL="fake-model", CHAT_TIMEOUT="3")
+    return env
+
+
+@asynccontextmanager
+async def recipe(fake: FakeUpstream, data: Path) -> AsyncIterator[Recipe]:
+    """`python -m deploy.local` with two workers on the fake model, until the block ends; then
+    Ctrl-C, as a terminal sends it: SIGINT to the command's whole process group."""
     async with python_process(
         "-m",
         "deploy.local",
@@ -121,9 +141,10 @@ async def recipe(fake: FakeUpstream, data: Path) -> AsyncIterator[Recipe]:
         str(free_port()),
         "--data",
         str(data),
-        env=env,
+        env=recipe_env(fake),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
     ) as process:
         assert process.stdout is not None
         lines: list[str] = []
@@ -133,9 +154,9 @@ async def recipe(fake: FakeUpstream, data: Path) -> AsyncIterator[Recipe]:
                 assert line, f"deploy.local exited: {lines}"
                 lines.append(line.strip())
         try:
-            yield Recipe(lines)
+            yield Recipe(lines, process)
         finally:
-            process.send_signal(signal.SIGINT)
+            os.killpg(process.pid, signal.SIGINT)
             async with asyncio.timeout(UNIT * 15):
                 assert await process.wait() == 0
 
@@ -188,3 +209,104 @@ async def test_the_recipe_survives_kill_9_of_the_worker_streaming(
         assert stored["messages"][1]["text"] == text_of(seen)
     for pid, _ in deployed.workers:
         assert not alive(pid)
+
+
+def worker_logs(data: Path) -> list[str]:
+    """What the recipe's workers wrote to their logs."""
+    return [log.read_text() for log in sorted(data.glob("*/worker-*.log"))]
+
+
+def refused(port: int) -> bool:
+    """Whether nothing listens on loopback `port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=UNIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_ctrl_c_stops_the_recipe_quietly(fake: FakeUpstream, recipe_data: Path) -> None:
+    async with recipe(fake, recipe_data) as deployed, connect(Recipe.ws(deployed.url)) as ws:
+        await ws.send("hello")
+        assert (await until_end(ws))[-1]["status"] == "completed"
+    for pid, _ in deployed.workers:
+        assert not alive(pid)
+    assert len(deployed.ports) == 2
+    for port in (int(deployed.url.rsplit(":", 1)[1]), *deployed.ports):
+        assert refused(port)
+    logs = worker_logs(recipe_data)
+    assert len(logs) == 2
+    for said in logs:
+        assert "Traceback" not in said, said
+        assert "KeyboardInterrupt" not in said, said
+
+
+async def test_the_recipe_starts_a_killed_worker_again(
+    fake: FakeUpstream, recipe_data: Path
+) -> None:
+    async with recipe(fake, recipe_data) as deployed:
+        (killed, url), _ = deployed.workers
+        os.kill(killed, signal.SIGKILL)
+        async with asyncio.timeout(UNIT * 5):
+            said = await deployed.line()
+            again = await deployed.line()
+        assert said.startswith(f"worker 1 (pid {killed}) exited with code -9; starting it again")
+        match = re.fullmatch(r"worker 1: pid (\d+), (http://\S+)", again)
+        assert match is not None, again
+        replacement = int(match[1])
+        assert replacement != killed
+        assert match[2] == url  # on its port: nginx's list of workers stays right
+        await healthy(url)
+        async with connect(Recipe.ws(url)) as ws:
+            await ws.send("back?")
+            assert (await until_end(ws))[-1]["status"] == "completed"
+    assert not alive(replacement)
+
+
+def started_worker(parent: int) -> int | None:
+    """The pid of a `python -m backend` child of `parent`, once it runs."""
+    for pid in children(parent):
+        try:
+            if b"-m\0backend\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except FileNotFoundError:
+            pass
+    return None
+
+
+async def test_the_recipe_names_the_worker_that_does_not_come_up(
+    fake: FakeUpstream, recipe_data: Path
+) -> None:
+    within = UNIT * 2
+    async with python_process(
+        "-m",
+        "deploy.local",
+        "--workers",
+        "1",
+        "--port",
+        str(free_port()),
+        "--data",
+        str(recipe_data),
+        "--start-timeout",
+        f"{within:g}",
+        env=recipe_env(fake),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    ) as process:
+        # Freeze the worker as it starts, as a machine too loaded to run it would.
+        async with asyncio.timeout(60):
+            while (worker := started_worker(process.pid)) is None:
+                assert process.returncode is None, "deploy.local exited"
+                await asyncio.sleep(0.01)
+        os.kill(worker, signal.SIGSTOP)
+        async with asyncio.timeout(within + UNIT * 10):
+            _, err = await process.communicate()
+    log = recipe_data / "nginx" / "worker-1.log"
+    assert re.fullmatch(
+        rf"python -m deploy.local: worker 1 \(http://127\.0\.0\.1:\d+\) did not answer "
+        rf"/healthz within {within:g} s; its log: {re.escape(str(log))}\n",
+        err.decode(),
+    ), err.decode()
+    assert process.returncode == 1
+    await wait_gone(worker)
