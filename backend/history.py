@@ -46,11 +46,6 @@ class History:
         """A copy, so a reply in flight is not affected by later changes."""
         return list(self._messages)
 
-    def add_turn(self, question: str, answer: str) -> None:
-        """Record a question and the answer the user saw, then drop the oldest turns over budget."""
-        self._messages += [HumanMessage(question), AIMessage(answer)]
-        self._messages = self.fit(self.max_tokens, self._count)
-
     def fit(self, max_tokens: int, count: TokenCounter) -> list[BaseMessage]:
         """The newest whole turns that fit in `max_tokens` as `count` counts them."""
         if max_tokens <= 0:
@@ -63,10 +58,3 @@ class History:
             start_on="human",
             allow_partial=False,
         )
-
-    def clear(self) -> None:
-        """Forget every turn."""
-        self._messages = []
-
-    def __len__(self) -> int:
-        return len(self._messages)
