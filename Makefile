@@ -41,10 +41,13 @@ $(STAMP): requirements.txt requirements-model.txt
 run: install
 	$(PY) -m backend --host $(HOST) --port $(PORT)
 
-# nginx in front of WORKERS workers on Redis and PostgreSQL, on this machine (see README).
+# nginx in front of WORKERS workers on Redis and PostgreSQL, on this machine (see README);
+# each service gets START_TIMEOUT seconds to come up.
 WORKERS ?= 2
+START_TIMEOUT ?= 60
 deploy: install test-deps
-	$(PY) -m deploy.local --workers $(WORKERS) --port $(if $(filter command line,$(origin PORT)),$(PORT),8080)
+	$(PY) -m deploy.local --workers $(WORKERS) --start-timeout $(START_TIMEOUT) \
+		--port $(if $(filter command line,$(origin PORT)),$(PORT),8080)
 
 # Run the whole test suite (browser tests included).
 test: install test-deps
