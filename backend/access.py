@@ -1,5 +1,8 @@
-"""The one gate every route and socket passes: a page of this site (or none), or HTTP 403; who
-the caller is, or HTTP 401.
+"""The one gate every route and socket passes, in one order: a page of this site (or none),
+a server that is not draining, a known caller, and a free connection slot.
+
+Each check refuses by raising (`ForeignOrigin`, `Draining`, `Unauthorized`, `RateLimited`);
+backend/http_errors.py turns them into responses, the same for every route and handshake.
 
 HTTP requests carry `Authorization: Bearer`. The WebSocket and the SSE/text streams, which a
 browser opens without headers of its own, also take `?ticket=` from `POST /api/ws-ticket`.
@@ -7,20 +10,18 @@ browser opens without headers of its own, also take `?ticket=` from `POST /api/w
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
+from starlette.datastructures import Address
+from starlette.websockets import WebSocket
 
-from backend.auth import TICKET_TTL, Authenticator, Principal, Tickets, Unauthorized, bearer
-from backend.logs import Throttled
+from backend.auth import TICKET_TTL, Authenticator, Principal, Tickets, bearer
+from backend.errors import Draining
 from backend.origin import refuse_foreign
-
-log = logging.getLogger(__name__)
-refusals = Throttled(log)
-
-CHALLENGE = {"WWW-Authenticate": "Bearer"}
+from backend.quotas import Quotas, quota_key
 
 
 class Ticket(BaseModel):
@@ -31,14 +32,37 @@ class Ticket(BaseModel):
     user: str = Field(description="The user the ticket stands for ('' when auth is off).")
 
 
+@dataclass
+class Slot:
+    """One of the caller's connections (a socket or a stream), counted by its quota."""
+
+    quotas: Quotas
+    who: str
+    holder: str | None
+    released: bool = False
+
+    async def release(self) -> None:
+        """Give the slot back; only the first call does."""
+        if not self.released:
+            self.released = True
+            await self.quotas.close_connection(self.who, self.holder)
+
+
 class Access:
-    """Authenticates callers for the app's routes."""
+    """Admits callers to the app's routes and sockets."""
 
     def __init__(
-        self, authenticator: Authenticator, tickets: Tickets, allowed_origins: Iterable[str] = ()
+        self,
+        authenticator: Authenticator,
+        tickets: Tickets,
+        quotas: Quotas,
+        draining: Callable[[], bool],
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         self.authenticator = authenticator
         self.tickets = tickets
+        self.quotas = quotas
+        self.draining = draining
         self.allowed_origins = list(allowed_origins)
 
     @property
@@ -52,12 +76,12 @@ class Access:
         return await self.authenticator.principal(bearer(headers))
 
     async def caller(self, request: Request) -> Principal:
-        """FastAPI dependency: the caller of an HTTP request (a bearer header), or 401."""
+        """FastAPI dependency: the caller of an HTTP request (a bearer header)."""
         return await self._http(request, None)
 
     async def stream_caller(self, request: Request) -> Principal:
         """FastAPI dependency for the streams a browser opens without headers: a bearer header
-        or `?ticket=`, or 401."""
+        or `?ticket=`."""
         return await self._http(request, request.query_params.get("ticket"))
 
     async def _http(self, request: Request, ticket: str | None) -> Principal:
@@ -65,20 +89,24 @@ class Access:
         # visitor is signed in. Browsers attach no bearer token by themselves today, but a
         # cookie or a proxy that adds one would make these routes act in the visitor's name.
         refuse_foreign(request.headers, self.allowed_origins)
-        try:
-            return await self.principal(request.headers, ticket)
-        except Unauthorized as refused:
-            refusals.log(
-                logging.INFO,
-                "unauthorized",
-                "refused %s %s: %s",
-                request.method,
-                request.url.path,
-                refused,
-            )
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, str(refused), headers=CHALLENGE
-            ) from refused
+        return await self.principal(request.headers, ticket)
+
+    def ensure_open(self) -> None:
+        """Raise `Draining` once the server is stopping: nothing new starts then."""
+        if self.draining():
+            raise Draining()
+
+    async def slot(self, caller: Principal, client: Address | None) -> Slot:
+        """A connection slot of the caller's (or `RateLimited`), taken before any work."""
+        who = quota_key(caller, client)
+        return Slot(self.quotas, who, await self.quotas.open_connection(who))
+
+    async def socket(self, websocket: WebSocket) -> tuple[Principal, Slot]:
+        """Admit a WebSocket handshake: its caller and the slot its socket holds."""
+        refuse_foreign(websocket.headers, self.allowed_origins)
+        self.ensure_open()
+        principal = await self.principal(websocket.headers, websocket.query_params.get("ticket"))
+        return principal, await self.slot(principal, websocket.client)
 
     def router(self) -> APIRouter:
         """`POST /api/ws-ticket`."""

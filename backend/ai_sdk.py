@@ -31,7 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from backend.access import Access
+from backend.access import Access, Slot
 from backend.auth import Principal
 from backend.config import Settings
 from backend.conversation import Conversation
@@ -39,9 +39,8 @@ from backend.conversations import ID_PATTERN, Conversations, UnknownConversation
 from backend.errors import ChatError
 from backend.inbound import check_question
 from backend.metrics import Metrics
-from backend.origin import refuse_foreign
 from backend.outbox import Outbox
-from backend.quotas import RateLimited, quota_key
+from backend.quotas import RateLimited
 from backend.records import ConversationRecord, TurnRecord
 from backend.ui_stream import (
     HEADERS,
@@ -291,21 +290,9 @@ def build_router(
 ) -> APIRouter:
     """The AI SDK's `/api/chat` routes."""
     router = APIRouter(prefix="/api/chat", tags=["Vercel AI SDK"], route_class=SentenceErrors)
-    quotas = conversations.quotas
 
-    async def connection(request: Request, caller: Principal) -> tuple[str, str | None]:
-        """The caller's quota key, and the connection slot this request's stream takes (or
-        429), taken before anything is asked of the model."""
-        who = quota_key(caller, request.client)
-        try:
-            return who, await quotas.open_connection(who)
-        except RateLimited as limited:
-            raise limited.http() from limited
-
-    async def follow(
-        conversation: Conversation, after: int, who: str, holder: str | None
-    ) -> EventStream:
-        """Stream the next reply after `after` to this request; it holds `holder` till then."""
+    async def follow(conversation: Conversation, after: int, slot: Slot) -> EventStream:
+        """Stream the next reply after `after` to this request; it holds `slot` till then."""
         outbox = Outbox()
         await conversation.join(outbox, after)
 
@@ -322,7 +309,7 @@ def build_router(
         async def done() -> None:
             outbox.stop()
             conversation.leave(outbox)  # if the stream never began
-            await quotas.close_connection(who, holder)
+            await slot.release()
 
         return EventStream(write, HEADERS, BackgroundTask(done))
 
@@ -341,13 +328,13 @@ def build_router(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> EventStream:
-        refuse_foreign(request.headers, settings.chat_allowed_origins)
         body = await chat_request(request)
         regenerate = body.trigger == "regenerate-message"
         question = None if regenerate else question_of(body, settings.chat_max_question_chars)
-        if conversations.draining:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting.")
-        who, holder = await connection(request, caller)
+        access.ensure_open()
+        # Taken before anything is asked of the model: a refused stream costs no tokens.
+        slot = await access.slot(caller, request.client)
+        who = slot.who
         try:
             conversation = await find(conversations, body.id, caller.user, begin=True)
             assert conversation is not None
@@ -360,10 +347,8 @@ def build_router(
                 conversation.let_go()
                 raise
         except BaseException as failed:
-            await quotas.close_connection(who, holder)
-            if isinstance(failed, RateLimited):
-                raise failed.http() from failed
-            if isinstance(failed, ChatError):
+            await slot.release()
+            if isinstance(failed, ChatError) and not isinstance(failed, RateLimited):
                 raise refusal(failed) from failed
             raise
         # The reply's own frames come after this `seq` (its task has not run yet).
@@ -372,7 +357,7 @@ def build_router(
         # as a socket's session does by waiting for the next message: the model's time to
         # first token then hides that work instead of adding to it.
         await asyncio.sleep(0)
-        return await follow(conversation, after, who, holder)
+        return await follow(conversation, after, slot)
 
     @router.get(
         "/{chat_id}/stream",
@@ -387,7 +372,6 @@ def build_router(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> Response:
-        refuse_foreign(request.headers, settings.chat_allowed_origins)
         conversation = await find(conversations, chat_id, caller.user)
         if conversation is None:
             return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -400,12 +384,12 @@ def build_router(
             conversation.let_go()
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         try:
-            who, holder = await connection(request, caller)
-        except HTTPException:
+            slot = await access.slot(caller, request.client)
+        except BaseException:
             conversation.let_go()
             raise
         metrics.resumes.inc()
-        return await follow(conversation, after, who, holder)
+        return await follow(conversation, after, slot)
 
     @router.post(
         "/{chat_id}/stop",
@@ -417,7 +401,6 @@ def build_router(
         request: Request,
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> dict[str, bool]:
-        refuse_foreign(request.headers, settings.chat_allowed_origins)
         conversation = await find(conversations, chat_id, caller.user)
         if conversation is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"No chat {chat_id[:64]!r}.")

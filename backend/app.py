@@ -9,36 +9,30 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import openai
-from fastapi import FastAPI, HTTPException, Request, WebSocket, status
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi import FastAPI, HTTPException, WebSocket, status
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
 from backend import ai_sdk, http_errors
-from backend.access import CHALLENGE, Access
+from backend.access import Access
 from backend.api import build_api
-from backend.auth import Authenticator, Principal, Tickets, Unauthorized
+from backend.auth import Authenticator, Principal, Tickets
 from backend.chain import build_chain
-from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE, Cluster
+from backend.cluster import Cluster
 from backend.config import Settings
 from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
+from backend.errors import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
-from backend.logs import Throttled
 from backend.metrics import Metrics, build_metrics_route
 from backend.model_transport import model_transport
-from backend.origin import origin_refusal
-from backend.quotas import RateLimited, quota_key
 from backend.reply import Replier
 from backend.session import ChatSession
 from backend.store import SqlStore
 from backend.upstream import Upstream, remote_upstream
 
 log = logging.getLogger(__name__)
-# Refused handshakes are the client's doing, and anyone can send them as fast as they like.
-refusals = Throttled(log)
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 STATIC_DIR = FRONTEND_DIR / "static"
@@ -47,9 +41,6 @@ VENDOR_FILES = {
     "markdown-it.mjs": "markdown-it/dist/browser/markdown-it.esm.min.mjs",
     "purify.mjs": "dompurify/dist/purify.es.mjs",
 }
-
-
-RESTARTING = "The server is restarting; try again in a moment."
 
 
 def parse_after(value: str | None) -> int:
@@ -79,9 +70,10 @@ def create_app(settings: Settings) -> FastAPI:
     access = Access(
         Authenticator(settings),
         Tickets(cluster.redis if cluster else None),
+        conversations.quotas,
+        lambda: conversations.draining,
         settings.chat_allowed_origins,
     )
-    quotas = conversations.quotas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,18 +94,6 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.conversations = conversations
     http_errors.install(app)
-
-    async def shared_state_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("%s %s failed: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"detail": UNREACHABLE, "code": "unavailable"},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "1"},
-        )
-
-    # Redis or the database down: a request may be tried again, it is not the server's bug.
-    for unreachable in (RedisError, SQLAlchemyError, ConnectionError):
-        app.add_exception_handler(unreachable, shared_state_down)
     app.include_router(build_router(replier, conversations, settings, access))
     app.include_router(build_api(conversations, access))
     app.include_router(ai_sdk.build_router(conversations, settings, access, metrics))
@@ -134,41 +114,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket("/chat")
     async def chat(websocket: WebSocket) -> None:
-        refused = origin_refusal(websocket.headers, settings.chat_allowed_origins)
-        if refused is not None:
-            refusals.log(logging.WARNING, "origin", "refused a socket: %s", refused)
-            await websocket.send_denial_response(
-                PlainTextResponse(refused, status_code=status.HTTP_403_FORBIDDEN)
-            )
-            return
-        if conversations.draining:
-            await websocket.send_denial_response(
-                PlainTextResponse(RESTARTING, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-            )
-            return
         try:
-            principal = await access.principal(
-                websocket.headers, websocket.query_params.get("ticket")
-            )
-            who = quota_key(principal, websocket.client)
-            holder = await quotas.open_connection(who)
-        except Unauthorized as unauthorized:
-            refusals.log(logging.INFO, "unauthorized", "refused a socket: %s", unauthorized)
-            await websocket.send_denial_response(
-                PlainTextResponse(
-                    str(unauthorized), status.HTTP_401_UNAUTHORIZED, headers=CHALLENGE
-                )
-            )
-            return
-        except RateLimited as limited:
-            refusals.log(logging.INFO, "rate limited", "refused a socket: %s", limited)
-            await websocket.send_denial_response(limited.denial())
-            return
-        except SHARED_STATE_ERRORS as exc:
-            log.warning("cannot check a ticket or count a socket: %s", exc)
-            await websocket.send_denial_response(
-                PlainTextResponse(UNREACHABLE, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-            )
+            principal, slot = await access.socket(websocket)
+        except (*http_errors.REFUSALS, *SHARED_STATE_ERRORS) as refused:
+            await websocket.send_denial_response(http_errors.denial(refused))
             return
         open_sockets = metrics.connections.labels("websocket")
         open_sockets.inc()
@@ -176,7 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
             await serve(websocket, principal)
         finally:
             open_sockets.dec()
-            await quotas.close_connection(who, holder)
+            await slot.release()
 
     async def serve(websocket: WebSocket, principal: Principal) -> None:
         """Accept the socket, join its conversation and serve it until it closes."""

@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import openai
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from schemas import ChatResponse, ErrorCode
+
+# Redis or the database out of reach: a request may be tried again, it is not our bug.
+SHARED_STATE_ERRORS = (RedisError, SQLAlchemyError, OSError)
+UNREACHABLE = "The server cannot reach its shared state (Redis or the database); try again shortly."
 
 
 class ChatError(Exception):
@@ -20,6 +26,13 @@ class ChatError(Exception):
     def frame(self) -> ChatResponse:
         """The `error` frame that reports this failure."""
         return ChatResponse.bot("error", self.message, code=self.code)
+
+
+class Draining(Exception):
+    """The server is stopping: it takes no new sockets, streams or replies."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is restarting; try again in a moment.")
 
 
 class ClientGone(Exception):

@@ -18,13 +18,13 @@ from backend.access import Access
 from backend.auth import Principal
 from backend.config import Settings
 from backend.conversation import Conversation, hello
-from backend.conversations import Conversations, UnknownConversation
+from backend.conversations import Conversations
 from backend.errors import ChatError
 from backend.history import History
 from backend.inbound import check_question
 from backend.metrics import Metrics
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
-from backend.quotas import Held, Quotas, RateLimited, quota_key
+from backend.quotas import Held, Quotas, quota_key
 from backend.reply import Replier
 from backend.turn import Turn
 from schemas import ChatResponse, EndStatus
@@ -177,11 +177,8 @@ def build_router(
         """The one-off reply a request asks for, admitted by the caller's quotas (or 429)."""
         question = question_from(request)
         who = quota_key(caller, request.client)
-        try:
-            await quotas.check(who)
-            held = await quotas.begin_reply(who)
-        except RateLimited as limited:
-            raise limited.http() from limited
+        await quotas.check(who)
+        held = await quotas.begin_reply(who)
         history = History(settings.chat_history_tokens)
         return OneOff(replier, question, history, quotas, held)
 
@@ -226,25 +223,18 @@ def build_router(
         after = resume_point(request)
         if after:
             replier.metrics.resumes.inc()
-        if conversations.draining:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The server is restarting.")
-        who = quota_key(caller, request.client)
-        try:
-            holder = await quotas.open_connection(who)
-        except RateLimited as limited:
-            raise limited.http() from limited
+        access.ensure_open()
+        slot = await access.slot(caller, request.client)
         try:
             conversation = await conversations.open(conversation_id, caller.user)
-        except BaseException as failed:
-            await quotas.close_connection(who, holder)
-            if isinstance(failed, UnknownConversation):
-                raise HTTPException(status.HTTP_404_NOT_FOUND, str(failed)) from failed
+        except BaseException:
+            await slot.release()
             raise
         return StreamingResponse(
             joined_events(conversation, after, replier.metrics),
             media_type="text/event-stream",
             headers=STREAM_HEADERS,
-            background=BackgroundTask(quotas.close_connection, who, holder),
+            background=BackgroundTask(slot.release),
         )
 
     return router

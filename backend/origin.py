@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from fastapi import HTTPException, status
+
+class ForeignOrigin(Exception):
+    """A request that a browser made for another site's page (HTTP 403)."""
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:
@@ -57,7 +59,7 @@ def origin_refusal(headers: Mapping[str, str], allowed: Iterable[str]) -> str | 
 
 
 def refuse_foreign(headers: Mapping[str, str], allowed: Iterable[str]) -> None:
-    """Raise the 403 for an HTTP request that `origin_refusal` refuses."""
+    """Raise `ForeignOrigin` for a request or handshake that `origin_refusal` refuses."""
     refused = origin_refusal(headers, allowed)
     if refused is not None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, refused)
+        raise ForeignOrigin(refused)
