@@ -161,6 +161,8 @@ class ClusterConversation(Conversation):
         self._publisher: Publisher | None = None
         # A finished reply publishing its last frames and giving the lease back.
         self._letting_go: asyncio.Task[None] | None = None
+        # Telling every worker about a new conversation's id (see `announce`).
+        self._announcing: asyncio.Task[None] | None = None
 
     @property
     def replying(self) -> bool:
@@ -188,7 +190,21 @@ class ClusterConversation(Conversation):
             await self.cluster.publish(self.id, [entry], 0, fresh=True)
             await self.cluster.set_last_seq(self.id, frame.seq)
 
+    def announce(self) -> None:
+        """Make a new conversation's id, and whose it is, known to every worker."""
+        self._announcing = asyncio.create_task(self._announce(), name=f"announce-{self.id}")
+
+    async def _announce(self) -> None:
+        try:
+            await self.cluster.announce(self.id, self.owner)
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot make a new conversation known to the other workers (%s)", exc)
+
     async def join(self, client: Outbox, after: int) -> None:
+        if self._announcing is not None:
+            # A client learns the id from what it is sent once this returns, and may join on
+            # another worker at once: that worker must know the id by then.
+            await asyncio.shield(self._announcing)
         # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
         follower = Follower(client, after)
         self._followers[client] = follower

@@ -130,14 +130,9 @@ class Conversations:
     def _begin(self, conversation_id: str, owner: str) -> Conversation:
         conversation = self._make(conversation_id, None, owner)
         self._live[conversation.id] = conversation
-        if self.cluster is not None:
-            self._spawn(self._announce(conversation.id, owner))
+        if isinstance(conversation, ClusterConversation):
+            conversation.announce()
         return conversation
-
-    async def _announce(self, conversation_id: str, owner: str) -> None:
-        assert self.cluster is not None
-        with contextlib.suppress(RedisError, OSError):
-            await self.cluster.announce(conversation_id, owner)
 
     def live(self, conversation_id: str) -> Conversation | None:
         """The conversation if it is in memory."""

@@ -255,3 +255,25 @@ async def test_a_renewal_that_fails_for_a_lease_given_back_spares_the_next_reply
         assert await cluster.holder(conversation) == cluster.worker
     finally:
         await cluster.redis.aclose()
+
+
+async def test_a_new_conversation_is_joinable_on_the_other_worker_at_once(
+    workers: list[LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id in a new socket's opening frame names a conversation every worker knows, even
+    when telling Redis takes a while (a worker's first connection, a busy Redis)."""
+    for server in workers:
+        cluster: Cluster = server.server.app.state.conversations.links.cluster
+        announce = cluster.announce
+
+        async def slow_announce(conversation_id: str, owner: str, tell: Any = announce) -> None:
+            await asyncio.sleep(0.1)
+            await tell(conversation_id, owner)
+
+        monkeypatch.setattr(cluster, "announce", slow_announce)
+    for attempt in range(20):
+        opening, joining = workers if attempt % 2 == 0 else workers[::-1]
+        async with connect(opening.ws) as first:
+            conversation = conversation_of(first)
+            async with connect(join_url(joining, conversation)) as second:
+                assert conversation_of(second) == conversation
