@@ -227,13 +227,21 @@ class ClusterConversation(Conversation):
             follower.catching_up.cancel()
         if not self.clients:
             self._stop_following()
-            self._spawn(self.cluster.unwatch(self.id))
-            if not self.stored:
-                # An id nothing was asked in is not kept (if a client elsewhere still has it,
-                # it goes on working; only new joins are refused).
-                self._spawn(self.cluster.forget_unused(self.id))
+            self._spawn(self._left_here(forget=not self.stored))
             if not self.replying:
                 self.services.on_idle(self)
+
+    async def _left_here(self, forget: bool) -> None:
+        """Tell the other workers this one has no client of the conversation any more."""
+        try:
+            await self.cluster.unwatch(self.id)
+            if forget:
+                # An id nothing was asked in is not kept (if a client elsewhere still has it,
+                # it goes on working; only new joins are refused).
+                await self.cluster.forget_unused(self.id)
+        except SHARED_STATE_ERRORS as exc:
+            # Harmless: this worker's mark expires within `WATCH_TTL`, an unused id in an hour.
+            log.warning("cannot tell the other workers a conversation's clients left (%s)", exc)
 
     async def reply_in_flight(self) -> int | None:
         local = await super().reply_in_flight()

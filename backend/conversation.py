@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from backend import logs
+from backend.cluster import SHARED_STATE_ERRORS
 from backend.config import Settings
-from backend.errors import ClientGone
+from backend.errors import ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Outbox
 from backend.quotas import Held, Quotas
@@ -32,6 +33,18 @@ log = logging.getLogger(__name__)
 
 # Seconds a cancelled reply gets to wind down before it is cancelled again.
 RECANCEL_AFTER = 0.25
+
+
+def report_failure(task: asyncio.Task[Any]) -> None:
+    """Log what a background task that nobody awaits failed with, once (a shared state out of
+    reach as a warning), rather than leave it to "Task exception was never retrieved"."""
+    failure = None if task.cancelled() else task.exception()
+    if failure is None:
+        return
+    if isinstance(failure, (ChatError, *SHARED_STATE_ERRORS)):
+        log.warning("background work of a conversation failed: %s", failure)
+    else:
+        log.error("background work of a conversation failed", exc_info=failure)
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,7 @@ class Conversation:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(report_failure)
 
     # Acting on the conversation.
 

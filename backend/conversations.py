@@ -17,7 +17,7 @@ from starlette import status
 from backend.cluster import WATCH_TTL, Cluster
 from backend.cluster_conversation import ClusterConversation, Links, turn_from
 from backend.config import Settings
-from backend.conversation import Conversation, Services
+from backend.conversation import Conversation, Services, report_failure
 from backend.quotas import Quotas
 from backend.records import ConversationRecord, title_for
 from backend.reply import Replier
@@ -261,6 +261,7 @@ class Conversations:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(report_failure)
 
     async def _on_control(self, conversation_id: str, command: str) -> None:
         """A message from another worker about a conversation."""

@@ -4,6 +4,7 @@ what clients that stayed, and clients that come after, get."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 from collections.abc import Iterator
@@ -33,10 +34,15 @@ class Outage:
         # Quotas on, so the rate limiter's connections to Redis are in the way of every question.
         env.update(CHAT_QUOTA_QUESTIONS="100000/minute", CHAT_QUOTA_REPLIES="1000")
         self.deployment = Deployment(2, env, self.folder).start()
+        self.workers = self.deployment.workers
 
-    def log(self) -> str:
-        """What the workers have logged so far."""
-        return "".join(worker.log.read_text() for worker in self.deployment.workers if worker.log)
+    def logs(self) -> list[str]:
+        """What each worker has logged so far."""
+        return [worker.log.read_text() if worker.log else "" for worker in self.workers]
+
+    def logged_since(self, before: list[str]) -> str:
+        """What the workers have logged since `logs()` gave `before`."""
+        return "".join(now[len(then) :] for now, then in zip(self.logs(), before, strict=True))
 
     def restart_redis(self) -> None:
         """Stop Redis (its data goes with it) and start it again on the same port."""
@@ -90,7 +96,7 @@ async def client_rejoins_and_asks(url: str, conversation: str, question: str) ->
 async def test_every_new_client_is_served_right_after_a_redis_restart(
     outage: Outage, fake: FakeUpstream
 ) -> None:
-    workers = outage.deployment.workers
+    workers = outage.workers
     # Busy first, so every pool of both workers holds connections to the Redis that goes.
     async with asyncio.TaskGroup() as group:
         warm = [
@@ -155,3 +161,27 @@ async def test_no_pooled_connection_that_outlived_a_redis_restart_fails_a_reques
         await quotas.close()
         await tail.redis.aclose()
         await cluster.redis.aclose()
+
+
+async def test_sockets_that_leave_while_redis_is_down_log_a_warning_each(outage: Outage) -> None:
+    workers = outage.workers
+    async with connect(workers[0].ws) as ws:
+        assert (await ask(ws, "before"))[-1]["status"] == "completed"
+        asked = conversation_of(ws)
+    # New conversations, and one in which something was asked, on both workers.
+    urls = [workers[0].ws, workers[1].ws, f"{workers[1].ws}?conversation={asked}"]
+    async with contextlib.AsyncExitStack() as sockets:
+        for url in urls:
+            await sockets.enter_async_context(connect(url))
+        before = outage.logs()
+        await asyncio.to_thread(outage.redis.stop)
+    try:
+        await asyncio.sleep(UNIT / 2)  # the workers have told Redis, or tried to, by then
+        logged = outage.logged_since(before)
+    finally:
+        await asyncio.to_thread(outage.redis.start)
+    assert "never retrieved" not in logged
+    assert "Traceback" not in logged
+    left = [line for line in logged.splitlines() if "clients left" in line]
+    assert len(left) == len(urls)
+    assert all(" WARNING " in line for line in left)
