@@ -27,13 +27,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
-from sqlalchemy.exc import SQLAlchemyError
+
+# Imported from here by modules that predate their move to `backend.errors`.
+from backend.errors import SHARED_STATE_ERRORS as SHARED_STATE_ERRORS
+from backend.errors import UNREACHABLE as UNREACHABLE
 
 log = logging.getLogger(__name__)
-
-# What Redis or the database being out of reach raises: a worker waits and tries again.
-SHARED_STATE_ERRORS = (RedisError, SQLAlchemyError, OSError)
-UNREACHABLE = "The server cannot reach its shared state (Redis or the database); try again shortly."
 
 LEASE_MS = 3000
 RENEW_EVERY = 1.0

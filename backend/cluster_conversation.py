@@ -20,9 +20,9 @@ import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 
-from backend.cluster import RENEW_EVERY, SHARED_STATE_ERRORS, UNREACHABLE, Cluster, Entry
+from backend.cluster import RENEW_EVERY, Cluster, Entry
 from backend.conversation import Conversation, Services
-from backend.errors import ChatError, ClientGone
+from backend.errors import SHARED_STATE_ERRORS, UNREACHABLE, ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Outbox, Raw
 from backend.publishing import TEXT, Broadcaster, Publisher

@@ -17,9 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from backend import logs
-from backend.cluster import SHARED_STATE_ERRORS
 from backend.config import Settings
-from backend.errors import ChatError, ClientGone
+from backend.errors import SHARED_STATE_ERRORS, ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Outbox
 from backend.quotas import Held, Quotas

@@ -14,7 +14,8 @@ import asyncio
 import logging
 import time
 
-from backend.cluster import SHARED_STATE_ERRORS, STREAM_TTL_S, Cluster
+from backend.cluster import STREAM_TTL_S, Cluster
+from backend.errors import SHARED_STATE_ERRORS
 from backend.outbox import Close, Outbox, Pending, TokenRun
 from schemas import ChatResponse
 

@@ -26,9 +26,9 @@ from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimite
 from starlette.datastructures import Address
 
 from backend.auth import Principal
-from backend.cluster import SHARED_STATE_ERRORS, redis_options
+from backend.cluster import redis_options
 from backend.config import Settings
-from backend.errors import ChatError
+from backend.errors import SHARED_STATE_ERRORS, ChatError
 from backend.metrics import Limit, Metrics
 from backend.slots import MemorySlots, RedisSlots, Slots
 from schemas import ChatResponse, Usage

@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
 
-from backend.cluster import SHARED_STATE_ERRORS
+from backend.errors import SHARED_STATE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,8 @@ from typing import Any, cast
 
 import redis.asyncio as redis
 
-from backend.cluster import (
-    SHARED_STATE_ERRORS,
-    STREAM_TTL_S,
-    Cluster,
-    Entry,
-    entry_of,
-    redis_options,
-)
+from backend.cluster import STREAM_TTL_S, Cluster, Entry, entry_of, redis_options
+from backend.errors import SHARED_STATE_ERRORS
 
 log = logging.getLogger(__name__)
 
