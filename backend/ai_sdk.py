@@ -216,26 +216,29 @@ def question_of(chat: ChatRequest, max_chars: int) -> str:
         raise unprocessable(error.message) from error
 
 
-async def find(
-    conversations: Conversations, chat_id: str, owner: str, begin: bool = False
-) -> Conversation | None:
-    """The conversation of `owner`'s chat `chat_id`; begun if `begin`, else None if none.
+async def find(conversations: Conversations, chat_id: str, owner: str) -> Conversation | None:
+    """The conversation of `owner`'s chat `chat_id`, or None if there is none.
 
     A chat id that is one of the owner's conversation ids (from `/conversations`, or the web
     client's URL) is that conversation; any other id stands for a conversation of its own.
     """
+    for conversation_id in conversation_ids(chat_id, owner):
+        try:
+            return await conversations.open(conversation_id, owner)
+        except UnknownConversation:
+            pass
+    return None
+
+
+async def find_or_begin(conversations: Conversations, chat_id: str, owner: str) -> Conversation:
+    """The conversation of `owner`'s chat `chat_id`, begun if there is none yet."""
     *own, derived = conversation_ids(chat_id, owner)
     for conversation_id in own:
         try:
             return await conversations.open(conversation_id, owner)
         except UnknownConversation:
             pass
-    if begin:
-        return await conversations.open_or_begin(derived, owner)
-    try:
-        return await conversations.open(derived, owner)
-    except UnknownConversation:
-        return None
+    return await conversations.open_or_begin(derived, owner)
 
 
 def conversation_ids(chat_id: str, owner: str) -> list[str]:
@@ -300,7 +303,7 @@ def build_router(
             open_streams = metrics.connections.labels("sse")
             open_streams.inc()
             try:
-                await write_reply(outbox, conversation.id, send)
+                await write_reply(outbox, conversation.id, send, settings.chat_speedups)
             finally:
                 open_streams.dec()
                 outbox.stop()
@@ -336,8 +339,7 @@ def build_router(
         slot = await access.slot(caller, request.client)
         who = slot.who
         try:
-            conversation = await find(conversations, body.id, caller.user, begin=True)
-            assert conversation is not None
+            conversation = await find_or_begin(conversations, body.id, caller.user)
             try:
                 if question is not None:
                     await conversation.ask(question, who)

@@ -26,9 +26,10 @@ from backend.errors import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.http_stream import build_router
 from backend.local_model import local_upstream
 from backend.metrics import Metrics, build_metrics_route
-from backend.model_transport import model_transport
 from backend.reply import Replier
 from backend.session import ChatSession
+from backend.speedups import usable
+from backend.speedups.model_transport import model_transport
 from backend.store import SqlStore
 from backend.upstream import Upstream, remote_upstream
 
@@ -60,9 +61,12 @@ def make_upstream(settings: Settings) -> Upstream:
 def create_app(settings: Settings) -> FastAPI:
     """The whole application, configured by `settings`."""
     upstream = make_upstream(settings)
-    http_client = openai.DefaultAsyncHttpxClient(
-        timeout=settings.chat_timeout, transport=model_transport(openai.DEFAULT_CONNECTION_LIMITS)
+    transport = (
+        model_transport(openai.DEFAULT_CONNECTION_LIMITS)
+        if usable("model_transport", settings.chat_speedups)
+        else None
     )
+    http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout, transport=transport)
     metrics = Metrics()
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream, metrics)
     cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None

@@ -16,7 +16,8 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from backend.config import Settings
-from backend.fast_stream import DictChunkCompletions
+from backend.speedups import usable
+from backend.speedups.fast_stream import DictChunkCompletions
 from backend.upstream import Upstream
 
 # Local OpenAI-compatible servers ignore the key, but the client insists on having one.
@@ -57,7 +58,8 @@ def build_model(
         stream_chunk_timeout=None,
         http_async_client=http_client,
     )
-    model.async_client = DictChunkCompletions(model.async_client)
+    if usable("fast_stream", settings.chat_speedups):
+        model.async_client = DictChunkCompletions(model.async_client)
     return model
 
 

@@ -172,6 +172,12 @@ class Settings(BaseSettings):
         description="seconds a reply goes on after its last client left, so a reconnecting "
         "client finds it; `0` stops it at once",
     )
+    chat_speedups: bool = Field(
+        default=True,
+        description="`false`: leave out the measured shortcuts on the token path (see "
+        "`backend/speedups/`); replies are the same, only slower",
+        json_schema_extra={"shown_default": "`true`"},
+    )
     chat_shutdown_grace: float = Field(
         default=10.0,
         ge=0,

@@ -7,14 +7,15 @@ every client joined to it and never waits for any of them.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.eager import start_eagerly
 from backend.errors import ClientGone
+from backend.speedups.eager import start_eagerly
 from schemas import ChatResponse
 
 # Frames waiting for a client that has stopped reading; beyond this it is cut off rather than
@@ -66,6 +67,15 @@ class Close:
 
 
 Pending = ChatResponse | TokenRun | Raw | Close
+SendText = Callable[[str], Coroutine[Any, Any, None]]
+
+
+class State(enum.Enum):
+    """Where an outbox is in its life; it only ever moves down this list."""
+
+    OPEN = "open"  # frames may be queued
+    CLOSING = "closing"  # its last item, a `Close`, is queued: nothing more may be
+    GONE = "gone"  # its writer has stopped: nothing queued will be sent
 
 
 def token_json(text: str, seq: int | None) -> str:
@@ -93,21 +103,33 @@ class Outbox:
         self._pending: list[Pending] = []
         self._preloaded = 0
         self._wake = asyncio.Event()
-        self._gone = False
+        self.state = State.OPEN
         self.stopped = asyncio.Event()
-        # Set by a writer that can send a frame's JSON itself: a token that finds nothing
-        # queued and the writer waiting is sent at once, from the task that produced it, as
-        # `format_token` writes it (a `stream` frame's JSON, unless the writer says otherwise).
-        self.direct: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        # See `attach`.
+        self._direct: SendText | None = None
         self.format_token: Callable[[str, int | None], str] = token_json
         self._writer_waiting = False
         self._sending: asyncio.Task[None] | None = None  # a direct send still under way
         self._sent_at = 0.0  # when the last direct send was (`time.perf_counter()`)
 
+    def __repr__(self) -> str:
+        direct = ", direct" if self._direct is not None else ""
+        return f"<Outbox {self.state.value}, {len(self._pending)} queued{direct}>"
+
     @property
     def gone(self) -> bool:
         """Whether this client can no longer be sent anything."""
-        return self._gone
+        return self.state is not State.OPEN
+
+    def attach(
+        self, send: SendText | None, format_token: Callable[[str, int | None], str] = token_json
+    ) -> None:
+        """Let a token be sent by the task that produced it, through the writer's own `send`,
+        when nothing is queued and the writer waits; `format_token` writes its text (a
+        `stream` frame's JSON by default). `send=None` turns it off again: every token then
+        waits for the writer."""
+        self._direct = send if self.state is State.OPEN else None
+        self.format_token = format_token
 
     def send(self, frame: ChatResponse | Raw) -> None:
         """Queue one frame."""
@@ -126,14 +148,15 @@ class Outbox:
     def token(self, text: str, seq: int | None = None) -> None:
         """Queue a piece of bot text, merging it with tokens still waiting to go."""
         pending = self._pending
-        if self._gone or len(pending) - self._preloaded >= self._max_pending:
+        if self.state is not State.OPEN or len(pending) - self._preloaded >= self._max_pending:
             self._check()
         if not pending:
-            if self._writer_waiting and self.direct is not None and self._sending is None:
+            direct = self._direct
+            if self._writer_waiting and direct is not None and self._sending is None:
                 now = time.perf_counter()
                 if now - self._sent_at >= DIRECT_GAP:
                     self._sent_at = now
-                    self._send_now(self.format_token(text, seq))
+                    self._send_now(direct, self.format_token(text, seq))
                     return
             self._pending.append(TokenRun([text], seq))
             self._wake.set()
@@ -146,10 +169,9 @@ class Outbox:
             self._pending.append(TokenRun([text], seq))
             self._wake.set()
 
-    def _send_now(self, text: str) -> None:
-        assert self.direct is not None
+    def _send_now(self, direct: SendText, text: str) -> None:
         try:
-            self._sending = start_eagerly(self.direct(text))
+            self._sending = start_eagerly(direct(text))
         except Exception as exc:  # the socket is closed or closing
             self.stop()
             raise ClientGone("the client's connection is closed") from exc
@@ -165,20 +187,20 @@ class Outbox:
 
     def close(self, code: int, reason: str) -> None:
         """Send what is queued, then end the connection with `code`; nothing more is queued."""
-        if self._gone:
+        if self.state is not State.OPEN:
             return
         self._pending.append(Close(code, reason))
-        self._gone = True
+        self.state = State.CLOSING
         self._wake.set()
 
     def _check(self) -> None:
-        if self._gone:
+        if self.state is not State.OPEN:
             raise ClientGone("the client's connection is closed")
         if len(self._pending) - self._preloaded >= self._max_pending:
             unread = len(self._pending)
             # Nothing queued will be read: all that is left to send is the close.
             self._pending = [Close(OVERFLOW_CODE, "Too many unread frames.")]
-            self._gone = True
+            self.state = State.CLOSING
             raise ClientGone(f"the client left {unread} frames unread")
 
     async def take(self) -> list[Pending]:
@@ -205,6 +227,6 @@ class Outbox:
 
     def stop(self) -> None:
         """The writer has stopped: the client is gone."""
-        self._gone = True
-        self.direct = None
+        self.state = State.GONE
+        self._direct = None
         self.stopped.set()

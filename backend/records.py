@@ -91,7 +91,8 @@ class TurnRecord:
             yield from self._text_after(after)
 
     def _text_after(self, after: int) -> Iterator[ChatResponse]:
-        assert self.text_base is not None
+        if self.text_base is None:
+            return
         text = self.text
         end = self.text_base + len(text)
         if end > after:

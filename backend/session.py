@@ -32,9 +32,10 @@ CLOSE_UNAUTHORIZED = 4401
 EXPIRED = "Your sign-in has expired. Sign in again and reconnect to carry on where you were."
 
 
-async def write(outbox: Outbox, websocket: WebSocket) -> None:
-    """Send what `outbox` queues, in order, until a `Close` or the socket fails."""
-    outbox.direct = websocket.send_text
+async def write(outbox: Outbox, websocket: WebSocket, direct: bool = True) -> None:
+    """Send what `outbox` queues, in order, until a `Close` or the socket fails; with
+    `direct`, a lone token is sent by the reply's own task."""
+    outbox.attach(websocket.send_text if direct else None)
     try:
         while True:
             for item in await outbox.take():
@@ -73,7 +74,9 @@ class ChatSession:
         logs.conversation_id.set(conversation.id)
         self.outbox.send(hello(conversation))
         await conversation.join(self.outbox, after)
-        writer = asyncio.create_task(write(self.outbox, self.websocket), name="chat-writer")
+        writer = asyncio.create_task(
+            write(self.outbox, self.websocket, self.settings.chat_speedups), name="chat-writer"
+        )
         expiry = self._close_on_expiry()
         try:
             while not writer.done():

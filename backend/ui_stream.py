@@ -80,7 +80,8 @@ class ReplyStream:
 
     def token(self, text: str, seq: int | None) -> str:
         """A token sent on its own, straight from the reply (after `start`, as it comes)."""
-        assert self.text_id is not None
+        if self.text_id is None:  # before the reply's `start`: no message to put it in
+            return ""
         return delta(self.text_id, text)
 
     def _frame(self, frame: dict[str, Any], out: list[str]) -> None:
@@ -135,19 +136,22 @@ def _fields(frame: dict[str, Any], *names: str) -> dict[str, Any]:
     return {name: frame[name] for name in names if name in frame}
 
 
-async def write_reply(outbox: Outbox, conversation_id: str, send: SendText) -> None:
+async def write_reply(
+    outbox: Outbox, conversation_id: str, send: SendText, direct: bool = True
+) -> None:
     """Write the UI message stream of the next reply to reach `outbox`, to its end.
 
-    A token that finds nothing queued is sent by the reply's own task, as on a socket.
+    With `direct`, a token that finds nothing queued is sent by the reply's own task, as on a
+    socket.
     """
     stream = ReplyStream(conversation_id)
-    outbox.format_token = stream.token
     while not stream.ended:
         text = stream.feed(await outbox.take())
         if text:
             await send(text)
         # Tokens go straight out once the reply has started (and the writer waits again).
-        outbox.direct = send if stream.text_id is not None and not stream.ended else None
+        started = direct and stream.text_id is not None and not stream.ended
+        outbox.attach(send if started else None, stream.token)
 
 
 class EventStream(Response):

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from backend.eager import start_eagerly
+from backend.speedups.eager import start_eagerly
 
 
 async def test_a_coroutine_that_never_waits_is_done_on_return() -> None:

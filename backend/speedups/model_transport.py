@@ -140,7 +140,8 @@ class ProtocolStream(asyncio.Protocol, AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
     ) -> AsyncNetworkStream:
-        assert self.transport is not None
+        if self.transport is None:
+            raise ConnectionError("the connection to the model server is closed")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -234,7 +235,8 @@ class AsyncioBackend(AsyncNetworkBackend):
 def model_transport(limits: httpx2.Limits) -> httpx2.AsyncHTTPTransport:
     """httpx's transport with its pool's connections made by `AsyncioBackend`."""
     transport = httpx2.AsyncHTTPTransport(limits=limits)
+    # The only way in: the pool makes its own backend (`usable("model_transport")` checks it).
     pool = transport._pool
-    assert isinstance(pool, httpcore2.AsyncConnectionPool)
-    pool._network_backend = AsyncioBackend()  # the only way in: the pool makes its own
+    if isinstance(pool, httpcore2.AsyncConnectionPool):
+        pool._network_backend = AsyncioBackend()
     return transport
