@@ -164,6 +164,10 @@ class Cluster:
                 await asyncio.wait([task])
         await self.redis.aclose()
 
+    async def ping(self) -> None:
+        """Return once Redis answers; raise if it cannot be reached."""
+        await cast(Awaitable[Any], self.redis.ping())
+
     def on_control(self, handler: ControlHandler) -> None:
         """Call `handler(conversation_id, command)` for every control message."""
         self._handlers.append(handler)

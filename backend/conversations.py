@@ -143,9 +143,32 @@ class Conversations:
         for one that does not exist and, alike, for one of another user's."""
         if not ID_PATTERN.fullmatch(conversation_id):
             raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
-        conversation = self._live.get(conversation_id) or await self._load(conversation_id, owner)
+        conversation = self._live.get(conversation_id)
+        if self.cluster is not None:
+            conversation = await self._open_shared(self.cluster, conversation_id, owner)
+        elif conversation is None:
+            conversation = await self._load(conversation_id, owner)
         if conversation.owner != owner:
             raise unknown(conversation_id)
+        return conversation
+
+    async def _open_shared(
+        self, cluster: Cluster, conversation_id: str, owner: str
+    ) -> Conversation:
+        """`open` scaled out: the conversation once Redis and the store have both answered, or
+        what keeps either from answering (a client joining gets its history from both, and
+        is told to come back later rather than left waiting for them)."""
+        live = self._live.get(conversation_id)
+        # A conversation loaded now has just been read from the store; one in memory is not.
+        reading = self.store.ping() if live is not None else self._load(conversation_id, owner)
+        read, reached = await asyncio.gather(reading, cluster.ping(), return_exceptions=True)
+        if isinstance(read, BaseException):
+            raise read
+        conversation = live or read
+        assert conversation is not None
+        if isinstance(reached, BaseException):
+            conversation.let_go()  # kept in memory for nobody otherwise
+            raise reached
         return conversation
 
     async def _load(self, conversation_id: str, owner: str) -> Conversation:

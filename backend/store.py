@@ -31,6 +31,9 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
+    async def ping(self) -> None:
+        """Return once the store answers; raise if it cannot be reached."""
+
     async def save(self, records: Sequence[ConversationRecord]) -> None:
         """Write each conversation's row and the turns it carries, in one transaction."""
 
@@ -96,6 +99,12 @@ class SqlStore:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    async def ping(self) -> None:
+        # Taking a connection is the probe: a pooled one is pinged as it is taken (PostgreSQL's
+        # engine has `pool_pre_ping`), a new one is opened.
+        async with self.engine.connect():
+            pass
 
     def _upsert(self, table: Any, keys: Sequence[str]) -> Insert:
         """Insert, or update every column but `keys` where a row with those keys exists."""

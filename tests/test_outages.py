@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
 from backend.cluster import Cluster
 from backend.metrics import Metrics
@@ -20,7 +21,16 @@ from backend.tail import Tail
 from deploy.services import Deployment, Postgres, Redis
 from fakes.openai_server import FakeUpstream
 from tests.conftest import deployment_env, fake_settings
-from tests.harness import UNIT, Frame, ask, connect, conversation_of, text_of, until_end
+from tests.harness import (
+    UNIT,
+    Frame,
+    ask,
+    close_of,
+    connect,
+    conversation_of,
+    text_of,
+    until_end,
+)
 
 
 class Outage:
@@ -185,3 +195,43 @@ async def test_sockets_that_leave_while_redis_is_down_log_a_warning_each(outage:
     left = [line for line in logged.splitlines() if "clients left" in line]
     assert len(left) == len(urls)
     assert all(" WARNING " in line for line in left)
+
+
+async def close_of_join(url: str) -> tuple[int, str]:
+    """How the server closes a socket that names a conversation (it must, and soon)."""
+    async with ws_connect(url) as ws:
+        return await close_of(ws, within=UNIT)
+
+
+async def joins_are_refused_while(
+    outage: Outage, stop: Callable[[], None], start: Callable[[], None]
+) -> None:
+    """Between `stop` and `start`, a socket naming a conversation (in memory on one worker,
+    not on the other) is closed with 1013 at once; after, both workers serve it whole."""
+    workers = outage.workers
+    async with connect(workers[0].ws) as ws:
+        conversation = conversation_of(ws)
+        assert (await ask(ws, "remember me"))[-1]["status"] == "completed"
+    await asyncio.to_thread(stop)
+    try:
+        for worker in workers:
+            code, reason = await close_of_join(f"{worker.ws}?conversation={conversation}")
+            assert code == 1013
+            assert "try again" in reason
+    finally:
+        await asyncio.to_thread(start)
+    for worker in workers:
+        async with connect(f"{worker.ws}?conversation={conversation}") as ws:
+            history = await until_end(ws, within=UNIT)
+            assert text_of(history) == "You said: remember me"
+            assert (await ask(ws, "again"))[-1]["status"] == "completed"
+
+
+async def test_joining_while_redis_is_down_is_refused_with_1013(outage: Outage) -> None:
+    await joins_are_refused_while(outage, outage.redis.stop, outage.redis.start)
+
+
+async def test_joining_while_postgres_is_down_is_refused_with_1013(
+    outage: Outage, postgres: Postgres
+) -> None:
+    await joins_are_refused_while(outage, postgres.stop, postgres.start)
