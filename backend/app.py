@@ -24,6 +24,7 @@ from backend.conversation import Conversation
 from backend.conversations import Conversations, UnknownConversation
 from backend.errors import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.http_stream import build_router
+from backend.inbound import parse_seq
 from backend.local_model import local_upstream
 from backend.metrics import Metrics, build_metrics_route
 from backend.reply import Replier
@@ -46,11 +47,7 @@ VENDOR_FILES = {
 
 def parse_after(value: str | None) -> int:
     """The `after` query parameter: the last `seq` a client has; 0 when absent."""
-    if value is None:
-        return 0
-    if not value.isdigit() or len(value) > 18:
-        raise ValueError(f"'after' must be a whole number, not {value[:32]!r}.")
-    return int(value)
+    return 0 if value is None else parse_seq(value)
 
 
 def make_upstream(settings: Settings) -> Upstream:

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         description="comma-separated browser origins allowed besides the server's own, e.g. "
         "`https://app.example.com`",
     )
+    chat_request_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a client may leave a request unfinished without sending a byte "
+        "(its head, or its body); then it gets 408 and its connection is closed",
+    )
     chat_database_url: str = Field(
         default=DEFAULT_DATABASE_URL,
         description="where conversations are stored (SQLite or PostgreSQL): any SQLAlchemy "

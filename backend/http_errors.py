@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from backend.auth import Unauthorized
 from backend.conversations import UnknownConversation
@@ -102,8 +103,15 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    # The client left while its body was being read (or was refused as too large): there is
+    # no one to answer, and nothing went wrong here.
+    return Response(status_code=status.HTTP_400_BAD_REQUEST)
+
+
 def install(app: FastAPI) -> None:
     """Answer every refusal and malformed request to `app` with a sentence."""
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     for kind in (*REFUSALS, *SHARED_STATE_ERRORS):
         app.add_exception_handler(kind, refusal_response)

@@ -21,7 +21,7 @@ from backend.conversation import Conversation, hello
 from backend.conversations import Conversations
 from backend.errors import ChatError
 from backend.history import History
-from backend.inbound import check_question
+from backend.inbound import check_question, parse_seq
 from backend.metrics import Metrics
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.quotas import Held, Quotas, quota_key
@@ -145,12 +145,10 @@ async def joined_events(
 def resume_point(request: Request) -> int:
     """The `seq` to resume after: `Last-Event-ID` (an EventSource reconnecting), else `?after=`."""
     value = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not value.isdigit() or len(value) > 18:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"The seq to resume after must be a whole number, not {value[:32]!r}.",
-        )
-    return int(value)
+    try:
+        return parse_seq(value)
+    except ValueError as bad:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(bad)) from bad
 
 
 def build_router(
@@ -176,6 +174,7 @@ def build_router(
     async def reply_to(request: Request, caller: Principal) -> OneOff:
         """The one-off reply a request asks for, admitted by the caller's quotas (or 429)."""
         question = question_from(request)
+        access.ensure_open()
         who = quota_key(caller, request.client)
         await quotas.check(who)
         held = await quotas.begin_reply(who)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,12 @@ def bad_request(message: str) -> ChatError:
     return ChatError("bad_request", message)
 
 
+# What no text can carry on: a lone UTF-16 surrogate (JSON's "\ud800" escapes it; it has no
+# UTF-8 form, so the request to the model could not be written) and NUL (which PostgreSQL's
+# text cannot hold).
+UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def check_question(text: str, max_chars: int) -> str:
     """Return `text` if it is a question we can send on, else raise `ChatError`."""
     if not text.strip():
@@ -28,6 +35,12 @@ def check_question(text: str, max_chars: int) -> str:
     if len(text) > max_chars:
         raise bad_request(
             f"The question is {len(text):,} characters long; the limit is {max_chars:,}."
+        )
+    bad = UNSENDABLE.search(text)
+    if bad is not None:
+        raise bad_request(
+            f"The question holds a character that no text can carry (U+{ord(bad.group()):04X} "
+            f"at position {bad.start() + 1:,}); remove it and ask again."
         )
     return text
 
@@ -77,3 +90,19 @@ def parse_client_frame(
         if isinstance(data, dict):
             return _from_object(data, max_question_chars)
     return Question(type="question", message=check_question(text, max_question_chars))
+
+
+# `seq`s stay far below 10**18, and a longer number is no one's.
+MAX_SEQ_DIGITS = 18
+
+
+def parse_seq(value: str) -> int:
+    """The `seq` a client resumes after (`?after=`, `Last-Event-ID`); raises `ValueError`."""
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"'after' must be a whole number, not {value[:32]!r}.")
+    if len(value) > MAX_SEQ_DIGITS:
+        raise ValueError(
+            f"'after' must be a whole number of at most {MAX_SEQ_DIGITS} digits, "
+            f"not one of {len(value):,}."
+        )
+    return int(value)

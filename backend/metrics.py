@@ -124,13 +124,14 @@ def client_addresses(request: Request) -> list[str]:
     headers a remote client adds itself can only make it look less local.
     """
     addresses = [request.client.host if request.client is not None else ""]
-    for value in request.headers.getlist("x-forwarded-for"):
-        addresses += [hop.strip() for hop in value.split(",")]
+    for name in ("x-forwarded-for", "x-real-ip"):
+        for value in request.headers.getlist(name):
+            addresses += [hop.strip() for hop in value.split(",")]
     for value in request.headers.getlist("forwarded"):
         for element in value.split(","):
             for pair in element.split(";"):
-                name, _, given = pair.strip().partition("=")
-                if name.lower() == "for":
+                name, _, given = pair.partition("=")
+                if name.strip().lower() == "for":
                     addresses.append(forwarded_node(given))
     return addresses
 

@@ -54,8 +54,13 @@ def origin_refusal(headers: Mapping[str, str], allowed: Iterable[str]) -> str | 
     """
     if request_allowed(headers, allowed):
         return None
-    origin = headers.get("origin", "another site")
-    return f"Requests from {origin} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."
+    origin = headers.get("origin")
+    if origin is None:
+        return (
+            "Requests from another site's page are not allowed; a page of another origin "
+            "must be listed in CHAT_ALLOWED_ORIGINS."
+        )
+    return f"Requests from {origin[:200]} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."
 
 
 def refuse_foreign(headers: Mapping[str, str], allowed: Iterable[str]) -> None:

@@ -3,20 +3,30 @@ they owe requests that are too big or not HTTP at all: a 4xx with a sentence, th
 
 from __future__ import annotations
 
+import asyncio
 import http
+import logging
+from typing import Any
 
 import httptools
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-# `GET /stream?prompt=` carries a question of up to 16,000 characters, percent-encoded (up to
-# nine bytes each); deploy/nginx.conf takes the same.
-MAX_URL_BYTES = 160 * 1024
+from backend.logs import Throttled
+
+# httptools' own limit: it cannot parse a longer URL. A long question (`GET /stream?prompt=`
+# percent-encodes each character in up to nine bytes) goes in a body or over the socket.
+MAX_URL_BYTES = 65_535
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 128
 # The AI SDK's transport posts the whole chat with every question.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+
+# Seconds a refused client may go on sending (its bytes are dropped) before it is cut off.
+LINGER = 2.0
+# Anyone can send what these refuse, as often as they like: a line once in a while is enough.
+refusals = Throttled(logging.getLogger(__name__))
 
 
 def plain_response(status: int, sentence: str) -> bytes:
@@ -32,26 +42,77 @@ def plain_response(status: int, sentence: str) -> bytes:
 class Refused(Exception):
     """A request the server answers itself, before any app sees it."""
 
-    def __init__(self, status: int, sentence: str) -> None:
+    def __init__(self, status: int, sentence: str, answered: bool = False) -> None:
         super().__init__(sentence)
-        self.response = plain_response(status, sentence)
+        self.response = b"" if answered else plain_response(status, sentence)
 
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits on a request's URL, headers and body.
 
     httptools has none of its own: a client could send megabytes of headers, all kept in
-    memory, and get a 200 for them.
+    memory, and get a 200 for them. Nor has uvicorn a limit on how long a request may take to
+    arrive: a client that opens connections and never finishes a request would hold each
+    forever. Here a request may go `request_idle` seconds without a byte, then gets a 408.
     """
+
+    request_idle = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.header_bytes = 0
+        self.body_bytes = 0
+        self.lingering = False
+        # A request has begun (or is awaited on a new connection) and is not complete.
+        self.unfinished = True
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._watch_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.unfinished = False
+        self._watch_idle()
+        super().connection_lost(exc)
+
+    def _watch_idle(self) -> None:
+        """(Re)start the wait for the unfinished request's next byte; stop it once finished."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.unfinished:
+            self.idle_timer = self.loop.call_later(self.request_idle, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.transport.is_closing():
+            return
+        refusals.log(logging.INFO, "stalled", "closed a connection whose request stalled")
+        if self.cycle is None or not self.cycle.response_started:
+            seconds = f"{self.request_idle:g}"
+            self.transport.write(plain_response(408, f"The request stalled for {seconds} s."))
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.header_bytes = 0
         self.body_bytes = 0
+        self.unfinished = True
+
+    def on_message_complete(self) -> None:
+        self.unfinished = False
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self.unfinished = False
+        self._watch_idle()
+        super().handle_websocket_upgrade()
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > MAX_URL_BYTES:
-            raise Refused(414, f"The URL is longer than {MAX_URL_BYTES // 1024} KB.")
+            raise Refused(
+                414,
+                "The URL is longer than 64 KB; send a long question in a body "
+                "(POST /api/chat) or over the WebSocket.",
+            )
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -72,22 +133,42 @@ class HttpProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
         if self.body_bytes > MAX_BODY_BYTES:
+            if self.cycle is not None and self.cycle.response_started:
+                # The app answered without reading the body: no second answer, just the end.
+                raise Refused(413, too_large(), answered=True)
             raise Refused(413, too_large())
         super().on_body(body)
 
+    def _answer_and_linger(self, response: bytes) -> None:
+        """Send `response`, then read and drop what the client is still sending for a moment
+        before closing: closing at once, with its bytes unread, would reset the connection and
+        could destroy the response before the client reads it."""
+        self.lingering = True
+        self.unfinished = False
+        self._watch_idle()
+        self.transport.write(response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         # uvicorn's own, but a refusal of ours is answered with its status and sentence, and
         # what httptools cannot parse is no warning: anyone can send it, as often as they like.
         self._unset_keepalive_if_required()
+        # A new request's first bytes: `on_message_begin` marks it unfinished as they are read.
         try:
             self.parser.feed_data(data)
+            self._watch_idle()
         except httptools.HttpParserCallbackError as error:
             refused = error.__context__
             if not isinstance(refused, Refused):
-                raise
-            self.logger.info("refused a request: %s", refused)
-            self.transport.write(refused.response)
-            self.transport.close()
+                # httptools' own refusals raised in our callbacks (a URL it cannot parse).
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            refusals.log(logging.INFO, "too large", "refused a request: %s", refused)
+            self._answer_and_linger(refused.response)
         except httptools.HttpParserError:
             self.send_400_response("Invalid HTTP request received.")
         except httptools.HttpParserUpgrade:
@@ -97,8 +178,17 @@ class HttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
 
 
+def http_protocol(request_idle: float) -> type[HttpProtocol]:
+    """`HttpProtocol` waiting `request_idle` seconds for a request's next byte."""
+    return type("HttpProtocol", (HttpProtocol,), {"request_idle": request_idle})
+
+
 def too_large() -> str:
     return f"The body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB."
+
+
+# websockets' own lines ("connection open", "connection rejected") repeat uvicorn's.
+logging.getLogger(f"{__name__}.websockets").setLevel(logging.WARNING)
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -110,6 +200,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     the connection stayed open, holding its memory and descriptor. And a handshake the app
     refused with an HTTP response (403, 401, 429) was logged as an error of the app.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn.logger = logging.getLogger(f"{__name__}.websockets")
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)

@@ -9,7 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from backend.config import Settings
-from backend.protocols import HttpProtocol, WebSocketProtocol
+from backend.protocols import WebSocketProtocol, http_protocol
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
@@ -18,7 +18,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uv
         app,
         host=host,
         port=port,
-        http=HttpProtocol,
+        http=http_protocol(settings.chat_request_timeout),
         ws=WebSocketProtocol,
         ws_max_size=settings.ws_max_size,
         log_level="info",

@@ -37,6 +37,9 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ('{"type": "question", "message": ' + "[" * 5_000 + "]" * 5_000 + "}", "nests too deeply"),
     ('{"type": "stop", "x": ' + "[" * 30_000 + "]" * 30_000 + "}", "nests too deeply"),
     ('{"type": "stop", "after": ' + "9" * 5_000 + "}", "a number too long"),
+    ('{"type": "question", "message": "hi \\ud800"}', "(U+D800 at position 4)"),
+    ('{"type": "question", "message": "nul \\u0000 byte"}', "(U+0000 at position 5)"),
+    ("plain \x00 text", "(U+0000 at position 7)"),
 ]
 
 

@@ -102,11 +102,12 @@ async def test_a_handshake_just_under_the_limits_still_opens(target: LiveServer)
     "request_bytes",
     [
         b"GET /api/conversations?x=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /api/conversations?x=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # TLS to a plain port
         b"NOT HTTP AT ALL\r\n\r\n",
     ],
-    ids=["url-200k", "header-200k", "tls-hello", "garbage"],
+    ids=["url-200k", "url-70k", "header-200k", "tls-hello", "garbage"],
 )
 async def test_hostile_http_is_refused_promptly(target: LiveServer, request_bytes: bytes) -> None:
     answer = await raw_exchange(target.port, request_bytes)
@@ -256,6 +257,7 @@ async def test_refused_handshakes_write_no_errors_and_few_lines(
         "after=99999999999999999999999999",
         "after=-1",
         "after=1e3",
+        "after=%D9%A3",  # an Arabic-Indic digit three
         "conversation=" + "a" * 7_000,
         "conversation=%00",
         "conversation=%E2%80%AE",
@@ -268,3 +270,66 @@ async def test_a_socket_with_hostile_parameters_is_closed_with_a_reason(
         code, reason = await close_of(ws)
     assert code == 1008
     assert reason.endswith(".")
+
+
+@pytest.mark.parametrize(
+    "unfinished",
+    [
+        b"",
+        b"GET /api/conversations HTTP/1.1\r\nHost: h\r\nX-Half: ",
+        handshake("/chat")[:-2],
+        b"POST /api/chat HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"id": ',
+    ],
+    ids=["nothing", "half-a-head", "handshake-without-its-end", "half-a-body"],
+)
+async def test_a_request_left_unfinished_is_closed_after_the_timeout(
+    upstream_server: FakeUpstream, unfinished: bytes
+) -> None:
+    with live_server(fake_settings(upstream_server, chat_request_timeout=0.5)) as server:
+        started = asyncio.get_running_loop().time()
+        answer = await raw_exchange(server.port, unfinished, within=UNIT * 2)
+        waited = asyncio.get_running_loop().time() - started
+    assert status_of(answer) == 408
+    assert b"stalled for 0.5 s" in answer
+    assert 0.4 < waited < UNIT * 2
+
+
+async def test_a_body_too_large_for_a_route_that_answered_gets_no_second_answer(
+    target: LiveServer,
+) -> None:
+    # /api/ws-ticket answers without reading its body; the body then goes over the limit.
+    piece = b"x" * 1_000_000
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    head = b"POST /api/ws-ticket HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = await raw_exchange(target.port, head + chunk * 17, within=UNIT * 5)
+    assert status_of(answer) == 200
+    assert answer.count(b"HTTP/1.1 ") == 1, answer[:500]
+
+
+async def test_a_question_no_text_can_carry_is_a_422(target: LiveServer) -> None:
+    for text in ("hi \ud800 there", "nul \u0000 byte"):
+        message = {"role": "user", "parts": [{"type": "text", "text": text}]}
+        body = {"id": "lone-surrogate", "messages": [message]}
+        async with httpx.AsyncClient(base_url=target.http, timeout=UNIT) as client:
+            response = await client.post("/api/chat", content=json.dumps(body))
+        assert response.status_code == 422
+        assert "no text can carry" in response.text
+
+
+async def test_a_body_refused_mid_read_leaves_no_error_in_the_log(
+    target: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    piece = b"x" * 1_000_000
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    head = b"POST /api/chat HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            answer = await raw_exchange(target.port, head + chunk * 17, within=UNIT * 5)
+            await asyncio.sleep(0.2)  # the app's side of the request ends after the answer
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert status_of(answer) == 413
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -135,6 +135,8 @@ async def test_metrics_without_a_token_are_for_this_machine_only(
                 {"Forwarded": 'for="[2001:db8::1]:4711";proto=https'},
                 {"Forwarded": "for=127.0.0.1, for=198.51.100.7"},
                 {"Forwarded": "for=unknown"},
+                {"Forwarded": "For = 198.51.100.7"},
+                {"X-Real-IP": "198.51.100.7"},
             ):
                 refused = await client.get("/metrics", headers=forwarded)
                 assert refused.status_code == 403, forwarded
