@@ -398,13 +398,14 @@ class Deployment(Addressed):
         return self
 
     def stop(self) -> None:
-        """Stop nginx, then drain every worker at once."""
-        self.nginx.stop()
+        """Drain every worker at once, then stop nginx: the clients behind it see the drain
+        (replies end, sockets close with 1012), not a proxy that vanished under them."""
         for worker in self.workers:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.terminate()
         for worker in self.workers:
             worker.terminate()
+        self.nginx.stop()
 
     def remove(self) -> None:
         """Stop, and remove nginx's folder."""

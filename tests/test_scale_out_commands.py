@@ -4,6 +4,7 @@ and `python -m deploy.local` (the README's recipe: nginx, workers, Redis, Postgr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -239,6 +241,34 @@ async def test_ctrl_c_stops_the_recipe_quietly(fake: FakeUpstream, recipe_data: 
     for said in logs:
         assert "Traceback" not in said, said
         assert "KeyboardInterrupt" not in said, said
+
+
+async def test_ctrl_c_drains_the_clients_behind_nginx(
+    fake: FakeUpstream, recipe_data: Path
+) -> None:
+    frames: list[dict[str, object]] = []
+
+    async def until_closed(ws: ClientConnection) -> tuple[int, str] | None:
+        """The close code and reason the server sent; None if the connection was cut."""
+        received = None
+        try:
+            while True:
+                frames.append(json.loads(await ws.recv()))
+        except ConnectionClosed as closed:
+            received = closed.rcvd
+        return None if received is None else (received.code, received.reason)
+
+    fake.then(Behaviour(tokens=["word "] * 30, delay=0.05))
+    async with recipe(fake, recipe_data) as deployed:
+        ws = await ws_connect(Recipe.ws(deployed.url))
+        await ws.send("a reply that the stop finds in flight")
+        await until_reply_text(ws)
+        closing = asyncio.create_task(until_closed(ws))
+    closed = await asyncio.wait_for(closing, UNIT * 5)
+    assert closed is not None, "cut off, not drained"
+    assert closed[0] == 1012, closed
+    ends = [frame for frame in frames if frame["type"] == "end"]
+    assert [end["status"] for end in ends] == ["completed"]
 
 
 async def test_the_recipe_starts_a_killed_worker_again(
