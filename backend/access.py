@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket
 
 from backend.auth import TICKET_TTL, Authenticator, Principal, Tickets, bearer
 from backend.errors import Draining
-from backend.origin import refuse_foreign
+from backend.origin import ForeignOrigin, host_refusal, refuse_foreign
 from backend.quotas import Quotas, quota_key
 
 
@@ -58,12 +58,15 @@ class Access:
         quotas: Quotas,
         draining: Callable[[], bool],
         allowed_origins: Iterable[str] = (),
+        loopback_only: bool = False,
     ) -> None:
         self.authenticator = authenticator
         self.tickets = tickets
         self.quotas = quotas
         self.draining = draining
         self.allowed_origins = list(allowed_origins)
+        # No sign-in and no other guard: the only callers are this machine's (see host_refusal).
+        self.loopback_only = loopback_only
 
     @property
     def enabled(self) -> bool:
@@ -88,8 +91,15 @@ class Access:
         # Before the credential: another site's page learns nothing, not even whether its
         # visitor is signed in. Browsers attach no bearer token by themselves today, but a
         # cookie or a proxy that adds one would make these routes act in the visitor's name.
-        refuse_foreign(request.headers, self.allowed_origins)
+        self._refuse_foreign(request.headers)
         return await self.principal(request.headers, ticket)
+
+    def _refuse_foreign(self, headers: Mapping[str, str]) -> None:
+        refuse_foreign(headers, self.allowed_origins)
+        if self.loopback_only:
+            refused = host_refusal(headers, self.allowed_origins)
+            if refused is not None:
+                raise ForeignOrigin(refused)
 
     def ensure_open(self) -> None:
         """Raise `Draining` once the server is stopping: nothing new starts then."""
@@ -103,7 +113,7 @@ class Access:
 
     async def socket(self, websocket: WebSocket) -> tuple[Principal, Slot]:
         """Admit a WebSocket handshake: its caller and the slot its socket holds."""
-        refuse_foreign(websocket.headers, self.allowed_origins)
+        self._refuse_foreign(websocket.headers)
         self.ensure_open()
         principal = await self.principal(websocket.headers, websocket.query_params.get("ticket"))
         return principal, await self.slot(principal, websocket.client)

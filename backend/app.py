@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
         conversations.quotas,
         lambda: conversations.draining,
         settings.chat_allowed_origins,
+        loopback_only=settings.chat_auth == "none" and not settings.chat_allow_anonymous,
     )
 
     @asynccontextmanager

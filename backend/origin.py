@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
+from backend.auth import is_loopback
+
 
 class ForeignOrigin(Exception):
     """A request that a browser made for another site's page (HTTP 403)."""
@@ -61,6 +63,25 @@ def origin_refusal(headers: Mapping[str, str], allowed: Iterable[str]) -> str | 
             "must be listed in CHAT_ALLOWED_ORIGINS."
         )
     return f"Requests from {origin[:200]} are not allowed. Add it to CHAT_ALLOWED_ORIGINS."
+
+
+def host_refusal(headers: Mapping[str, str], allowed: Iterable[str]) -> str | None:
+    """Why a request to an unauthenticated server on this machine must be refused, or None.
+
+    With no sign-in the only guard is that the server listens on loopback. A page elsewhere
+    can still reach it by DNS rebinding (its own name, re-pointed at 127.0.0.1): the browser
+    then sends that name as `Host`, and `Origin` matches it. So the name must be this
+    machine's, or that of an allowed origin.
+    """
+    host = urlsplit(f"//{headers.get('host', '')}").hostname or ""
+    if is_loopback(host) or host.endswith(".localhost"):
+        return None
+    if host in {urlsplit(entry).hostname for entry in allowed}:
+        return None
+    return (
+        f"This server answers to this machine's names only (localhost, 127.0.0.1), not "
+        f"{host[:100]!r}. Sign-in (CHAT_AUTH=token) or CHAT_ALLOWED_ORIGINS lets it serve others."
+    )
 
 
 def refuse_foreign(headers: Mapping[str, str], allowed: Iterable[str]) -> None:

@@ -278,3 +278,38 @@ def kinds(frames: list[Frame]) -> list[str]:
         if not (kind == "stream" and out and out[-1] == "stream"):
             out.append(kind)
     return out
+
+
+# Raw sockets, for what a client library would not send: an attacker's requests.
+UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+async def raw_exchange(port: int, request: bytes, within: float = UNIT) -> bytes:
+    """Everything the server sends back to `request` until it closes the connection.
+
+    Fails if the connection is still open after `within` seconds: silence holds a descriptor.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(within):
+            return await reader.read(-1)
+    except TimeoutError:
+        raise AssertionError(f"no answer and no close within {within} s") from None
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    return int(answer.split(b" ", 2)[1])
+
+
+def handshake(path: str, extra_headers: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{UPGRADE}{extra_headers}\r\n".encode(
+        "latin-1"
+    )

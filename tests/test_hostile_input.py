@@ -25,12 +25,10 @@ from tests.harness import (
     close_of,
     connect,
     conversation_of,
+    handshake,
     live_server,
-)
-
-UPGRADE = (
-    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    raw_exchange,
+    status_of,
 )
 
 
@@ -38,34 +36,6 @@ UPGRADE = (
 def target(upstream_server: FakeUpstream) -> Iterator[LiveServer]:
     with live_server(fake_settings(upstream_server)) as server:
         yield server
-
-
-async def raw_exchange(port: int, request: bytes, within: float = UNIT) -> bytes:
-    """Everything the server sends back to `request` until it closes the connection.
-
-    Fails if the connection is still open after `within` seconds: silence holds a descriptor.
-    """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(within):
-            return await reader.read(-1)
-    except TimeoutError:
-        raise AssertionError(f"no answer and no close within {within} s") from None
-    finally:
-        writer.close()
-
-
-def status_of(answer: bytes) -> int:
-    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
-    return int(answer.split(b" ", 2)[1])
-
-
-def handshake(path: str, extra_headers: str = "") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{UPGRADE}{extra_headers}\r\n".encode(
-        "latin-1"
-    )
 
 
 @pytest.mark.parametrize(
@@ -101,9 +71,9 @@ async def test_a_handshake_just_under_the_limits_still_opens(target: LiveServer)
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"GET /api/conversations?x=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
-        b"GET /api/conversations?x=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n",
+        b"GET /api/conversations?x=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /api/conversations?x=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # TLS to a plain port
         b"NOT HTTP AT ALL\r\n\r\n",
     ],
@@ -276,9 +246,9 @@ async def test_a_socket_with_hostile_parameters_is_closed_with_a_reason(
     "unfinished",
     [
         b"",
-        b"GET /api/conversations HTTP/1.1\r\nHost: h\r\nX-Half: ",
+        b"GET /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ",
         handshake("/chat")[:-2],
-        b"POST /api/chat HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b'Content-Length: 100\r\n\r\n{"id": ',
     ],
     ids=["nothing", "half-a-head", "handshake-without-its-end", "half-a-body"],
@@ -301,7 +271,7 @@ async def test_a_body_too_large_for_a_route_that_answered_gets_no_second_answer(
     # /api/ws-ticket answers without reading its body; the body then goes over the limit.
     piece = b"x" * 1_000_000
     chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    head = b"POST /api/ws-ticket HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /api/ws-ticket HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     answer = await raw_exchange(target.port, head + chunk * 17, within=UNIT * 5)
     assert status_of(answer) == 200
     assert answer.count(b"HTTP/1.1 ") == 1, answer[:500]
@@ -322,7 +292,7 @@ async def test_a_body_refused_mid_read_leaves_no_error_in_the_log(
 ) -> None:
     piece = b"x" * 1_000_000
     chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    head = b"POST /api/chat HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     uvicorn_log = logging.getLogger("uvicorn")
     uvicorn_log.addHandler(caplog.handler)
     try:

@@ -9,7 +9,17 @@ from websockets.exceptions import InvalidStatus
 from backend.origin import origin_allowed
 from deploy.services import Addressed
 from fakes.openai_server import FakeUpstream
-from tests.harness import UNIT, SettingsFactory, ask, connect, conversation_of, live_server
+from tests.harness import (
+    UNIT,
+    UPGRADE,
+    SettingsFactory,
+    ask,
+    connect,
+    conversation_of,
+    live_server,
+    raw_exchange,
+    status_of,
+)
 
 
 async def test_foreign_origin_is_refused_with_403(server: Addressed, fake: FakeUpstream) -> None:
@@ -123,3 +133,39 @@ async def test_http_stream_accepts_its_own_page(server: Addressed, fake: FakeUps
             f"{server.http}/sse", params={"prompt": "hi"}, headers={"origin": server.http}
         )
     assert response.status_code == 200
+
+
+async def test_without_sign_in_only_this_machines_names_are_served(
+    make_settings: SettingsFactory, fake: FakeUpstream
+) -> None:
+    # A page on evil.example re-points its own name at 127.0.0.1 (DNS rebinding): its
+    # requests then carry that name as Host, and an Origin that matches it.
+    with live_server(make_settings()) as server:
+        rebound = f"evil.example:{server.port}"
+        headers = {"Host": rebound, "Origin": f"http://{rebound}"}
+        async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+            refused = await client.get("/api/conversations", headers=headers)
+            assert refused.status_code == 403
+            assert "this machine's names only" in refused.json()["detail"]
+            assert (await client.get("/stream?prompt=hi", headers=headers)).status_code == 403
+            for name in ("localhost", "127.0.0.1", "[::1]"):
+                own = {"Host": f"{name}:{server.port}", "Origin": f"http://{name}:{server.port}"}
+                assert (await client.get("/api/conversations", headers=own)).status_code == 200
+        handshake = (
+            f"GET /chat HTTP/1.1\r\nHost: {rebound}\r\nOrigin: http://{rebound}\r\n{UPGRADE}\r\n"
+        )
+        answer = await raw_exchange(server.port, handshake.encode())
+        assert status_of(answer) == 403
+    assert fake.requests == []
+    # Signed-in users, or a port something else guards, may be reached by any name.
+    for guarded in (
+        make_settings(chat_allow_anonymous=True),
+        make_settings(chat_allowed_origins="http://evil.example"),
+    ):
+        with live_server(guarded) as server:
+            rebound = f"evil.example:{server.port}"
+            async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+                served = await client.get(
+                    "/api/conversations", headers={"Host": rebound, "Origin": f"http://{rebound}"}
+                )
+                assert served.status_code == 200, served.text
