@@ -15,18 +15,21 @@ from uuid import UUID
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import BaseMessage
 
+from backend.records import carryable
+
 
 def token_text(token: str | list[str | dict[str, Any]]) -> str:
-    """The text of a streamed token, which LangChain may hand over as content blocks."""
+    """The text of a streamed token, which LangChain may hand over as content blocks; what a
+    model server sent that no text can carry (see `carryable`) is replaced."""
     if isinstance(token, str):
-        return token
+        return carryable(token)
     parts: list[str] = []
     for block in token:
         if isinstance(block, str):
             parts.append(block)
         elif block.get("type") == "text" and isinstance(block.get("text"), str):
             parts.append(block["text"])
-    return "".join(parts)
+    return carryable("".join(parts))
 
 
 class StreamingHandler(AsyncCallbackHandler):

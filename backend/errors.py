@@ -8,6 +8,7 @@ import openai
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from backend.records import carryable
 from schemas import ChatResponse, ErrorCode
 
 # Redis or the database out of reach: a request may be tried again, it is not our bug.
@@ -19,6 +20,8 @@ class ChatError(Exception):
     """A failure to report to the client as an `error` frame."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
+        # It may quote a model server's own words, which may hold anything.
+        message = carryable(message)
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 from backend.errors import ChatError
+from backend.records import UNSENDABLE
 from schemas import CLIENT_MESSAGE, CLIENT_TYPES, Question, Regenerate, Reset, Stop
 
 ClientMessage = Question | Stop | Reset | Regenerate
@@ -20,12 +20,6 @@ HOW_TO_ASK = 'Send a question as plain text or as {"type": "question", "message"
 def bad_request(message: str) -> ChatError:
     """A `bad_request` error with `message`."""
     return ChatError("bad_request", message)
-
-
-# What no text can carry on: a lone UTF-16 surrogate (JSON's "\ud800" escapes it; it has no
-# UTF-8 form, so the request to the model could not be written) and NUL (which PostgreSQL's
-# text cannot hold).
-UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def check_question(text: str, max_chars: int) -> str:

@@ -9,6 +9,7 @@ turn is still streaming or was stored long ago.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,16 @@ from datetime import UTC, datetime
 from schemas import ChatResponse, EndStatus, Usage
 
 TITLE_CHARS = 80
+# What no text can carry: a lone UTF-16 surrogate (JSON's "\ud800" escapes one; it has no
+# UTF-8 form, so no frame, request or row holding it can be written) and NUL (which
+# PostgreSQL's text cannot hold).
+UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def carryable(text: str) -> str:
+    """`text` with each character no text can carry replaced by U+FFFD: as long as it was, so
+    every `seq` counted in characters still holds."""
+    return UNSENDABLE.sub("\ufffd", text) if UNSENDABLE.search(text) else text
 
 
 def now() -> datetime:

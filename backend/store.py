@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backend.db import conversations, create_engine, migrate, turns
-from backend.records import ConversationRecord, ConversationSummary, TurnRecord
+from backend.records import ConversationRecord, ConversationSummary, TurnRecord, carryable
 from schemas import ChatResponse, EndStatus
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,19 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _turn_row(conversation_id: str, turn: TurnRecord) -> dict[str, Any]:
+    # Questions and reply text are checked as they arrive; an event's message (an upstream
+    # error's own words, say) is made safe here, so no row can fail to be written for it.
+    events = [event.model_dump(exclude_none=True) for event in turn.events]
+    for event in events:
+        event["message"] = carryable(event["message"])
     return {
         "conversation_id": conversation_id,
         "position": turn.position,
-        "question": turn.question,
+        "question": carryable(turn.question),
         "asked_at": turn.asked_at,
         "echo_seq": turn.echo_seq,
-        "events": [event.model_dump(exclude_none=True) for event in turn.events],
-        "text": turn.text,
+        "events": events,
+        "text": carryable(turn.text),
         "text_base": turn.text_base,
         "status": turn.status,
     }
@@ -122,7 +127,7 @@ class SqlStore:
         rows = [
             {
                 "id": record.id,
-                "title": record.title,
+                "title": carryable(record.title),
                 "created_at": record.created_at,
                 "updated_at": record.updated_at,
                 "last_seq": record.last_seq,

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 
 from backend.server import free_port
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
+    UNIT,
     SettingsFactory,
     ask,
     bare,
     connect,
+    conversation_of,
     kinds,
     live_server,
     text_of,
@@ -185,3 +190,25 @@ async def test_error_event_mid_stream_is_reported_and_partial_kept(
     assert "overloaded" in str(error["message"])
     assert text_of(frames) == "Half way"
     assert [m["content"] for m in fake.requests[1].messages[1:]] == ["start", "Half way", "again"]
+
+
+async def test_characters_no_text_can_carry_from_the_model_are_replaced(
+    server: Addressed, fake: FakeUpstream
+) -> None:
+    # A lone surrogate (JSON's "\ud800") and NUL have no place in a frame or a database row.
+    fake.then(Behaviour(tokens=["odd ", "\ud800", " and ", "\x00", " end"]))
+    async with connect(server.ws) as ws:
+        frames = await ask(ws, "say something odd")
+        conversation = conversation_of(ws)
+        assert text_of(frames) == "odd \ufffd and \ufffd end"
+        assert frames[-1]["status"] == "completed"
+        # The conversation, and the next ones, are still stored.
+        assert text_of(await ask(ws, "and again")).endswith("and again")
+    async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+        async with asyncio.timeout(UNIT * 3):
+            while True:
+                stored = (await client.get(f"/api/conversations/{conversation}")).json()
+                if len(stored["messages"]) == 4 and stored["messages"][3]["status"] != "streaming":
+                    break
+                await asyncio.sleep(0.1)
+    assert stored["messages"][1]["text"] == "odd \ufffd and \ufffd end"
