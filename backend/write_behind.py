@@ -11,12 +11,22 @@ import asyncio
 import logging
 from typing import Protocol
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from backend.records import ConversationRecord
 from backend.store import Store
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 1.0
+
+
+def unreachable(failure: BaseException) -> bool:
+    """Whether `failure` is the store being out of reach (every save would fail alike), rather
+    than one it refused for what it was given."""
+    if isinstance(failure, OperationalError | InterfaceError):
+        return True
+    return isinstance(failure, OSError) or not isinstance(failure, Exception)
 
 
 class Snapshotting(Protocol):
@@ -101,16 +111,38 @@ class WriteBehind:
             if records:
                 self._saving = {conversation.id for conversation, _ in records}
                 try:
-                    await self.store.save([record for _, record in records])
-                except BaseException:
-                    for conversation, record in records:
-                        conversation.unsaved(record)
-                        self._changed.setdefault(conversation.id, conversation)
-                    raise
+                    await self._save(records)
                 finally:
                     self._saving = set()
             flushed, self._flushed = self._flushed, asyncio.Event()
             flushed.set()
+
+    async def _save(self, records: list[tuple[Snapshotting, ConversationRecord]]) -> None:
+        """Save `records` together; if the store refuses one of them (not an outage), save
+        them one by one, so that one conversation it cannot take does not hold up the rest."""
+        try:
+            await self.store.save([record for _, record in records])
+            return
+        except BaseException as failure:
+            if len(records) == 1 or unreachable(failure):
+                self._unsaved(records)
+                raise
+            batch_failure = failure
+        refused: list[str] = []
+        for conversation, record in records:
+            try:
+                await self.store.save([record])
+            except Exception:
+                log.exception("could not store conversation %s; will retry", conversation.id)
+                self._unsaved([(conversation, record)])
+                refused.append(conversation.id)
+        if refused and len(refused) == len(records):
+            raise batch_failure
+
+    def _unsaved(self, records: list[tuple[Snapshotting, ConversationRecord]]) -> None:
+        for conversation, record in records:
+            conversation.unsaved(record)
+            self._changed.setdefault(conversation.id, conversation)
 
     async def delete(self, conversation_id: str) -> bool:
         """Forget a conversation's pending changes and remove it from the store."""
