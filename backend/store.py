@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Insert, delete, func, select, update
+from sqlalchemy import Insert, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -198,12 +198,6 @@ class SqlStore:
                 delete(conversations).where(conversations.c.id == conversation_id)
             )
             return bool(result.rowcount)
-
-    async def count(self) -> int:
-        """How many conversations are stored."""
-        async with self.engine.connect() as connection:
-            total = await connection.scalar(select(func.count()).select_from(conversations))
-            return int(total or 0)
 
     async def _close_cut_off_replies(self) -> int:
         """Store replies left streaming by a process that died as `interrupted`."""

@@ -1,8 +1,9 @@
 """Writing conversations to the store off the token path, in one transaction a second.
 
-Tokens only append to lists in memory. This writer wakes every `interval` seconds (or at once
-when a reply ends), takes a snapshot of every conversation that changed or is streaming, and
-saves them together, so a crash loses at most about `interval` seconds of a reply's text.
+Tokens only append to lists in memory. This writer wakes every `interval` seconds, takes a
+snapshot of every conversation that changed or is streaming, and saves them together, so a
+crash loses at most about `interval` seconds of a reply's text. (A reply that ends is stored on
+the next tick too: a batch a second costs less than a transaction per reply.)
 """
 
 from __future__ import annotations
@@ -52,16 +53,13 @@ class WriteBehind:
         self._changed: dict[str, Snapshotting] = {}
         self._streaming: dict[str, Snapshotting] = {}
         self._saving: set[str] = set()
-        self._wake = asyncio.Event()
         # Saves and deletes one at a time, so a delete is never undone by a save in flight.
         self._lock = asyncio.Lock()
         self._flushed = asyncio.Event()
 
-    def changed(self, conversation: Snapshotting, soon: bool = False) -> None:
-        """`conversation` has something to store; with `soon`, store it now, not next tick."""
+    def changed(self, conversation: Snapshotting) -> None:
+        """`conversation` has something to store, on the next tick."""
         self._changed[conversation.id] = conversation
-        if soon:
-            self._wake.set()
 
     def streaming(self, conversation: Snapshotting, on: bool) -> None:
         """While on, `conversation` is stored every tick (its reply text grows)."""
@@ -85,14 +83,9 @@ class WriteBehind:
             await self._flushed.wait()
 
     async def run(self) -> None:
-        """Flush every `interval` seconds, or as soon as woken, until cancelled."""
+        """Flush every `interval` seconds until cancelled."""
         while True:
-            try:
-                async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await asyncio.sleep(self.interval)
             try:
                 await self.flush()
             except Exception:
