@@ -39,13 +39,12 @@ from backend.conversations import ID_PATTERN, Conversations, UnknownConversation
 from backend.errors import ChatError
 from backend.inbound import check_question
 from backend.metrics import Metrics
-from backend.outbox import Outbox
+from backend.outbox import Outbox, SendText
 from backend.quotas import RateLimited
 from backend.records import ConversationRecord, TurnRecord
+from backend.sse import EventStream
 from backend.ui_stream import (
     HEADERS,
-    EventStream,
-    SendText,
     data_part,
     message_id,
     write_reply,

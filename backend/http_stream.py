@@ -26,10 +26,10 @@ from backend.metrics import Metrics
 from backend.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.quotas import Held, Quotas, quota_key
 from backend.reply import Replier
+from backend.sse import STREAM_HEADERS
 from backend.turn import Turn
 from schemas import ChatResponse, EndStatus
 
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How soon a browser's EventSource reconnects after the stream ends (a server restart).
 RECONNECT_MS = 1000
 

@@ -9,22 +9,14 @@ metadata on `finish`, with the conversation's id.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-from starlette.background import BackgroundTask
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
-
-from backend.http_stream import STREAM_HEADERS
-from backend.outbox import Close, Outbox, Pending, Raw, TokenRun
+from backend.outbox import Close, Outbox, Pending, Raw, SendText, TokenRun
+from backend.sse import STREAM_HEADERS
 
 HEADERS = {**STREAM_HEADERS, "x-vercel-ai-ui-message-stream": "v1"}
 DONE = "data: [DONE]\n\n"
-SendText = Callable[[str], Coroutine[Any, Any, None]]
 FINISH_REASONS = {"completed": "stop", "interrupted": "other", "error": "error"}
 
 
@@ -152,54 +144,3 @@ async def write_reply(
         # Tokens go straight out once the reply has started (and the writer waits again).
         started = direct and stream.text_id is not None and not stream.ended
         outbox.attach(send if started else None, stream.token)
-
-
-class EventStream(Response):
-    """An SSE response that `write` writes, piece by piece, until it returns or the client
-    leaves.
-
-    What `StreamingResponse` does, with plain asyncio: the pieces are written from a task of
-    their own while this one waits for the client's disconnect, and whichever ends first ends
-    the other; then the background task runs.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        write: Callable[[SendText], Awaitable[None]],
-        headers: Mapping[str, str],
-        background: BackgroundTask | None = None,
-    ) -> None:
-        self.write = write
-        self.status_code = 200
-        self.background = background
-        self.init_headers(headers)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        writing = asyncio.ensure_future(self._write(send))
-        listening = asyncio.ensure_future(self._listen(receive))
-        try:
-            await asyncio.wait((writing, listening), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            writing.cancel()
-            listening.cancel()
-            await asyncio.wait((writing, listening))
-            if self.background is not None:
-                await self.background()
-        failure = None if writing.cancelled() else writing.exception()
-        if failure is not None and not isinstance(failure, OSError):  # OSError: the client left
-            raise failure
-
-    async def _write(self, send: Send) -> None:
-        async def piece(text: str) -> None:
-            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
-
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await self.write(piece)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _listen(self, receive: Receive) -> None:
-        with contextlib.suppress(OSError):
-            while (await receive())["type"] != "http.disconnect":
-                pass
