@@ -52,18 +52,86 @@ REDIS_RETRIES = 2
 REDIS_RETRY_BASE_S = 0.02
 REDIS_RETRY_CAP_S = 0.2
 
-# Renew or release a lease only if this worker still holds it.
+# Renew a lease this worker holds (1), or take it again if nobody holds it (2): Redis lost it
+# (a restart) or let it expire (cut off for longer than the lease) while the reply ran on. Not
+# if another worker has ended the turn meanwhile, taking this one for dead (0).
 RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 1
 end
-return 0
+if holder then
+  return 0
+end
+local last = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields = last[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'k' and fields[i + 1] == 'end' then
+      return 0
+    end
+  end
+end
+redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+return 2
 """
+RENEWED, RETAKEN = 1, 2
+# Release a lease only if this worker still holds it.
 RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
 return 0
+"""
+
+# Write a turn's stream anew, from its first frame, if the lease is this worker's or nobody's
+# (then taking it): a stream that Redis lost while its reply ran on. ARGV: worker, lease ms,
+# turn position, seconds the stream lives, then each entry's id, frame and kind.
+RESTORE = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+redis.call('del', KEYS[2])
+for i = 5, #ARGV, 3 do
+  redis.call('xadd', KEYS[2], ARGV[i], 'f', ARGV[i + 1], 't', ARGV[3], 'k', ARGV[i + 2])
+end
+redis.call('expire', KEYS[2], ARGV[4])
+return 1
+"""
+
+# Add a reply's last frames to its turn's stream only while the stream still holds that turn
+# (its first entry's id and position), not ended and with nothing past them: another worker may
+# have taken the conversation over. KEYS: the stream. ARGV: the turn's position, its first id,
+# then each entry's id, frame and kind.
+APPEND_TO_TURN = """
+local first = redis.call('xrange', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if not first or first[1] ~= ARGV[2] then
+  return 0
+end
+local last = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local function field(entry, name)
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == name then
+      return entry[2][i + 1]
+    end
+  end
+end
+if field(first, 't') ~= ARGV[1] or field(last, 'k') == 'end' then
+  return 0
+end
+local function seq(id)
+  return tonumber(string.match(id, '^%d+'))
+end
+if seq(ARGV[3]) <= seq(last[1]) then
+  return 0
+end
+for i = 3, #ARGV, 3 do
+  redis.call('xadd', KEYS[1], ARGV[i], 'f', ARGV[i + 1], 't', ARGV[1], 'k', ARGV[i + 2])
+end
+return 1
 """
 
 # Only a conversation that never had a frame: a reset's acknowledgement counts as one.
@@ -75,6 +143,7 @@ return 0
 """
 
 Entry = tuple[int, str, dict[str, str]]  # seq, frame JSON, other fields
+StreamEntry = tuple[int, str, str]  # seq, frame JSON, kind: an entry to add
 ControlHandler = Callable[[str, str], Awaitable[None]]
 
 
@@ -215,7 +284,15 @@ class Cluster:
         self._held[conversation_id] = Hold(on_lost)
 
     def let_go(self, conversation_id: str) -> None:
+        """Stop renewing a lease (`give_back` also releases it)."""
         self._held.pop(conversation_id, None)
+
+    async def give_back(self, conversation_id: str) -> None:
+        """Stop renewing a lease, then release it."""
+        # In this order: a renewal on its way when the lease is released would take it again,
+        # and is told apart (see `renew`) by its hold being gone.
+        self.let_go(conversation_id)
+        await self.release(conversation_id)
 
     async def _renew_all(self) -> None:
         """Every `RENEW_EVERY` s, renew every lease held here, in one round trip."""
@@ -233,15 +310,41 @@ class Cluster:
             return
         pipe = self.redis.pipeline(transaction=False)
         for conversation_id, _ in held:
-            pipe.eval(RENEW, 1, self.lease(conversation_id), self.worker, LEASE_MS)
+            keys = (self.lease(conversation_id), self.frames(conversation_id))
+            pipe.eval(RENEW, 2, *keys, self.worker, LEASE_MS)
         renewed = await pipe.execute()
-        for (conversation_id, hold), ok in zip(held, renewed, strict=True):
+        for (conversation_id, hold), outcome in zip(held, renewed, strict=True):
             # Only the hold that was renewed: while the round trip was out, the lease may have
-            # been given back and taken again for the next reply, whose hold this failure is
+            # been given back and taken again for the next reply, whose hold this outcome is
             # not about.
-            if not ok and self._held.get(conversation_id) is hold:
+            current = self._held.get(conversation_id) is hold
+            if outcome == RETAKEN and not current:
+                # Taken again after it was given back: given back once more.
+                await self.release(conversation_id)
+            elif outcome == RETAKEN:
+                log.warning("a lease Redis had lost was taken again; the reply goes on")
+            elif outcome != RENEWED and current:
                 del self._held[conversation_id]
                 hold.on_lost()
+
+    async def restore(
+        self, conversation_id: str, position: int, entries: Sequence[StreamEntry]
+    ) -> bool:
+        """Write the stream of turn `position` anew with `entries` (`seq`, JSON, kind), holding
+        the lease; False, and nothing written, if another worker holds it."""
+        fields = [value for seq, frame, kind in entries for value in (f"{seq}-0", frame, kind)]
+        keys = [self.lease(conversation_id), self.frames(conversation_id)]
+        args: list[str | int] = [self.worker, LEASE_MS, position, STREAM_TTL_S, *fields]
+        return bool(await self.redis.eval(RESTORE, 2, *keys, *args))
+
+    async def append_to_turn(
+        self, conversation_id: str, position: int, first: int, entries: Sequence[StreamEntry]
+    ) -> bool:
+        """Add `entries` to the stream if it still holds turn `position`, begun at `seq`
+        `first`, not ended; False, and nothing added, otherwise."""
+        fields = [value for seq, frame, kind in entries for value in (f"{seq}-0", frame, kind)]
+        args: list[str | int] = [position, f"{first}-0", *fields]
+        return bool(await self.redis.eval(APPEND_TO_TURN, 1, self.frames(conversation_id), *args))
 
     async def release(self, conversation_id: str) -> None:
         await self.redis.eval(RELEASE, 1, self.lease(conversation_id), self.worker)

@@ -20,12 +20,12 @@ import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 
-from backend.cluster import RENEW_EVERY, Cluster, Entry
+from backend.cluster import RENEW_EVERY, Cluster, Entry, StreamEntry
 from backend.conversation import Conversation, Services
 from backend.errors import SHARED_STATE_ERRORS, UNREACHABLE, ChatError, ClientGone
 from backend.history import History
 from backend.outbox import Outbox, Raw
-from backend.publishing import TEXT, Broadcaster, Publisher
+from backend.publishing import TEXT, TEXT_SO_FAR, Broadcaster, Publisher
 from backend.quotas import Held
 from backend.records import ConversationRecord, TurnRecord, now, title_for
 from backend.tail import Tail
@@ -39,19 +39,38 @@ CHECK_RUNNER_EVERY = 1.0
 TAKE_OVER_WITHIN = 10.0
 ASK_AGAIN_AFTER = 0.05
 DROPPED = "The worker writing this reply stopped; the text so far is kept. Ask again to go on."
+TAKEN = (
+    "This reply was stopped: while the server could not reach Redis, another worker took the "
+    "conversation over. The text so far is kept; ask again to go on."
+)
 
 
-def replayed(entries: list[Entry]) -> Iterator[Raw | ChatResponse]:
-    """Stream entries as frames for a client catching up: runs of reply text as one frame."""
+def replayed(entries: list[Entry], after: int = 0) -> Iterator[Raw | ChatResponse]:
+    """Stream entries after `seq` `after` as frames for a client catching up: runs of reply
+    text as one frame."""
     run: list[Entry] = []
     for entry in entries:
-        if entry[2].get("k") == TEXT:
+        kind = entry[2].get("k")
+        if kind == TEXT:
             run.append(entry)
             continue
         yield from _merged(run)
         run = []
-        yield Raw(entry[0], entry[1])
+        if kind == TEXT_SO_FAR:
+            yield _text_after(entry, after)
+        else:
+            yield Raw(entry[0], entry[1])
     yield from _merged(run)
+
+
+def _text_after(entry: Entry, after: int) -> Raw | ChatResponse:
+    """The part after `after` of an entry that holds a reply's text from its first character."""
+    seq, frame, _ = entry
+    text = json.loads(frame)["message"]
+    begins = seq - len(text)  # the `seq` before its first character
+    if after <= begins:
+        return Raw(seq, frame)
+    return ChatResponse.tokens(text[after - begins :], seq=seq)
 
 
 def _merged(run: list[Entry]) -> Iterator[Raw | ChatResponse]:
@@ -128,7 +147,7 @@ class Follower:
                 fresh.append(entry)
                 last = entry[0]
         if fresh:
-            for frame in replayed(fresh):
+            for frame in replayed(fresh, self.last):
                 self.client.send(frame)
             self.last = last
 
@@ -298,7 +317,8 @@ class ClusterConversation(Conversation):
         except ClientGone:
             self.leave(follower.client)
             return
-        self.tail.advance(self.id, follower.last)
+        # The tail reads for every follower here: on from where the one furthest behind is.
+        self.tail.advance(self.id, min(other.last for other in self._followers.values()))
 
     async def _watch_runner(self) -> None:
         """While a turn is open, check now and then that a worker still runs it."""
@@ -326,7 +346,7 @@ class ClusterConversation(Conversation):
                     position is not None and turn.position < position
                 ):
                     frames.extend(turn.frames_after(after))
-        frames.extend(replayed(entries))
+        frames.extend(replayed(entries, after))
         ended = position is None or (bool(entries) and entries[-1][2].get("k") == "end")
         if position is not None and not entries:
             ended = not await self._turn_in_flight()
@@ -386,8 +406,7 @@ class ClusterConversation(Conversation):
                 raise loaded
             if question is None and not self.turns:
                 await quotas.end_reply(held, None)
-                self.cluster.let_go(self.id)
-                await self.cluster.release(self.id)
+                await self.cluster.give_back(self.id)
                 return False
             if question is None:
                 record = self.turns[-1]
@@ -402,7 +421,13 @@ class ClusterConversation(Conversation):
                 self.turns.append(record)
                 first = [ChatResponse.echo(question, seq=record.echo_seq)]
             self.updated_at = now()
-            self._publisher = self.broadcaster.publisher(self.id, record.position)
+            self._publisher = self.broadcaster.publisher(
+                self.id,
+                record.position,
+                record.echo_seq,
+                lambda: self._so_far(record),
+                self._taken_over,
+            )
             for frame in first:
                 self._publisher.send(frame)
             self._start(record, regenerate=question is None, held=held)
@@ -459,7 +484,8 @@ class ClusterConversation(Conversation):
                 await self.services.writer.flush()
             with contextlib.suppress(*SHARED_STATE_ERRORS):
                 await self.cluster.set_last_seq(self.id, self.seq)
-                await self.cluster.release(self.id)
+            with contextlib.suppress(*SHARED_STATE_ERRORS):
+                await self.cluster.give_back(self.id)
         finally:
             self.cluster.let_go(self.id)
             if self._letting_go is asyncio.current_task():
@@ -467,9 +493,29 @@ class ClusterConversation(Conversation):
             if not self.clients:
                 self.services.on_idle(self)
 
+    def _so_far(self, record: TurnRecord) -> list[StreamEntry] | None:
+        """The frames of the turn in flight up to now, to write its stream anew (its text as
+        one entry); None for a conversation being deleted, whose stream stays gone."""
+        if self.deleted:
+            return None
+        return [
+            (
+                frame.seq or 0,
+                frame.to_json(),
+                TEXT_SO_FAR if frame.type == "stream" and frame.sender == "bot" else frame.type,
+            )
+            for frame in record.frames_after(0)
+        ]
+
+    def _taken_over(self) -> None:
+        log.warning("another worker holds a conversation whose reply runs here; stopping it")
+        self._spawn(self.stop_here(ChatError("unavailable", TAKEN)))
+
     def _lease_lost(self) -> None:
-        log.warning("lost the lease of a conversation mid-reply; stopping it")
-        self._spawn(self.stop_here())
+        log.warning("another worker took the lease of a conversation mid-reply; stopping it")
+        if self._publisher is not None:
+            self._publisher.guard()
+        self._spawn(self.stop_here(ChatError("unavailable", TAKEN)))
 
     async def _mind_the_grace(self) -> None:
         """Stop the reply when no client on any worker has watched it for the resume grace."""
@@ -490,8 +536,8 @@ class ClusterConversation(Conversation):
                 self._spawn(self.stop())
                 return
 
-    async def stop_here(self) -> bool:
-        stopped = await super().stop_here()
+    async def stop_here(self, because: ChatError | None = None) -> bool:
+        stopped = await super().stop_here(because)
         letting_go = self._letting_go
         if letting_go is not None:
             await letting_go
@@ -514,13 +560,16 @@ class ClusterConversation(Conversation):
             await self._recover_turn()
 
     async def _recover_turn(self) -> None:
+        # Nothing to end, and the lease left alone, unless the stream has a turn not ended: one
+        # that Redis lost is written anew by the worker running it, lease first.
+        if not self._open(turn_from(await self.cluster.whole_turn(self.id))):
+            return
         if not await self.cluster.acquire(self.id):
             return
         self.cluster.hold(self.id, lambda: None)
         try:
-            entries = await self.cluster.whole_turn(self.id)
-            record = turn_from(entries)
-            if record is None or record.status is not None:
+            record = turn_from(await self.cluster.whole_turn(self.id))
+            if record is None or not self._open(record):
                 return
             log.warning("the worker running a reply died; ending it with the text streamed")
             await self._load()
@@ -541,8 +590,12 @@ class ClusterConversation(Conversation):
             await self.services.writer.store.save([r for r in [self.snapshot()] if r is not None])
             await self.cluster.set_last_seq(self.id, self.seq)
         finally:
-            self.cluster.let_go(self.id)
-            await self.cluster.release(self.id)
+            await self.cluster.give_back(self.id)
+
+    @staticmethod
+    def _open(record: TurnRecord | None) -> bool:
+        """Whether a turn read from the stream is there and has not ended."""
+        return record is not None and record.status is None
 
     def frames_after(self, after: int) -> Iterator[ChatResponse]:
         raise NotImplementedError("a shared conversation is replayed from the stream")

@@ -70,6 +70,12 @@ class LiveTurn:
         if frame.type == "start" and self.regenerate:
             frame.regenerate = True
         if frame.type == "end":
+            stopped_by = self.conversation.stopped_by
+            if stopped_by is not None and frame.status == "interrupted":
+                # Stopped by a failure, not by anyone: the client is told which, and why.
+                self.conversation.stopped_by = None
+                self.send(stopped_by.frame())
+                frame.status = "error"
             self.record.status = frame.status
         self.record.events.append(frame)
         self.conversation.emit(frame)
@@ -103,6 +109,8 @@ class Conversation:
         self.updated_at = record.updated_at if record else self.created_at
         self.clients: set[Outbox] = set()
         self.deleted = False
+        # Why the reply in flight is being stopped, when no one asked for it: said as it ends.
+        self.stopped_by: ChatError | None = None
         self.reply: asyncio.Task[None] | None = None
         self._streaming: TurnRecord | None = None
         self._saved_length = (-1, -1)
@@ -254,10 +262,11 @@ class Conversation:
         """Stop the reply in flight and wait for its `end`; False if there was none."""
         return await self.stop_here()
 
-    async def stop_here(self) -> bool:
-        """Stop the reply this worker runs, if any; False if there was none."""
+    async def stop_here(self, because: ChatError | None = None) -> bool:
+        """Stop the reply this worker runs, if any; False if there was none. With `because`,
+        the reply ends with that error rather than as interrupted."""
         async with self._lock:
-            return await self._interrupt()
+            return await self._interrupt(because)
 
     def _start(self, record: TurnRecord, regenerate: bool, held: Held | None) -> None:
         settings = self.services.settings
@@ -294,10 +303,11 @@ class Conversation:
                 self.services.on_idle(self)
             await self.services.quotas.end_reply(held, turn.usage)
 
-    async def _interrupt(self) -> bool:
+    async def _interrupt(self, because: ChatError | None = None) -> bool:
         reply, self.reply = self.reply, None
         if reply is None or reply.done():
             return False
+        self.stopped_by = because
         # A library that swallows the cancellation would let the model run on unheard, so
         # cancel again until the task really ends.
         asked = time.perf_counter()
@@ -309,6 +319,7 @@ class Conversation:
         self.services.replier.metrics.stop_latency.observe(time.perf_counter() - asked)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             reply.result()
+        self.stopped_by = None
         return True
 
     # Storage.

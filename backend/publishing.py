@@ -5,7 +5,8 @@ Each reply queues its frames on a `Publisher` (tokens merge while they wait, as 
 client). One task per worker, the `Broadcaster`, takes whatever every publisher has queued and
 sends it in a single pipeline, so under load one round trip to Redis carries the tokens of
 many conversations. A conversation's frames are always sent in order; when Redis cannot be
-reached they wait, and go once it is back.
+reached they wait, and go once it is back. A stream that Redis lost meanwhile (it restarted)
+is written anew, from the turn's first frame, before anything more is added to it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
-from backend.cluster import STREAM_TTL_S, Cluster
+from backend.cluster import STREAM_TTL_S, Cluster, StreamEntry
 from backend.errors import SHARED_STATE_ERRORS
 from backend.outbox import Close, Outbox, Pending, TokenRun
 from schemas import ChatResponse
@@ -23,11 +25,12 @@ log = logging.getLogger(__name__)
 
 # The kind (field `k`) of a stream entry that is reply text.
 TEXT = "text"
+# The kind of an entry with a reply's whole text so far, from its first character (in a stream
+# written anew): a client that has part of it is sent the rest.
+TEXT_SO_FAR = "text-so-far"
 RETRY_AFTER = 0.2
 # A stream's expiry is pushed back at most this often (and whenever a turn starts).
 EXPIRE_EVERY = 60.0
-
-StreamEntry = tuple[int, str, str]  # seq, frame JSON, kind
 
 
 def stream_entry(item: Pending) -> StreamEntry | None:
@@ -39,17 +42,37 @@ def stream_entry(item: Pending) -> StreamEntry | None:
 
 
 class Publisher:
-    """One reply's frames on their way to its conversation's stream."""
+    """One reply's frames on their way to its conversation's stream.
 
-    def __init__(self, broadcaster: Broadcaster, conversation_id: str, position: int) -> None:
+    `so_far()` gives the turn's frames up to now, should its stream have to be written anew
+    (None: not to be written any more, the conversation being deleted); `taken()` is called
+    if another worker holds the conversation by then.
+    """
+
+    def __init__(
+        self,
+        broadcaster: Broadcaster,
+        conversation_id: str,
+        position: int,
+        first: int,
+        so_far: Callable[[], list[StreamEntry] | None],
+        taken: Callable[[], None],
+    ) -> None:
         self.broadcaster = broadcaster
         self.conversation_id = conversation_id
         self.position = position
+        self.first = first  # the `seq` of the turn's first frame
+        self.so_far = so_far
+        self.taken = taken
         self.queue = Outbox(max_pending=1_000_000)
         self.fresh = True  # the first batch replaces the previous turn's stream
         self.expired_at = 0.0
         self.unsent: list[StreamEntry] = []
         self.retrying = False  # a send failed: some of `unsent` may be in the stream already
+        self.restoring = False  # the stream was lost: `unsent` is the whole turn, to write anew
+        # Another worker may run the conversation now: the rest goes to the stream only while
+        # that still holds this turn.
+        self.guarded = False
         self.closing = False
         self.done = asyncio.Event()
 
@@ -70,6 +93,30 @@ class Publisher:
             elif isinstance(item, Close):
                 self.closing = True
         return self.unsent
+
+    def lost(self) -> None:
+        """The stream is gone (Redis lost it): the turn so far is to be written anew, whole."""
+        self.take()  # all of it is in the turn already
+        entries = self.so_far()
+        self.unsent = [] if entries is None else entries
+        self.restoring = entries is not None
+        self.retrying = False
+
+    def restored(self, written: bool) -> None:
+        """The stream was written anew (`written`), or another worker holds the conversation."""
+        self.unsent = []
+        self.restoring = False
+        self.fresh = False
+        self.expired_at = time.monotonic()
+        if not written:
+            self.guard()
+            self.taken()
+
+    def guard(self) -> None:
+        """Another worker may run the conversation now: what is left of this reply goes to the
+        stream only while it still holds this turn (the store keeps the reply either way)."""
+        self.guarded = True
+        self.restoring = False
 
     async def drain(self) -> None:
         """Send everything queued, then stop."""
@@ -95,8 +142,15 @@ class Broadcaster:
             self._task.cancel()
             await asyncio.wait([self._task])
 
-    def publisher(self, conversation_id: str, position: int) -> Publisher:
-        return Publisher(self, conversation_id, position)
+    def publisher(
+        self,
+        conversation_id: str,
+        position: int,
+        first: int,
+        so_far: Callable[[], list[StreamEntry] | None],
+        taken: Callable[[], None],
+    ) -> Publisher:
+        return Publisher(self, conversation_id, position, first, so_far, taken)
 
     def ready(self, publisher: Publisher) -> None:
         self._ready[publisher] = None
@@ -107,43 +161,78 @@ class Broadcaster:
             await self._wake.wait()
             self._wake.clear()
             ready, self._ready = list(self._ready), {}
-            batches = [(publisher, publisher.take()) for publisher in ready]
+            for publisher in ready:
+                publisher.take()
             try:
-                await self._send([(p, entries) for p, entries in batches if entries])
+                await self._restore([p for p in ready if p.restoring])
+                await self._append([p for p in ready if p.guarded and p.unsent])
+                await self._send([p for p in ready if p.unsent and not (p.restoring or p.guarded)])
             except SHARED_STATE_ERRORS as exc:
                 log.warning("could not publish frames (%s); retrying", exc)
                 for publisher in ready:
-                    publisher.retrying = True
+                    publisher.retrying = not (publisher.restoring or publisher.guarded)
                     self._ready.setdefault(publisher)
                 await asyncio.sleep(RETRY_AFTER)
                 self._wake.set()
                 continue
-            for publisher, entries in batches:
-                entries.clear()
-                if publisher.closing and publisher not in self._ready:
+            for publisher in ready:
+                if publisher.restoring:  # found lost: written anew next round
+                    self.ready(publisher)
+                elif publisher.closing and publisher not in self._ready:
                     publisher.done.set()
 
-    async def _send(self, batches: list[tuple[Publisher, list[StreamEntry]]]) -> None:
-        if not batches:
+    async def _restore(self, publishers: list[Publisher]) -> None:
+        """Write lost streams anew, each with its turn so far (rare: one round trip each)."""
+        for publisher in publishers:
+            written = await self.cluster.restore(
+                publisher.conversation_id, publisher.position, publisher.unsent
+            )
+            if written:
+                log.warning("a reply's stream that Redis had lost was written anew")
+            else:
+                log.warning("another worker took a conversation whose stream Redis had lost")
+            publisher.restored(written)
+
+    async def _append(self, publishers: list[Publisher]) -> None:
+        """The rest of replies that may have been taken over: only into their own turn."""
+        for publisher in publishers:
+            await self.cluster.append_to_turn(
+                publisher.conversation_id, publisher.position, publisher.first, publisher.unsent
+            )
+            publisher.unsent.clear()
+
+    async def _send(self, publishers: list[Publisher]) -> None:
+        if not publishers:
             return
-        await self._drop_sent([publisher for publisher, _ in batches if publisher.retrying])
-        batches = [(publisher, entries) for publisher, entries in batches if entries]
+        await self._drop_sent([publisher for publisher in publishers if publisher.retrying])
+        publishers = [publisher for publisher in publishers if publisher.unsent]
         now = time.monotonic()
         # All or nothing, so a batch that failed can be sent again as it is.
         pipe = self.cluster.redis.pipeline(transaction=True)
-        for publisher, entries in batches:
+        firsts = []  # where each publisher's first entry is among the answers
+        for publisher in publishers:
             key = Cluster.frames(publisher.conversation_id)
             if publisher.fresh:
                 pipe.delete(key)
+            firsts.append(len(pipe))
             position = str(publisher.position)
-            for seq, frame, kind in entries:
-                pipe.xadd(key, {"f": frame, "t": position, "k": kind}, id=f"{seq}-0")
+            # Only into a stream that exists, once begun: one Redis lost is not begun again
+            # from the middle of its turn.
+            keep = not publisher.fresh
+            for seq, frame, kind in publisher.unsent:
+                pipe.xadd(
+                    key, {"f": frame, "t": position, "k": kind}, id=f"{seq}-0", nomkstream=keep
+                )
             if publisher.fresh or now - publisher.expired_at > EXPIRE_EVERY:
                 pipe.expire(key, STREAM_TTL_S)
                 publisher.expired_at = now
-        await pipe.execute()
-        for publisher, _ in batches:
+        answers = await pipe.execute()
+        for publisher, first in zip(publishers, firsts, strict=True):
+            if answers[first] is None:
+                publisher.lost()
+                continue
             publisher.fresh = False
+            publisher.unsent.clear()
 
     async def _drop_sent(self, publishers: list[Publisher]) -> None:
         """After a failure whose outcome is unknown, leave out what the streams already have."""

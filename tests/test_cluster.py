@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import uuid
@@ -14,9 +15,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from backend.cluster import Cluster, Entry
+from backend.cluster import LEASE_MS, Cluster, Entry
 from deploy.services import Addressed, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
+from schemas import ChatResponse
 from tests.conftest import fake_settings
 from tests.harness import (
     UNIT,
@@ -216,11 +218,12 @@ async def test_a_catch_up_slower_than_a_store_write_sends_the_text_once(
     assert [f["seq"] for f in frames] == sorted({f["seq"] for f in frames})
 
 
-async def test_a_renewal_that_fails_for_a_lease_given_back_spares_the_next_reply(
+async def test_a_renewal_for_a_lease_given_back_spares_the_next_reply(
     redis_server: Redis,
 ) -> None:
-    """A reply gives its lease back while a renewal is on its way and the next reply takes the
-    lease again: the renewal's failure is about the old hold, not the new one."""
+    """A reply gives its lease back while a renewal is on its way: the renewal, which finds
+    the lease free, takes it for nobody, so it is given back again; the next reply takes it,
+    and the old renewal's outcome is not about the next reply's hold."""
     cluster = Cluster(redis_server.url)
     conversation = uuid.uuid4().hex
     lost: list[str] = []
@@ -230,7 +233,7 @@ async def test_a_renewal_that_fails_for_a_lease_given_back_spares_the_next_reply
         pipeline = cluster.redis.pipeline
 
         class Racing:
-            """A renewal round trip during which the lease changes hands."""
+            """A renewal round trip during which the lease is given back."""
 
             def __init__(self) -> None:
                 self.inner = pipeline(transaction=False)
@@ -239,22 +242,72 @@ async def test_a_renewal_that_fails_for_a_lease_given_back_spares_the_next_reply
                 self.inner.eval(*args)
 
             async def execute(self) -> list[Any]:
-                await cluster.release(conversation)
-                cluster.let_go(conversation)
+                await cluster.give_back(conversation)
                 answers: list[Any] = await self.inner.execute()
-                assert await cluster.acquire(conversation)
-                cluster.hold(conversation, lambda: lost.append("next reply"))
                 return answers
 
         cluster.redis.pipeline = lambda **_: Racing()  # type: ignore[method-assign,assignment]
         await cluster.renew()
-        assert lost == []
         cluster.redis.pipeline = pipeline  # type: ignore[method-assign]
+        assert await cluster.holder(conversation) is None
+        assert await cluster.acquire(conversation)
+        cluster.hold(conversation, lambda: lost.append("next reply"))
         await cluster.renew()  # the next reply's lease is renewed, and kept
         assert lost == []
         assert await cluster.holder(conversation) == cluster.worker
     finally:
         await cluster.redis.aclose()
+
+
+async def test_a_lease_redis_lost_is_taken_again_unless_another_worker_has_it(
+    redis_server: Redis,
+) -> None:
+    """Redis loses a lease held while a reply runs (a restart): the next renewal takes it again
+    and the reply goes on. Not when another worker has taken it, or has ended the turn."""
+    cluster = Cluster(redis_server.url)
+    other = Cluster(redis_server.url)
+    conversations = [uuid.uuid4().hex for _ in range(3)]
+    lost: list[str] = []
+    try:
+        for conversation in conversations:
+            assert await cluster.acquire(conversation)
+            cluster.hold(conversation, functools.partial(lost.append, conversation))
+        lapsed, taken, ended = conversations
+        await cluster.redis.delete(*(cluster.lease(c) for c in conversations))
+        assert await other.acquire(taken)
+        end = ChatResponse.bot("end", status="error")
+        await other.publish(ended, [(7, end.to_json(), "end")], 0, fresh=True)
+        await cluster.renew()
+        assert await cluster.holder(lapsed) == cluster.worker
+        assert lost == [taken, ended]
+    finally:
+        await cluster.redis.aclose()
+        await other.redis.aclose()
+
+
+async def test_a_reply_whose_conversation_another_worker_took_ends_with_an_error(
+    workers: list[LiveServer], redis_server: Redis, fake: FakeUpstream
+) -> None:
+    """A reply that must stop because another worker holds its conversation now (taken while
+    Redis had lost the lease) ends with `unavailable` and status `error`, not `interrupted`."""
+    fake.then(Behaviour(tokens=[" x"] * 2000, delay=0.005))
+    async with connect(workers[0].ws) as asker:
+        conversation = conversation_of(asker)
+        async with connect(join_url(workers[1], conversation)) as follower:
+            await asker.send("go on")
+            await until_reply_text(asker)
+            client = Cluster(redis_server.url).redis
+            try:
+                await client.set(Cluster.lease(conversation), "another-worker", px=LEASE_MS)
+            finally:
+                await client.aclose()
+            seen = [await until_end(ws, within=UNIT * 2) for ws in (asker, follower)]
+    for frames in seen:
+        errors = [f for f in frames if f["type"] == "error"]
+        assert [f["code"] for f in errors] == ["unavailable"]
+        assert "another worker" in errors[0]["message"]
+        assert frames[-1]["status"] == "error"
+    await wait_hung_up(fake, 0)
 
 
 async def test_a_new_conversation_is_joinable_on_the_other_worker_at_once(

@@ -7,19 +7,21 @@ import asyncio
 import contextlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from backend.cluster import Cluster
 from backend.metrics import Metrics
 from backend.quotas import Quotas
 from backend.tail import Tail
 from deploy.services import Deployment, Postgres, Redis
-from fakes.openai_server import FakeUpstream
+from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import deployment_env, fake_settings
 from tests.harness import (
     UNIT,
@@ -28,6 +30,7 @@ from tests.harness import (
     close_of,
     connect,
     conversation_of,
+    recv,
     text_of,
     until_end,
 )
@@ -56,6 +59,12 @@ class Outage:
 
     def restart_redis(self) -> None:
         """Stop Redis (its data goes with it) and start it again on the same port."""
+        self.redis.stop()
+        self.redis.start()
+
+    def crash_redis(self) -> None:
+        """Redis goes at once, with its data, as in a crash, and is started again."""
+        redis.Redis.from_url(self.redis.url).shutdown(nosave=True)
         self.redis.stop()
         self.redis.start()
 
@@ -220,11 +229,34 @@ async def joins_are_refused_while(
             assert "try again" in reason
     finally:
         await asyncio.to_thread(start)
+    said = ["You said: remember me"]
     for worker in workers:
-        async with connect(f"{worker.ws}?conversation={conversation}") as ws:
-            history = await until_end(ws, within=UNIT)
-            assert text_of(history) == "You said: remember me"
-            assert (await ask(ws, "again"))[-1]["status"] == "completed"
+        async with connect_once_back(f"{worker.ws}?conversation={conversation}") as ws:
+            history: list[Frame] = []
+            for _ in said:
+                history += await until_end(ws, within=UNIT)
+            assert text_of(history) == "".join(said)
+            again = await ask(ws, "again")
+            assert again[-1]["status"] == "completed"
+            said.append(text_of(again))
+    assert said[1:] == ["You said: again"] * len(workers)
+
+
+@contextlib.asynccontextmanager
+async def connect_once_back(url: str) -> AsyncIterator[ClientConnection]:
+    """`connect`, tried again for up to `UNIT` s while the server answers 1013: a database
+    that listens again is still starting up for a moment."""
+    async with contextlib.AsyncExitStack() as stack:
+        async with asyncio.timeout(UNIT):
+            while True:
+                try:
+                    ws = await stack.enter_async_context(connect(url))
+                    break
+                except ConnectionClosed as closed:
+                    if closed.rcvd is None or closed.rcvd.code != 1013:
+                        raise
+                await asyncio.sleep(0.1)
+        yield ws
 
 
 async def test_joining_while_redis_is_down_is_refused_with_1013(outage: Outage) -> None:
@@ -235,3 +267,55 @@ async def test_joining_while_postgres_is_down_is_refused_with_1013(
     outage: Outage, postgres: Postgres
 ) -> None:
     await joins_are_refused_while(outage, postgres.stop, postgres.start)
+
+
+async def read_until_end(ws: ClientConnection, frames: list[Frame]) -> list[Frame]:
+    """Frames into `frames` up to the bot's `end`; `frames` too."""
+    async with asyncio.timeout(UNIT * 10):
+        while not frames or frames[-1]["type"] != "end":
+            frames.append(await recv(ws, within=UNIT * 5))
+    return frames
+
+
+async def follow_to_the_end(url: str) -> list[Frame]:
+    async with connect(url) as ws:
+        return await read_until_end(ws, [])
+
+
+@pytest.mark.parametrize("restart", ["crash", "stop"])
+async def test_a_reply_streaming_across_a_redis_restart_goes_on_to_its_end(
+    outage: Outage, fake: FakeUpstream, restart: str
+) -> None:
+    """Redis comes back while the reply still streams (a crash and a quick restart) or after
+    it has ended (a slower stop): either way it ends as it would have, for every client."""
+    runner, other = outage.workers
+    words = [f" w{n}" for n in range(300)]
+    fake.then(Behaviour(tokens=words, delay=0.01))
+    async with connect(runner.ws) as asker:
+        conversation = conversation_of(asker)
+        async with connect(f"{other.ws}?conversation={conversation}") as follower:
+            await asker.send("a long story")
+            asked: list[Frame] = []
+            while len(text_of(asked)) < 40:
+                asked.append(await recv(asker))
+            restarting = outage.crash_redis if restart == "crash" else outage.restart_redis
+            await asyncio.to_thread(restarting)
+            async with asyncio.TaskGroup() as group:
+                # Clients that come once Redis is back, on either worker.
+                late = [
+                    group.create_task(follow_to_the_end(f"{worker.ws}?conversation={conversation}"))
+                    for worker in (runner, other)
+                ]
+                await read_until_end(asker, asked)
+                followed = await read_until_end(follower, [])
+    for frames in (asked, followed, *(task.result() for task in late)):
+        assert [f["type"] for f in frames if f["type"] in ("error", "end")] == ["end"]
+        assert frames[-1]["status"] == "completed"
+        assert text_of(frames) == "".join(words)
+        assert [f["seq"] for f in frames] == sorted({f["seq"] for f in frames})
+    # And clients that come after the end, on either worker.
+    for worker in (runner, other):
+        async with connect(f"{worker.ws}?conversation={conversation}") as ws:
+            frames = await until_end(ws, within=UNIT)
+            assert text_of(frames) == "".join(words)
+            assert frames[-1]["status"] == "completed"
