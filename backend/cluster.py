@@ -294,6 +294,17 @@ class Cluster:
         self.let_go(conversation_id)
         await self.release(conversation_id)
 
+    async def give_back_all(self) -> None:
+        """Stop renewing every lease held here and release them, in one round trip (a worker
+        that drains, once its replies are stored)."""
+        held, self._held = list(self._held), {}
+        if not held:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for conversation_id in held:
+            pipe.eval(RELEASE, 1, self.lease(conversation_id), self.worker)
+        await pipe.execute()
+
     async def _renew_all(self) -> None:
         """Every `RENEW_EVERY` s, renew every lease held here, in one round trip."""
         while True:

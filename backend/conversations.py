@@ -18,6 +18,7 @@ from backend.cluster import WATCH_TTL, Cluster
 from backend.cluster_conversation import ClusterConversation, Links, turn_from
 from backend.config import Settings
 from backend.conversation import Conversation, Services, report_failure
+from backend.errors import SHARED_STATE_ERRORS
 from backend.quotas import Quotas
 from backend.records import ConversationRecord, title_for
 from backend.reply import Replier
@@ -262,6 +263,14 @@ class Conversations:
         if stopped:
             log.warning("%d replies did not finish in time; stored as interrupted", stopped)
         await self.writer.flush()
+        if self.cluster is not None:
+            # Everything is stored: no lease here is for anything any more (each reply gave its
+            # own back as it ended; this catches one whose release failed). A client that
+            # rejoins elsewhere must not wait for one to expire.
+            try:
+                await self.cluster.give_back_all()
+            except SHARED_STATE_ERRORS as exc:
+                log.warning("cannot give back this worker's leases (%s)", exc)
         closed = [
             client
             for conversation in list(self._live.values())

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
@@ -28,13 +29,19 @@ from tests.harness import (
     until_end,
 )
 
+# What the drain drill relies on: replies in flight get this long to finish when a worker is
+# told to stop, and each reply of the fake model takes about `REPLY_S` seconds.
+GRACE_S = 1.0
+REPLY = Behaviour(tokens=[" q"] * 100, delay=0.01)
+REPLY_S = 100 * 0.01
+
 
 @pytest.fixture(scope="module")
 def own_deployment(
     upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
 ) -> Iterator[Deployment]:
     env = deployment_env(upstream_server, postgres, redis_server)
-    deployed = Deployment(2, {**env, "CHAT_SHUTDOWN_GRACE": "1"}).start()
+    deployed = Deployment(2, {**env, "CHAT_SHUTDOWN_GRACE": str(GRACE_S)}).start()
     yield deployed
     deployed.remove()
 
@@ -161,32 +168,86 @@ async def test_postgres_restart_mid_conversation(
 
 
 async def test_sigterm_of_one_worker_under_load(
-    own_deployment: Deployment, fake: FakeUpstream
+    own_deployment: Deployment, fake: FakeUpstream, redis_server: Redis
 ) -> None:
-    leaving, staying = own_deployment.workers
-    fake.default = Behaviour(tokens=[" q"] * 100, delay=0.01)
-    sockets = 6
+    await drain_drill(own_deployment, fake, redis_server)
+
+
+async def test_sigterm_of_one_worker_right_after_a_redis_restart(
+    own_deployment: Deployment, fake: FakeUpstream, redis_server: Redis
+) -> None:
+    """The drill again with every pool of both workers holding connections that went with
+    the Redis before: none of them may cost a question its answer."""
     async with asyncio.TaskGroup() as group:
-        runs = [group.create_task(survive_a_drain(leaving, staying)) for _ in range(sockets)]
-        await asyncio.sleep(0.3)
-        await asyncio.to_thread(leaving.terminate)
-    for run in runs:
-        assert run.result() in ("completed", "interrupted")
+        for n in range(40):
+            group.create_task(ask_once(own_deployment.workers[n % 2].ws, f"warm {n}"))
+    await asyncio.to_thread(redis_server.stop)
+    await asyncio.to_thread(redis_server.start)
+    await drain_drill(own_deployment, fake, redis_server)
+
+
+async def ask_once(url: str, question: str) -> None:
+    async with connect(url) as ws:
+        await ws.send(question)
+        assert (await until_end(ws))[-1]["status"] == "completed"
+
+
+async def drain_drill(own_deployment: Deployment, fake: FakeUpstream, redis_server: Redis) -> None:
+    """SIGTERM to one worker while it runs replies. What users are promised: replies in
+    flight end within the grace, their sockets are closed with 1012, and a question on the
+    other worker is answered at once, never waiting for a lease of the worker that drained (it
+    gives them all back as it stores its replies). Each limit is the promise, plus `UNIT` for
+    this machine."""
+    leaving, staying = own_deployment.workers
+    fake.default = REPLY
+    sockets = 6
+    leases = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    asked: list[str] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            runs = [
+                group.create_task(survive_a_drain(leaving, staying, asked)) for _ in range(sockets)
+            ]
+            # Once every reply runs, on the worker about to drain: whose leases these are.
+            keys = await leases_held(leases, asked, sockets)
+            drained = {await leases.get(key) for key in keys}
+            await asyncio.to_thread(leaving.terminate)
+            left = [key for key in keys if await leases.get(key) in drained]
+            assert left == []
+        assert len(drained) == 1
+        for run in runs:
+            assert run.result() in ("completed", "interrupted")
+    finally:
+        await leases.aclose()
     leaving.start()
 
 
-async def survive_a_drain(leaving: Worker, staying: Worker) -> str:
-    """Ask on the worker that is about to drain; rejoin on the other one after 1012."""
+async def leases_held(client: aioredis.Redis, asked: list[str], count: int) -> list[str]:
+    """The lease keys of the `count` conversations in `asked`, once all of them are held."""
+    async with asyncio.timeout(UNIT):
+        while True:
+            keys = [f"chat:lease:{conversation}" for conversation in asked]
+            if len(keys) == count and await client.exists(*keys) == count:
+                return keys
+            await asyncio.sleep(0.01)
+
+
+async def survive_a_drain(leaving: Worker, staying: Worker, asked: list[str]) -> str:
+    """Ask on the worker that is about to drain (noted in `asked`); rejoin on the other one
+    after 1012."""
     async with connect(leaving.ws) as ws:
         conversation = conversation_of(ws)
         await ws.send("long")
-        frames = await until_end(ws, within=UNIT * 5)
-        assert (await close_of(ws, within=UNIT * 5))[0] == 1012
+        asked.append(conversation)
+        frames = await until_end(ws, within=GRACE_S + UNIT)
+        assert (await close_of(ws, within=UNIT))[0] == 1012
     url = f"{staying.ws}?conversation={conversation}&after={last_seq(frames)}"
     async with ws_connect(url) as ws:
         assert (await recv(ws))["conversation"] == conversation
         await ws.send(json.dumps({"type": "question", "message": "still there?"}))
-        more = await until_end(ws)
+        echo = await recv(ws, within=UNIT)
+        assert (echo["sender"], echo["message"]) == ("you", "still there?"), echo
+        more = await until_end(ws, within=REPLY_S + UNIT)
         assert more[-1]["status"] == "completed"
     status: str = frames[-1]["status"]
     return status
