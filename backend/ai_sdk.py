@@ -221,23 +221,26 @@ async def find(conversations: Conversations, chat_id: str, owner: str) -> Conver
     A chat id that is one of the owner's conversation ids (from `/conversations`, or the web
     client's URL) is that conversation; any other id stands for a conversation of its own.
     """
-    for conversation_id in conversation_ids(chat_id, owner):
-        try:
-            return await conversations.open(conversation_id, owner)
-        except UnknownConversation:
-            pass
-    return None
+    return await first_open(conversations, conversation_ids(chat_id, owner), owner)
 
 
 async def find_or_begin(conversations: Conversations, chat_id: str, owner: str) -> Conversation:
     """The conversation of `owner`'s chat `chat_id`, begun if there is none yet."""
     *own, derived = conversation_ids(chat_id, owner)
-    for conversation_id in own:
+    found = await first_open(conversations, own, owner)
+    return found or await conversations.open_or_begin(derived, owner)
+
+
+async def first_open(
+    conversations: Conversations, conversation_ids: list[str], owner: str
+) -> Conversation | None:
+    """The first of `owner`'s conversations by these ids that exists, opened; or None."""
+    for conversation_id in conversation_ids:
         try:
             return await conversations.open(conversation_id, owner)
         except UnknownConversation:
             pass
-    return await conversations.open_or_begin(derived, owner)
+    return None
 
 
 def conversation_ids(chat_id: str, owner: str) -> list[str]:

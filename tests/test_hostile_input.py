@@ -84,6 +84,14 @@ async def test_hostile_http_is_refused_promptly(target: LiveServer, request_byte
     assert 400 <= status_of(answer) < 500
 
 
+def chunked_post(path: str, megabytes: int) -> bytes:
+    """A POST to `path` whose body comes in chunks of a megabyte, `megabytes` of them."""
+    piece = b"x" * 1_000_000
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head.encode() + chunk * megabytes
+
+
 def sentence_of(status: int, content_type: str, raw: bytes) -> str:
     """The sentence of a 4xx: `{"detail": ...}` in JSON, or the whole of a plain-text body."""
     assert 400 <= status < 500, (status, raw[:300])
@@ -269,10 +277,7 @@ async def test_a_body_too_large_for_a_route_that_answered_gets_no_second_answer(
     target: LiveServer,
 ) -> None:
     # /api/ws-ticket answers without reading its body; the body then goes over the limit.
-    piece = b"x" * 1_000_000
-    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    head = b"POST /api/ws-ticket HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-    answer = await raw_exchange(target.port, head + chunk * 17, within=UNIT * 5)
+    answer = await raw_exchange(target.port, chunked_post("/api/ws-ticket", 17), within=UNIT * 5)
     assert status_of(answer) == 200
     assert answer.count(b"HTTP/1.1 ") == 1, answer[:500]
 
@@ -290,14 +295,11 @@ async def test_a_question_no_text_can_carry_is_a_422(target: LiveServer) -> None
 async def test_a_body_refused_mid_read_leaves_no_error_in_the_log(
     target: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    piece = b"x" * 1_000_000
-    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    head = b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     uvicorn_log = logging.getLogger("uvicorn")
     uvicorn_log.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO):
-            answer = await raw_exchange(target.port, head + chunk * 17, within=UNIT * 5)
+            answer = await raw_exchange(target.port, chunked_post("/api/chat", 17), within=UNIT * 5)
             await asyncio.sleep(0.2)  # the app's side of the request ends after the answer
     finally:
         uvicorn_log.removeHandler(caplog.handler)
