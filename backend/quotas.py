@@ -31,40 +31,18 @@ from backend.config import Settings
 from backend.errors import SHARED_STATE_ERRORS, ChatError
 from backend.metrics import Limit, Metrics
 from backend.slots import MemorySlots, RedisSlots, Slots
+from backend.speedups import usable
+from backend.speedups.memory_rates import MemoryRates
+from backend.timings import SLOT_RETRY_AFTER, TOKENS_RECHECK
 from schemas import ChatResponse, Usage
 
 log = logging.getLogger(__name__)
 
-# Seconds a client refused a connection or a reply slot is told to wait before trying again:
-# a slot frees when something else of theirs ends, which no clock can say.
-SLOT_RETRY_AFTER = 5
-# Seconds between two sweeps of expired entries from the memory storage.
-SWEEP_EVERY = 1.0
-# Seconds a "tokens left" read from Redis stands, and for how many users at most.
-TOKENS_RECHECK = 1.0
+# For how many users at most a "tokens left" read from Redis stands (`TOKENS_RECHECK`).
 TOKENS_FINE_USERS = 10_000
 # What each rate counts, so that a question rate and a token rate of the same window differ.
 QUESTIONS = "questions"
 TOKENS = "tokens"
-
-
-class MemoryRates(MemoryStorage):
-    """`limits`' memory storage, sweeping out expired entries at most once a second.
-
-    Its own sweep runs after every hit and hops to a worker thread each time, which a busy
-    server pays for in latency. Entries are compared with the clock when they are read, so
-    the sweep only frees memory: less often is as correct.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._swept = 0.0
-
-    async def _MemoryStorage__schedule_expiry(self) -> None:
-        now = time.monotonic()
-        if now - self._swept >= SWEEP_EVERY:
-            self._swept = now
-            await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
 
 class RateLimited(ChatError):
@@ -162,11 +140,15 @@ class Quotas:
         # The rates' own connections to Redis, opened like the cluster's (and closed with us).
         self._rates_pool = redis.ConnectionPool.from_url(url, **redis_options()) if url else None
         pool: dict[str, Any] = {"connection_pool": self._rates_pool}
-        storage: Storage = (
-            RedisStorage(f"async+{url}", implementation="redispy", key_prefix="chat:limits", **pool)
-            if url
-            else MemoryRates()
-        )
+        storage: Storage
+        if url:
+            storage = RedisStorage(
+                f"async+{url}", implementation="redispy", key_prefix="chat:limits", **pool
+            )
+        elif usable("memory_rates", settings.chat_speedups):
+            storage = MemoryRates()
+        else:
+            storage = MemoryStorage()
         self.moving = MovingWindowRateLimiter(storage)
         self.fixed = FixedWindowRateLimiter(storage)
         self.slots: Slots = RedisSlots(client) if client is not None else MemorySlots()
@@ -196,17 +178,11 @@ class Quotas:
             questions_left, tokens_left = await asyncio.gather(testing_questions, testing_tokens)
         else:
             questions_left, tokens_left = await testing_questions, await testing_tokens
-        if not questions_left:
-            raise await self._questions_refused(who)
-        if not tokens_left:
-            assert tokens is not None
-            wait = await self._reset_in(self.fixed, tokens, TOKENS, who)
-            raise self._refused(
-                "tokens",
-                f"You have used your {tokens.amount:,} model tokens "
-                f"{window_phrase(tokens)}; you can ask again {wait_phrase(wait)}.",
-                wait,
-            )
+        # A limit that is not set always has room (`_true`): only a set one refuses.
+        if questions is not None and not questions_left:
+            raise await self._questions_refused(questions, who)
+        if tokens is not None and not tokens_left:
+            raise await self._tokens_refused(tokens, who)
 
     async def _tokens_left(self, tokens: RateLimitItem, who: str) -> bool:
         """Whether `who` has tokens left. In Redis, a yes is taken as read for a second, until
@@ -276,14 +252,22 @@ class Quotas:
         except SHARED_STATE_ERRORS as exc:
             log.warning("cannot settle a reply's quotas: %s", exc)
 
-    async def _questions_refused(self, who: str) -> RateLimited:
-        assert self.questions is not None
-        wait = await self._reset_in(self.moving, self.questions, QUESTIONS, who)
+    async def _questions_refused(self, questions: RateLimitItem, who: str) -> RateLimited:
+        wait = await self._reset_in(self.moving, questions, QUESTIONS, who)
         return self._refused(
             "questions",
-            f"You have asked {self.questions.amount} question"
-            f"{'s' if self.questions.amount != 1 else ''} {window_phrase(self.questions)}, the "
+            f"You have asked {questions.amount} question"
+            f"{'s' if questions.amount != 1 else ''} {window_phrase(questions)}, the "
             f"most allowed; you can ask again {wait_phrase(wait)}.",
+            wait,
+        )
+
+    async def _tokens_refused(self, tokens: RateLimitItem, who: str) -> RateLimited:
+        wait = await self._reset_in(self.fixed, tokens, TOKENS, who)
+        return self._refused(
+            "tokens",
+            f"You have used your {tokens.amount:,} model tokens "
+            f"{window_phrase(tokens)}; you can ask again {wait_phrase(wait)}.",
             wait,
         )
 

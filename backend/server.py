@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from backend.config import Settings
 from backend.protocols import WebSocketProtocol, http_protocol
+from backend.timings import GRACEFUL_SHUTDOWN_TIMEOUT
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
@@ -22,7 +23,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, host: str, port: int) -> uv
         ws=WebSocketProtocol,
         ws_max_size=settings.ws_max_size,
         log_level="info",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT,
     )
 
 

@@ -17,12 +17,9 @@ from typing import Any, Protocol, cast
 import redis.asyncio as redis
 
 from backend.errors import SHARED_STATE_ERRORS
+from backend.timings import SLOT_RENEW_EVERY, SLOT_TTL
 
 log = logging.getLogger(__name__)
-
-# Seconds a slot outlives the last renewal of the worker holding it.
-SLOT_TTL = 30.0
-RENEW_EVERY = SLOT_TTL / 3
 
 # Drop the expired slots, then take one if there is room (or it is already held).
 ACQUIRE = """
@@ -132,7 +129,7 @@ class RedisSlots:
 
     async def _renew_all(self) -> None:
         while True:
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(SLOT_RENEW_EVERY)
             mine = list(self._mine)
             if not mine:
                 continue
