@@ -348,7 +348,7 @@ def build_router(
                 elif not await conversation.regenerate(who):
                     raise unprocessable(NOTHING_TO_REGENERATE)
             except BaseException:
-                conversation.let_go()
+                conversation.drop_if_idle()
                 raise
         except BaseException as failed:
             await slot.release()
@@ -382,15 +382,15 @@ def build_router(
         try:
             after = await conversation.reply_in_flight()
         except ChatError as error:
-            conversation.let_go()
+            conversation.drop_if_idle()
             raise refusal(error) from error
         if after is None:
-            conversation.let_go()
+            conversation.drop_if_idle()
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         try:
             slot = await access.slot(caller, request.client)
         except BaseException:
-            conversation.let_go()
+            conversation.drop_if_idle()
             raise
         metrics.resumes.inc()
         return await follow(conversation, after, slot)
@@ -413,7 +413,7 @@ def build_router(
         except ChatError as error:
             raise refusal(error) from error
         finally:
-            conversation.let_go()
+            conversation.drop_if_idle()
         return {"stopped": stopped}
 
     @router.get(

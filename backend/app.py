@@ -27,6 +27,8 @@ from backend.http_stream import build_router
 from backend.inbound import parse_seq
 from backend.local_model import local_upstream
 from backend.metrics import Metrics, build_metrics_route
+from backend.redis_relay import RedisRelays
+from backend.relay import LocalRelays, Relays
 from backend.reply import Replier
 from backend.session import ChatSession
 from backend.speedups import usable
@@ -55,8 +57,16 @@ def make_upstream(settings: Settings) -> Upstream:
     return local_upstream(settings) if settings.mode == "local" else remote_upstream(settings)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The whole application, configured by `settings`."""
+def choose_relays(settings: Settings) -> Relays:
+    """In this process alone, or shared through Redis with the other workers: chosen once."""
+    if settings.chat_redis_url:
+        return RedisRelays(Cluster(settings.chat_redis_url))
+    return LocalRelays()
+
+
+def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
+    """The whole application, configured by `settings` (and `relays`, when given, in place
+    of those the settings choose)."""
     upstream = make_upstream(settings)
     transport = (
         model_transport(openai.DEFAULT_CONNECTION_LIMITS)
@@ -66,11 +76,11 @@ def create_app(settings: Settings) -> FastAPI:
     http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout, transport=transport)
     metrics = Metrics()
     replier = Replier(settings, build_chain(settings, upstream, http_client), upstream, metrics)
-    cluster = Cluster(settings.chat_redis_url) if settings.chat_redis_url else None
-    conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), cluster)
+    relays = relays if relays is not None else choose_relays(settings)
+    conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), relays)
     access = Access(
         Authenticator(settings),
-        Tickets(cluster.redis if cluster else None),
+        Tickets(relays.redis),
         conversations.quotas,
         lambda: conversations.draining,
         settings.chat_allowed_origins,

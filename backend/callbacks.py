@@ -1,7 +1,7 @@
 """LangChain callback handlers that turn a model run into frames as it happens.
 
 Both set `raise_error`: LangChain logs and swallows a handler's exception otherwise, and a
-handler that can no longer deliver must stop the generation rather than let it run unheard.
+handler that fails must end the reply with an error rather than let the model run on unheard.
 Both set `run_inline`, so they are awaited in order on the model's own task instead of being
 gathered in a new task per token.
 """

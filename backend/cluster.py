@@ -28,17 +28,11 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-# Imported from here by modules that predate their move to `backend.errors`.
-from backend.errors import SHARED_STATE_ERRORS as SHARED_STATE_ERRORS
-from backend.errors import UNREACHABLE as UNREACHABLE
+from backend.errors import SHARED_STATE_ERRORS
+from backend.timings import LEASE_MS, RENEW_EVERY, STREAM_TTL_S, WATCH_TTL
 
 log = logging.getLogger(__name__)
 
-LEASE_MS = 3000
-RENEW_EVERY = 1.0
-WATCH_TTL = 6.0
-# The stream of a turn nobody touches is dropped after this long; the turn is stored by then.
-STREAM_TTL_S = 3600
 CONTROL_PATTERN = "chat:control:*"
 # Connections a worker opens to Redis at most (blocking reads have their own), and how long
 # a request waits for one before it fails.
@@ -55,7 +49,7 @@ REDIS_RETRY_CAP_S = 0.2
 # Renew a lease this worker holds (1), or take it again if nobody holds it (2): Redis lost it
 # (a restart) or let it expire (cut off for longer than the lease) while the reply ran on. Not
 # if another worker has ended the turn meanwhile, taking this one for dead (0).
-RENEW = """
+RENEW_LEASE = """
 local holder = redis.call('get', KEYS[1])
 if holder == ARGV[1] then
   redis.call('pexpire', KEYS[1], ARGV[2])
@@ -78,7 +72,7 @@ return 2
 """
 RENEWED, RETAKEN = 1, 2
 # Release a lease only if this worker still holds it.
-RELEASE = """
+RELEASE_LEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
@@ -88,7 +82,7 @@ return 0
 # Write a turn's stream anew, from its first frame, if the lease is this worker's or nobody's
 # (then taking it): a stream that Redis lost while its reply ran on. ARGV: worker, lease ms,
 # turn position, seconds the stream lives, then each entry's id, frame and kind.
-RESTORE = """
+RESTORE_TURN = """
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return 0
@@ -142,9 +136,47 @@ end
 return 0
 """
 
-Entry = tuple[int, str, dict[str, str]]  # seq, frame JSON, other fields
-StreamEntry = tuple[int, str, str]  # seq, frame JSON, kind: an entry to add
 ControlHandler = Callable[[str, str], Awaitable[None]]
+
+# The kind of an entry that is reply text (the other kinds are the frame's type).
+TEXT = "text"
+# The kind of an entry with a reply's whole text so far, from its first character (in a stream
+# written anew): a client that has part of it is sent the rest.
+TEXT_SO_FAR = "text-so-far"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One frame in a conversation's stream: the only shape in which frames travel through
+    Redis. Its id is `SEQ-0`; its fields are the frame's JSON (`f`), its kind (`k`) and the
+    position of the turn it belongs to (`t`)."""
+
+    seq: int
+    frame: str  # the frame's JSON, as clients are sent it
+    kind: str  # `TEXT`, `TEXT_SO_FAR`, or the frame's type
+    turn: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.seq}-0"
+
+    @property
+    def ends_turn(self) -> bool:
+        return self.kind == "end"
+
+    def fields(self) -> dict[str, str]:
+        return {"f": self.frame, "t": str(self.turn), "k": self.kind}
+
+    @classmethod
+    def decode(cls, raw: tuple[str, dict[str, str]]) -> Entry:
+        """An entry as Redis gives it back (`XRANGE`, `XREAD`)."""
+        entry_id, fields = raw
+        return cls(int(entry_id.split("-", 1)[0]), fields["f"], fields["k"], int(fields["t"]))
+
+
+def script_fields(entries: Sequence[Entry]) -> list[str]:
+    """Entries as the scripts that add them take them: id, frame, kind, for each."""
+    return [value for entry in entries for value in (entry.id, entry.frame, entry.kind)]
 
 
 def redis_options() -> dict[str, Any]:
@@ -162,16 +194,55 @@ def redis_options() -> dict[str, Any]:
     }
 
 
-def entry_of(raw: tuple[str, dict[str, str]]) -> Entry:
-    entry_id, fields = raw
-    return int(entry_id.split("-", 1)[0]), fields["f"], fields
+class Lease:
+    """The right to run a conversation's turn, which one worker at a time holds.
 
+    `acquire()` takes it if nobody holds it; from then on it is renewed (with every other
+    lease of the worker, in one round trip) until it is given back, which leaving an
+    `async with lease:` block does. `on_lost()` is called if another worker takes it
+    meanwhile.
+    """
 
-@dataclass(eq=False)
-class Hold:
-    """A lease this worker keeps renewing, and what to do if it is lost."""
+    def __init__(self, cluster: Cluster, conversation_id: str, on_lost: Callable[[], None]) -> None:
+        self.cluster = cluster
+        self.conversation_id = conversation_id
+        self.key = Cluster.lease_key(conversation_id)
+        self.on_lost = on_lost
 
-    on_lost: Callable[[], None]
+    def __repr__(self) -> str:
+        held = self.cluster._held.get(self.conversation_id) is self
+        return f"<Lease {self.conversation_id} {'held' if held else 'not held'}>"
+
+    async def acquire(self) -> bool:
+        """Take the lease if nobody holds it, and keep renewing it; False if somebody does."""
+        cluster = self.cluster
+        taken = cluster.redis.set(self.key, cluster.worker, nx=True, px=LEASE_MS)
+        if not await cast(Awaitable[Any], taken):
+            return False
+        cluster._held[self.conversation_id] = self
+        return True
+
+    def stop_renewing(self) -> None:
+        """Renew it no more: it expires within `LEASE_MS` unless given back first."""
+        if self.cluster._held.get(self.conversation_id) is self:
+            del self.cluster._held[self.conversation_id]
+
+    async def give_back(self) -> None:
+        """Stop renewing the lease, then release it if this worker still holds it."""
+        # In this order: a renewal on its way when the lease is released would take it again,
+        # and is told apart (see `Cluster.renew`) by the lease no longer being renewed.
+        self.stop_renewing()
+        await self.cluster.release_lease(self.conversation_id)
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.give_back()
+        except SHARED_STATE_ERRORS as exc:
+            # It expires within `LEASE_MS`: another worker waits that long at most.
+            log.warning("cannot give a lease back (%s); it expires shortly", exc)
 
 
 class Cluster:
@@ -193,8 +264,13 @@ class Cluster:
         self._handlers: list[ControlHandler] = []
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
-        # Leases this worker holds while their replies run, and what to do if one is lost.
-        self._held: dict[str, Hold] = {}
+        # Leases this worker holds (and renews) while their turns run.
+        self._held: dict[str, Lease] = {}
+        self._renew_lease = self.redis.register_script(RENEW_LEASE)
+        self._release_lease = self.redis.register_script(RELEASE_LEASE)
+        self._restore_turn = self.redis.register_script(RESTORE_TURN)
+        self._append_to_turn = self.redis.register_script(APPEND_TO_TURN)
+        self._forget_unused = self.redis.register_script(FORGET_UNUSED)
 
     # Keys.
 
@@ -203,7 +279,7 @@ class Cluster:
         return f"chat:frames:{conversation_id}"
 
     @staticmethod
-    def lease(conversation_id: str) -> str:
+    def lease_key(conversation_id: str) -> str:
         return f"chat:lease:{conversation_id}"
 
     @staticmethod
@@ -274,25 +350,9 @@ class Cluster:
 
     # Leases.
 
-    async def acquire(self, conversation_id: str) -> bool:
-        """Take the conversation's lease if nobody holds it."""
-        taken = self.redis.set(self.lease(conversation_id), self.worker, nx=True, px=LEASE_MS)
-        return bool(await cast(Awaitable[Any], taken))
-
-    def hold(self, conversation_id: str, on_lost: Callable[[], None]) -> None:
-        """Keep renewing a lease just acquired until `let_go`; `on_lost()` if it is lost."""
-        self._held[conversation_id] = Hold(on_lost)
-
-    def let_go(self, conversation_id: str) -> None:
-        """Stop renewing a lease (`give_back` also releases it)."""
-        self._held.pop(conversation_id, None)
-
-    async def give_back(self, conversation_id: str) -> None:
-        """Stop renewing a lease, then release it."""
-        # In this order: a renewal on its way when the lease is released would take it again,
-        # and is told apart (see `renew`) by its hold being gone.
-        self.let_go(conversation_id)
-        await self.release(conversation_id)
+    def lease(self, conversation_id: str, on_lost: Callable[[], None] = lambda: None) -> Lease:
+        """The conversation's lease, not taken yet (see `Lease`)."""
+        return Lease(self, conversation_id, on_lost)
 
     async def give_back_all(self) -> None:
         """Stop renewing every lease held here and release them, in one round trip (a worker
@@ -302,7 +362,9 @@ class Cluster:
             return
         pipe = self.redis.pipeline(transaction=False)
         for conversation_id in held:
-            pipe.eval(RELEASE, 1, self.lease(conversation_id), self.worker)
+            await self._release_lease(
+                keys=[self.lease_key(conversation_id)], args=[self.worker], client=pipe
+            )
         await pipe.execute()
 
     async def _renew_all(self) -> None:
@@ -321,49 +383,46 @@ class Cluster:
             return
         pipe = self.redis.pipeline(transaction=False)
         for conversation_id, _ in held:
-            keys = (self.lease(conversation_id), self.frames(conversation_id))
-            pipe.eval(RENEW, 2, *keys, self.worker, LEASE_MS)
+            keys = [self.lease_key(conversation_id), self.frames(conversation_id)]
+            await self._renew_lease(keys=keys, args=[self.worker, LEASE_MS], client=pipe)
         renewed = await pipe.execute()
-        for (conversation_id, hold), outcome in zip(held, renewed, strict=True):
-            # Only the hold that was renewed: while the round trip was out, the lease may have
-            # been given back and taken again for the next reply, whose hold this outcome is
-            # not about.
-            current = self._held.get(conversation_id) is hold
+        for (conversation_id, lease), outcome in zip(held, renewed, strict=True):
+            # Only the lease that was renewed: while the round trip was out, it may have been
+            # given back and taken again for the next turn, whose lease this outcome is not
+            # about.
+            current = self._held.get(conversation_id) is lease
             if outcome == RETAKEN and not current:
                 # Taken again after it was given back: given back once more.
-                await self.release(conversation_id)
+                await self.release_lease(conversation_id)
             elif outcome == RETAKEN:
                 log.warning("a lease Redis had lost was taken again; the reply goes on")
             elif outcome != RENEWED and current:
                 del self._held[conversation_id]
-                hold.on_lost()
+                lease.on_lost()
 
-    async def restore(
-        self, conversation_id: str, position: int, entries: Sequence[StreamEntry]
-    ) -> bool:
-        """Write the stream of turn `position` anew with `entries` (`seq`, JSON, kind), holding
-        the lease; False, and nothing written, if another worker holds it."""
-        fields = [value for seq, frame, kind in entries for value in (f"{seq}-0", frame, kind)]
-        keys = [self.lease(conversation_id), self.frames(conversation_id)]
-        args: list[str | int] = [self.worker, LEASE_MS, position, STREAM_TTL_S, *fields]
-        return bool(await self.redis.eval(RESTORE, 2, *keys, *args))
+    async def restore(self, conversation_id: str, position: int, entries: Sequence[Entry]) -> bool:
+        """Write the stream of turn `position` anew with `entries`, holding the lease; False,
+        and nothing written, if another worker holds it."""
+        keys = [self.lease_key(conversation_id), self.frames(conversation_id)]
+        args: list[str | int] = [self.worker, LEASE_MS, position, STREAM_TTL_S]
+        return bool(await self._restore_turn(keys=keys, args=[*args, *script_fields(entries)]))
 
     async def append_to_turn(
-        self, conversation_id: str, position: int, first: int, entries: Sequence[StreamEntry]
+        self, conversation_id: str, position: int, first: int, entries: Sequence[Entry]
     ) -> bool:
         """Add `entries` to the stream if it still holds turn `position`, begun at `seq`
         `first`, not ended; False, and nothing added, otherwise."""
-        fields = [value for seq, frame, kind in entries for value in (f"{seq}-0", frame, kind)]
-        args: list[str | int] = [position, f"{first}-0", *fields]
-        return bool(await self.redis.eval(APPEND_TO_TURN, 1, self.frames(conversation_id), *args))
+        args: list[str | int] = [position, f"{first}-0", *script_fields(entries)]
+        return bool(await self._append_to_turn(keys=[self.frames(conversation_id)], args=args))
 
-    async def release(self, conversation_id: str) -> None:
-        await self.redis.eval(RELEASE, 1, self.lease(conversation_id), self.worker)
+    async def release_lease(self, conversation_id: str) -> None:
+        """Release the conversation's lease if this worker holds it."""
+        await self._release_lease(keys=[self.lease_key(conversation_id)], args=[self.worker])
 
     async def holder(self, conversation_id: str) -> str | None:
         """The worker that holds the lease, if any."""
         return cast(
-            str | None, await cast(Awaitable[Any], self.redis.get(self.lease(conversation_id)))
+            str | None, await cast(Awaitable[Any], self.redis.get(self.lease_key(conversation_id)))
         )
 
     async def released(self, conversation_id: str, within: float) -> bool:
@@ -383,7 +442,7 @@ class Cluster:
         pipe.get(self.seq(conversation_id))
         pipe.xrevrange(self.frames(conversation_id), count=1)
         stored, last = await pipe.execute()
-        from_stream = entry_of(last[0])[0] if last else 0
+        from_stream = Entry.decode(last[0]).seq if last else 0
         return max(int(stored or 0), from_stream)
 
     async def known(self, conversation_id: str) -> str | None:
@@ -404,9 +463,7 @@ class Cluster:
 
     async def forget_unused(self, conversation_id: str) -> None:
         """Drop the id of a conversation in which nothing was asked."""
-        await self.redis.eval(
-            FORGET_UNUSED, 2, self.seq(conversation_id), self.frames(conversation_id)
-        )
+        await self._forget_unused(keys=[self.seq(conversation_id), self.frames(conversation_id)])
 
     async def set_last_seq(self, conversation_id: str, seq: int) -> None:
         await cast(
@@ -415,20 +472,14 @@ class Cluster:
 
     # Frames.
 
-    async def publish(
-        self,
-        conversation_id: str,
-        entries: Sequence[tuple[int, str, str]],
-        position: int,
-        fresh: bool,
-    ) -> None:
-        """Append frames (`seq`, JSON, type) of turn `position`; `fresh` starts the stream anew."""
+    async def publish(self, conversation_id: str, entries: Sequence[Entry], fresh: bool) -> None:
+        """Append `entries` to the conversation's stream; `fresh` starts the stream anew."""
         key = self.frames(conversation_id)
         pipe = self.redis.pipeline(transaction=fresh)
         if fresh:
             pipe.delete(key)
-        for seq, frame, kind in entries:
-            pipe.xadd(key, {"f": frame, "t": str(position), "k": kind}, id=f"{seq}-0")
+        for entry in entries:
+            pipe.xadd(key, entry.fields(), id=entry.id)  # type: ignore[arg-type]
         pipe.expire(key, STREAM_TTL_S)
         await pipe.execute()
 
@@ -442,12 +493,12 @@ class Cluster:
         first, rest = await pipe.execute()
         if not first:
             return None, []
-        return int(first[0][1]["t"]), [entry_of(raw) for raw in rest]
+        return Entry.decode(first[0]).turn, [Entry.decode(raw) for raw in rest]
 
     async def whole_turn(self, conversation_id: str) -> list[Entry]:
         """Every frame in the stream."""
         raws = await cast(Awaitable[Any], self.redis.xrange(self.frames(conversation_id)))
-        return [entry_of(raw) for raw in raws]
+        return [Entry.decode(raw) for raw in raws]
 
     async def forget(self, conversation_id: str) -> None:
         """Drop everything Redis holds about a deleted conversation, and tell every worker."""

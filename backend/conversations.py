@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -11,18 +10,16 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette import status
 
-from backend.cluster import WATCH_TTL, Cluster
-from backend.cluster_conversation import ClusterConversation, Links, turn_from
 from backend.config import Settings
 from backend.conversation import Conversation, Services, report_failure
-from backend.errors import SHARED_STATE_ERRORS
 from backend.quotas import Quotas
 from backend.records import ConversationRecord, title_for
+from backend.relay import Relays
 from backend.reply import Replier
 from backend.store import Store
+from backend.timings import CLOSE_WAIT, LINGER
 from backend.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -30,12 +27,6 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 RESTARTING = "The server is restarting; reconnect to resume the conversation."
 DELETED = "This conversation was deleted."
-# Seconds the clients' writers get to send their close frames when draining.
-CLOSE_WAIT = 1.0
-# Seconds an idle, stored conversation stays in memory after its last client or reply.
-LINGER = 30.0
-# Seconds a deletion waits for the worker running the conversation's reply to stop it.
-RELEASE_WITHIN = 5.0
 
 
 class UnknownConversation(Exception):
@@ -51,24 +42,20 @@ def unknown(conversation_id: str) -> UnknownConversation:
 class Conversations:
     """Keeps in memory the conversations someone uses, and only those.
 
-    A conversation is loaded when a client joins it and leaves memory once it has no client,
-    no reply in flight and nothing left to store.
+    A conversation is loaded when a client joins it or a request acts on it. It leaves memory
+    once it has no client, no reply in flight and nothing left to store, and then, if it was
+    stored, `LINGER` seconds more.
     """
 
-    def __init__(
-        self,
-        replier: Replier,
-        settings: Settings,
-        store: Store,
-        cluster: Cluster | None = None,
-    ) -> None:
+    def __init__(self, replier: Replier, settings: Settings, store: Store, relays: Relays) -> None:
         self.store = store
         self.writer = WriteBehind(store)
         # Shared with the app's routes, which count connections and one-off replies.
-        self.quotas = Quotas(settings, cluster.redis if cluster else None, replier.metrics)
-        self.services = Services(replier, settings, self.writer, self.quotas, self._on_idle)
-        self.cluster = cluster
-        self.links = Links.of(cluster) if cluster is not None else None
+        self.quotas = Quotas(settings, relays.redis, replier.metrics)
+        self.services = Services(
+            replier, settings, self.writer, self.quotas, relays.relay, self._on_idle
+        )
+        self.relays = relays
         self.draining = False
         self._live: dict[str, Conversation] = {}
         self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
@@ -79,10 +66,7 @@ class Conversations:
     async def start(self) -> None:
         """Open the store (and the link to the other workers) and start writing."""
         await self.store.start()
-        if self.links is not None:
-            self.links.cluster.on_control(self._on_control)
-            await self.links.start()
-            self._spawn(self._keep_watching())
+        await self.relays.start(self)
         await self.quotas.start()
         self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")
 
@@ -98,15 +82,7 @@ class Conversations:
             await self.writer.flush()
         finally:
             await self.store.close()
-            if self.links is not None:
-                await self.links.close()
-
-    def _make(
-        self, conversation_id: str, record: ConversationRecord | None, owner: str
-    ) -> Conversation:
-        if self.links is None:
-            return Conversation(conversation_id, self.services, record, owner)
-        return ClusterConversation(conversation_id, self.services, self.links, record, owner)
+            await self.relays.close()
 
     def new(self, owner: str) -> Conversation:
         """A fresh conversation of `owner`'s; it is stored from its first question on."""
@@ -129,15 +105,30 @@ class Conversations:
             return conversation
 
     def _begin(self, conversation_id: str, owner: str) -> Conversation:
-        conversation = self._make(conversation_id, None, owner)
+        conversation = Conversation(conversation_id, self.services, None, owner)
         self._live[conversation.id] = conversation
-        if isinstance(conversation, ClusterConversation):
-            conversation.announce()
+        conversation.begun()
         return conversation
+
+    # What the relays see of the conversations (see `backend.relay.Directory`).
 
     def live(self, conversation_id: str) -> Conversation | None:
         """The conversation if it is in memory."""
         return self._live.get(conversation_id)
+
+    def watched(self) -> list[str]:
+        """The ids of the conversations with clients here."""
+        return [conversation.id for conversation in self._live.values() if conversation.clients]
+
+    def deleted_elsewhere(self, conversation_id: str) -> None:
+        """Another worker deleted the conversation: its clients here are told, its reply here
+        stopped."""
+        conversation = self._live.pop(conversation_id, None)
+        if conversation is None:
+            return
+        conversation.deleted = True
+        conversation.background(conversation.stop_here())
+        conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
 
     async def open(self, conversation_id: str, owner: str) -> Conversation:
         """`owner`'s conversation with this id, loaded if need be; raises `UnknownConversation`
@@ -145,30 +136,29 @@ class Conversations:
         if not ID_PATTERN.fullmatch(conversation_id):
             raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
         conversation = self._live.get(conversation_id)
-        if self.cluster is not None:
-            conversation = await self._open_shared(self.cluster, conversation_id, owner)
+        if self.relays.shared:
+            conversation = await self._open_shared(conversation_id, owner)
         elif conversation is None:
             conversation = await self._load(conversation_id, owner)
         if conversation.owner != owner:
             raise unknown(conversation_id)
         return conversation
 
-    async def _open_shared(
-        self, cluster: Cluster, conversation_id: str, owner: str
-    ) -> Conversation:
+    async def _open_shared(self, conversation_id: str, owner: str) -> Conversation:
         """`open` scaled out: the conversation once Redis and the store have both answered, or
         what keeps either from answering (a client joining gets its history from both, and
         is told to come back later rather than left waiting for them)."""
         live = self._live.get(conversation_id)
         # A conversation loaded now has just been read from the store; one in memory is not.
         reading = self.store.ping() if live is not None else self._load(conversation_id, owner)
-        read, reached = await asyncio.gather(reading, cluster.ping(), return_exceptions=True)
+        read, reached = await asyncio.gather(reading, self.relays.ping(), return_exceptions=True)
         if isinstance(read, BaseException):
             raise read
-        conversation = live or read
-        assert conversation is not None
+        conversation = read if isinstance(read, Conversation) else live
+        if conversation is None:  # deleted while the store was asked
+            raise unknown(conversation_id)
         if isinstance(reached, BaseException):
-            conversation.let_go()  # kept in memory for nobody otherwise
+            conversation.drop_if_idle()  # kept in memory for nobody otherwise
             raise reached
         return conversation
 
@@ -184,19 +174,12 @@ class Conversations:
         conversation = self._live.get(conversation_id)
         if conversation is not None:
             return conversation
-        found = record.owner if record is not None else await self._elsewhere(conversation_id)
+        found = record.owner if record is not None else await self.relays.owner(conversation_id)
         if found != owner:  # None: nobody's
             raise unknown(conversation_id)
-        conversation = self._make(conversation_id, record, owner)
+        conversation = Conversation(conversation_id, self.services, record, owner)
         self._live[conversation_id] = conversation
         return conversation
-
-    async def _elsewhere(self, conversation_id: str) -> str | None:
-        """The owner of a conversation another worker has begun and the store does not have
-        yet; None if there is none."""
-        if self.cluster is None:
-            return None
-        return await self.cluster.known(conversation_id)
 
     async def read(self, conversation_id: str, owner: str) -> ConversationRecord | None:
         """`owner`'s conversation as it is now, its reply in flight included, wherever that
@@ -207,14 +190,12 @@ class Conversations:
     async def _read(self, conversation_id: str) -> ConversationRecord | None:
         await self.writer.flush()
         record = await self.store.load(conversation_id)
-        if self.cluster is None:
-            return record
         # The turn a worker is streaming (or just ended) reaches the store a moment later.
-        latest = turn_from(await self.cluster.whole_turn(conversation_id))
+        latest = await self.relays.latest_turn(conversation_id)
         if latest is None:
             return record
         if record is None:
-            owner = await self.cluster.known(conversation_id)
+            owner = await self.relays.owner(conversation_id)
             if owner is None:
                 return None
             at = latest.asked_at
@@ -242,10 +223,7 @@ class Conversations:
             conversation.deleted = True
             await conversation.stop()
             conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
-        if self.cluster is not None:
-            # Every worker drops it and stops its reply, which then writes nothing more.
-            await self.cluster.forget(conversation_id)
-            await self.cluster.released(conversation_id, RELEASE_WITHIN)
+        await self.relays.forget(conversation_id)
         removed = await self.writer.delete(conversation_id)
         return removed or found
 
@@ -263,14 +241,10 @@ class Conversations:
         if stopped:
             log.warning("%d replies did not finish in time; stored as interrupted", stopped)
         await self.writer.flush()
-        if self.cluster is not None:
-            # Everything is stored: no lease here is for anything any more (each reply gave its
-            # own back as it ended; this catches one whose release failed). A client that
-            # rejoins elsewhere must not wait for one to expire.
-            try:
-                await self.cluster.give_back_all()
-            except SHARED_STATE_ERRORS as exc:
-                log.warning("cannot give back this worker's leases (%s)", exc)
+        # Everything is stored: no turn held here is for anything any more (each reply gave
+        # its own back as it ended; this catches one whose giving back failed). A client that
+        # rejoins elsewhere must not wait for it to expire.
+        await self.relays.give_back_all()
         closed = [
             client
             for conversation in list(self._live.values())
@@ -294,29 +268,6 @@ class Conversations:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(report_failure)
-
-    async def _on_control(self, conversation_id: str, command: str) -> None:
-        """A message from another worker about a conversation."""
-        conversation = self._live.get(conversation_id)
-        if conversation is None:
-            return
-        if command == "stop":
-            self._spawn(conversation.stop_here())
-        elif command == "deleted":
-            del self._live[conversation_id]
-            conversation.deleted = True
-            self._spawn(conversation.stop_here())
-            conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
-
-    async def _keep_watching(self) -> None:
-        """Tell the other workers, every few seconds, which conversations have clients here."""
-        assert self.cluster is not None
-        while True:
-            watched = [c.id for c in self._live.values() if c.clients]
-            if watched:
-                with contextlib.suppress(RedisError, OSError):
-                    await self.cluster.watch(watched)
-            await asyncio.sleep(WATCH_TTL / 3)
 
     async def _evict(self, conversation: Conversation) -> None:
         try:

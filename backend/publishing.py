@@ -16,29 +16,17 @@ import logging
 import time
 from collections.abc import Callable
 
-from backend.cluster import STREAM_TTL_S, Cluster, StreamEntry
+from backend.cluster import TEXT, Cluster, Entry
 from backend.errors import SHARED_STATE_ERRORS
-from backend.outbox import Close, Outbox, Pending, TokenRun
+from backend.outbox import TokenRun
+from backend.timings import STREAM_TTL_S
 from schemas import ChatResponse
 
 log = logging.getLogger(__name__)
 
-# The kind (field `k`) of a stream entry that is reply text.
-TEXT = "text"
-# The kind of an entry with a reply's whole text so far, from its first character (in a stream
-# written anew): a client that has part of it is sent the rest.
-TEXT_SO_FAR = "text-so-far"
 RETRY_AFTER = 0.2
 # A stream's expiry is pushed back at most this often (and whenever a turn starts).
 EXPIRE_EVERY = 60.0
-
-
-def stream_entry(item: Pending) -> StreamEntry | None:
-    if isinstance(item, TokenRun):
-        return item.seq or 0, item.to_json(), TEXT
-    if isinstance(item, ChatResponse):
-        return item.seq or 0, item.to_json(), item.type
-    return None
 
 
 class Publisher:
@@ -55,7 +43,7 @@ class Publisher:
         conversation_id: str,
         position: int,
         first: int,
-        so_far: Callable[[], list[StreamEntry] | None],
+        so_far: Callable[[], list[Entry] | None],
         taken: Callable[[], None],
     ) -> None:
         self.broadcaster = broadcaster
@@ -64,34 +52,48 @@ class Publisher:
         self.first = first  # the `seq` of the turn's first frame
         self.so_far = so_far
         self.taken = taken
-        self.queue = Outbox(max_pending=1_000_000)
+        # Frames not taken by the broadcaster yet; consecutive tokens merge into one run.
+        self.queued: list[ChatResponse | TokenRun] = []
         self.fresh = True  # the first batch replaces the previous turn's stream
         self.expired_at = 0.0
-        self.unsent: list[StreamEntry] = []
+        self.unsent: list[Entry] = []
         self.retrying = False  # a send failed: some of `unsent` may be in the stream already
         self.restoring = False  # the stream was lost: `unsent` is the whole turn, to write anew
         # Another worker may run the conversation now: the rest goes to the stream only while
         # that still holds this turn.
         self.guarded = False
-        self.closing = False
+        self.closing = False  # nothing more comes: done once the queue is sent
         self.done = asyncio.Event()
 
+    def __repr__(self) -> str:
+        return (
+            f"<Publisher {self.conversation_id} turn {self.position}: {len(self.queued)} queued,"
+            f" {len(self.unsent)} unsent{', closing' if self.closing else ''}>"
+        )
+
     def send(self, frame: ChatResponse) -> None:
-        self.queue.send(frame)
+        self.queued.append(frame)
         self.broadcaster.ready(self)
 
     def token(self, text: str, seq: int) -> None:
-        self.queue.token(text, seq)
+        queued = self.queued
+        if queued and isinstance(queued[-1], TokenRun):
+            run = queued[-1]
+            run.parts.append(text)
+            run.seq = seq
+        else:
+            queued.append(TokenRun([text], seq))
         self.broadcaster.ready(self)
 
-    def take(self) -> list[StreamEntry]:
+    def take(self) -> list[Entry]:
         """Everything queued since the last call, with what failed to go last time first."""
-        for item in self.queue.take_now():
-            entry = stream_entry(item)
-            if entry is not None:
-                self.unsent.append(entry)
-            elif isinstance(item, Close):
-                self.closing = True
+        queued, self.queued = self.queued, []
+        position = self.position
+        for item in queued:
+            if isinstance(item, TokenRun):
+                self.unsent.append(Entry(item.seq or 0, item.to_json(), TEXT, position))
+            else:
+                self.unsent.append(Entry(item.seq or 0, item.to_json(), item.type, position))
         return self.unsent
 
     def lost(self) -> None:
@@ -120,7 +122,7 @@ class Publisher:
 
     async def drain(self) -> None:
         """Send everything queued, then stop."""
-        self.queue.close(0, "")
+        self.closing = True
         self.broadcaster.ready(self)
         await self.done.wait()
 
@@ -147,7 +149,7 @@ class Broadcaster:
         conversation_id: str,
         position: int,
         first: int,
-        so_far: Callable[[], list[StreamEntry] | None],
+        so_far: Callable[[], list[Entry] | None],
         taken: Callable[[], None],
     ) -> Publisher:
         return Publisher(self, conversation_id, position, first, so_far, taken)
@@ -215,14 +217,11 @@ class Broadcaster:
             if publisher.fresh:
                 pipe.delete(key)
             firsts.append(len(pipe))
-            position = str(publisher.position)
             # Only into a stream that exists, once begun: one Redis lost is not begun again
             # from the middle of its turn.
             keep = not publisher.fresh
-            for seq, frame, kind in publisher.unsent:
-                pipe.xadd(
-                    key, {"f": frame, "t": position, "k": kind}, id=f"{seq}-0", nomkstream=keep
-                )
+            for entry in publisher.unsent:
+                pipe.xadd(key, entry.fields(), id=entry.id, nomkstream=keep)  # type: ignore[arg-type]
             if publisher.fresh or now - publisher.expired_at > EXPIRE_EVERY:
                 pipe.expire(key, STREAM_TTL_S)
                 publisher.expired_at = now
@@ -246,5 +245,5 @@ class Broadcaster:
             publisher.retrying = False
             if publisher.fresh or not last:
                 continue
-            sent = int(last[0][0].split("-", 1)[0])
-            publisher.unsent[:] = [entry for entry in publisher.unsent if entry[0] > sent]
+            sent = Entry.decode(last[0]).seq
+            publisher.unsent[:] = [entry for entry in publisher.unsent if entry.seq > sent]

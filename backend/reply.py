@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -17,7 +16,7 @@ from backend import logs
 from backend.callbacks import ProgressHandler, StreamingHandler
 from backend.chain import ChatChain
 from backend.config import Settings
-from backend.errors import ChatError, ClientGone, describe_upstream, is_retryable
+from backend.errors import ChatError, describe_upstream, is_retryable
 from backend.history import History, TokenCounter
 from backend.metrics import Metrics
 from backend.turn import Turn
@@ -54,7 +53,7 @@ class Replier:
         try:
             turn.usage = reported(await self._generate(turn, history, sent))
             status = "completed"
-        except (asyncio.CancelledError, ClientGone):
+        except asyncio.CancelledError:
             status = "interrupted"
             raise
         except Exception as exc:
@@ -71,8 +70,7 @@ class Replier:
                 turn.usage = counted(messages, turn.text, self.count)
             end = ChatResponse.bot("end", status=status)
             end.usage = turn.usage
-            with contextlib.suppress(ClientGone):
-                turn.send(end)
+            turn.send(end)
             log.info("reply %s, %d characters", status, len(turn.text))
             first = turn.first_token_at
             self.metrics.reply_ended(
@@ -105,8 +103,6 @@ class Replier:
         for attempt in (1, 2):
             try:
                 return await self.chain.ainvoke(earlier, turn.question, config)
-            except ClientGone:
-                raise
             except Exception as exc:
                 if turn.streamed or attempt == 2 or not is_retryable(exc):
                     raise

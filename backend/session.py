@@ -15,11 +15,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backend import logs
 from backend.auth import Principal
-from backend.cluster import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.config import Settings
 from backend.conversation import Conversation, hello
 from backend.conversations import Conversations
-from backend.errors import ChatError
+from backend.errors import SHARED_STATE_ERRORS, UNREACHABLE, ChatError
 from backend.inbound import parse_client_frame
 from backend.outbox import Close, Outbox
 from backend.quotas import quota_key

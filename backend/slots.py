@@ -34,7 +34,7 @@ end
 return 0
 """
 # Push back the expiry of slots still held (never bring back one that was dropped).
-RENEW = """
+RENEW_SLOTS = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
 for i = 1, #KEYS do
@@ -96,7 +96,7 @@ class RedisSlots:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._acquire = client.register_script(ACQUIRE)
-        self._renew = client.register_script(RENEW)
+        self._renew = client.register_script(RENEW_SLOTS)
         # This worker's slots, renewed until released: (key, holder).
         self._mine: set[tuple[str, str]] = set()
         self._renewer: asyncio.Task[None] | None = None

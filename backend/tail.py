@@ -16,8 +16,9 @@ from typing import Any, cast
 
 import redis.asyncio as redis
 
-from backend.cluster import STREAM_TTL_S, Cluster, Entry, entry_of, redis_options
+from backend.cluster import Cluster, Entry, redis_options
 from backend.errors import SHARED_STATE_ERRORS
+from backend.timings import STREAM_TTL_S
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Tail:
         self._positions: dict[str, int] = {}
         self._handlers: dict[str, Handler] = {}
         self._task: asyncio.Task[None] | None = None
+        self._waking: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-tail")
@@ -66,13 +68,18 @@ class Tail:
 
     def _wake(self) -> None:
         task = asyncio.create_task(self._add_wake())
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
 
     async def _add_wake(self) -> None:
         pipe = self.cluster.redis.pipeline(transaction=False)
         pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
         pipe.expire(self.wake_key, STREAM_TTL_S)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except SHARED_STATE_ERRORS as exc:
+            # The conversation is read from the next round trip on, within `BLOCK_MS`.
+            log.warning("cannot wake the conversations' reader (%s)", exc)
 
     async def _run(self) -> None:
         woken = "0-0"
@@ -94,8 +101,8 @@ class Tail:
                 handler = self._handlers.get(conversation_id)
                 if handler is None or not raws:
                     continue
-                entries = [entry_of(raw) for raw in raws]
-                self.advance(conversation_id, entries[-1][0])
+                entries = [Entry.decode(raw) for raw in raws]
+                self.advance(conversation_id, entries[-1].seq)
                 try:
                     handler(entries)
                 except Exception:

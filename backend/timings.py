@@ -38,7 +38,7 @@ CLOSE_WAIT = 1.0
 # than `LEASE_MS`, so a holder that died meanwhile is waited out too, its lease expiring.
 RELEASE_WITHIN = 5.0
 
-# A conversation shared across workers (backend/cluster_conversation.py).
+# A conversation shared across workers (backend/redis_relay.py).
 
 # Seconds between checks, while a turn is open, that a worker still runs it. With `LEASE_MS`,
 # a turn whose worker died is ended within 5 s, as the README promises.

@@ -9,7 +9,8 @@ from schemas import ChatResponse, Usage
 
 
 class FrameSink(Protocol):
-    """Where a reply's frames go. Both methods raise `ClientGone` once nobody is listening."""
+    """Where a reply's frames go. Neither method raises for a client that is gone: the
+    conversation drops that client, and the reply goes on for the others and the store."""
 
     def send(self, frame: ChatResponse) -> None:
         """Queue one frame."""

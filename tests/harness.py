@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from backend.app import create_app
 from backend.config import Settings
+from backend.relay import Relays
 from backend.server import bind, chat_server
 from deploy.services import Addressed, environment_without_settings
 from fakes.openai_server import FakeUpstream
@@ -66,11 +67,11 @@ class IsolatedSettings(Settings):
 class LiveServer(Addressed):
     """The app under uvicorn in a thread of its own, on a free loopback port."""
 
-    def __init__(self, settings: Settings, port: int = 0) -> None:
+    def __init__(self, settings: Settings, port: int = 0, relays: Relays | None = None) -> None:
         self.settings = settings
         self.sock = bind("127.0.0.1", port)
         self.port = self.sock.getsockname()[1]
-        self.app = create_app(settings)
+        self.app = create_app(settings, relays)
         self.server = chat_server(self.app, settings, "127.0.0.1", self.port)
         self.server.config.log_level = "warning"
         self.thread = threading.Thread(target=self._run, name="app-server", daemon=True)
@@ -98,9 +99,12 @@ class LiveServer(Addressed):
 
 
 @contextmanager
-def live_server(settings: Settings, port: int = 0) -> Iterator[LiveServer]:
-    """Serve `settings`' app for the duration of the block (on `port`, or a free one)."""
-    server = LiveServer(settings, port).start()
+def live_server(
+    settings: Settings, port: int = 0, relays: Relays | None = None
+) -> Iterator[LiveServer]:
+    """Serve `settings`' app for the duration of the block (on `port`, or a free one; with
+    `relays` in place of those the settings choose)."""
+    server = LiveServer(settings, port, relays).start()
     try:
         yield server
     finally:

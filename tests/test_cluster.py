@@ -15,11 +15,14 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from backend.cluster import LEASE_MS, Cluster, Entry
+from backend.cluster import Cluster, Entry
+from backend.redis_relay import RedisRelays
+from backend.timings import LEASE_MS
 from deploy.services import Addressed, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas import ChatResponse
 from tests.conftest import fake_settings
+from tests.delay_proxy import delay_proxy
 from tests.harness import (
     UNIT,
     Frame,
@@ -181,35 +184,47 @@ async def test_a_first_reply_on_one_worker_is_readable_and_deletable_on_the_othe
                 assert gone.status_code == 404
 
 
+class SlowReplay(Cluster):
+    """A worker whose reads of a conversation's replay are slow once `slow` is set."""
+
+    slow = False
+
+    async def turn_frames(self, conversation_id: str, after: int) -> tuple[int | None, list[Entry]]:
+        found = await super().turn_frames(conversation_id, after)
+        if self.slow:
+            await asyncio.sleep(2.5)  # more than the store's one-second tick
+        return found
+
+
 async def test_a_catch_up_slower_than_a_store_write_sends_the_text_once(
-    workers: list[LiveServer], fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis, fake: FakeUpstream
 ) -> None:
     """A client joins on worker 2 just before the first question; its catch-up reads the
     stream (not begun yet), then, slowly, the database, by which time worker 1 has stored the
     turn mid-reply. The stream, not that copy, must give the client the turn."""
-    one, two = workers
-    cluster: Cluster = two.server.app.state.conversations.links.cluster
-    read_stream = cluster.turn_frames
+    settings = fake_settings(
+        upstream_server, chat_database_url=postgres.database(), chat_redis_url=redis_server.url
+    )
+    slow = SlowReplay(redis_server.url)
+    # Worker 1's Redis is far away, so tokens merge into entries a stored copy can end inside.
+    with (
+        delay_proxy(redis_server.port, 0.02) as far,
+        live_server(
+            settings, relays=RedisRelays(Cluster(f"redis://127.0.0.1:{far.port}/0"))
+        ) as one,
+        live_server(settings, relays=RedisRelays(slow)) as two,
+    ):
+        await run_catch_up(one, two, slow, fake)
 
-    async def slow_turn_frames(conversation_id: str, after: int) -> tuple[int | None, list[Entry]]:
-        found = await read_stream(conversation_id, after)
-        await asyncio.sleep(2.5)  # more than the store's one-second tick
-        return found
 
-    # Worker 1's sender lags, so tokens merge into entries a stored copy can end inside.
-    broadcaster = one.server.app.state.conversations.links.broadcaster
-    send = broadcaster._send
-
-    async def lagging_send(batches: list[Any]) -> None:
-        await send(batches)
-        await asyncio.sleep(0.05)
-
-    monkeypatch.setattr(broadcaster, "_send", lagging_send)
+async def run_catch_up(
+    one: LiveServer, two: LiveServer, slow: SlowReplay, fake: FakeUpstream
+) -> None:
     words = [f" w{n}" for n in range(1000)]
     fake.then(Behaviour(tokens=words, delay=0.003))
     async with connect(one.ws) as asker:
         conversation = conversation_of(asker)
-        monkeypatch.setattr(cluster, "turn_frames", slow_turn_frames)
+        slow.slow = True
         async with ws_connect(join_url(two, conversation)) as follower:
             await recv(follower)
             await asker.send("a long story")
@@ -228,30 +243,24 @@ async def test_a_renewal_for_a_lease_given_back_spares_the_next_reply(
     conversation = uuid.uuid4().hex
     lost: list[str] = []
     try:
-        assert await cluster.acquire(conversation)
-        cluster.hold(conversation, lambda: lost.append("first reply"))
+        first = cluster.lease(conversation, lambda: lost.append("first reply"))
+        assert await first.acquire()
         pipeline = cluster.redis.pipeline
+        racing = pipeline(transaction=False)
+        execute = racing.execute
 
-        class Racing:
+        async def give_back_then_execute(raise_on_error: bool = True) -> list[Any]:
             """A renewal round trip during which the lease is given back."""
+            await first.give_back()
+            return await execute(raise_on_error)
 
-            def __init__(self) -> None:
-                self.inner = pipeline(transaction=False)
-
-            def eval(self, *args: Any) -> None:
-                self.inner.eval(*args)
-
-            async def execute(self) -> list[Any]:
-                await cluster.give_back(conversation)
-                answers: list[Any] = await self.inner.execute()
-                return answers
-
-        cluster.redis.pipeline = lambda **_: Racing()  # type: ignore[method-assign,assignment]
+        racing.execute = give_back_then_execute  # type: ignore[method-assign]
+        cluster.redis.pipeline = lambda **_: racing  # type: ignore[method-assign]
         await cluster.renew()
         cluster.redis.pipeline = pipeline  # type: ignore[method-assign]
         assert await cluster.holder(conversation) is None
-        assert await cluster.acquire(conversation)
-        cluster.hold(conversation, lambda: lost.append("next reply"))
+        following = cluster.lease(conversation, lambda: lost.append("next reply"))
+        assert await following.acquire()
         await cluster.renew()  # the next reply's lease is renewed, and kept
         assert lost == []
         assert await cluster.holder(conversation) == cluster.worker
@@ -270,13 +279,13 @@ async def test_a_lease_redis_lost_is_taken_again_unless_another_worker_has_it(
     lost: list[str] = []
     try:
         for conversation in conversations:
-            assert await cluster.acquire(conversation)
-            cluster.hold(conversation, functools.partial(lost.append, conversation))
+            lease = cluster.lease(conversation, functools.partial(lost.append, conversation))
+            assert await lease.acquire()
         lapsed, taken, ended = conversations
-        await cluster.redis.delete(*(cluster.lease(c) for c in conversations))
-        assert await other.acquire(taken)
+        await cluster.redis.delete(*(Cluster.lease_key(c) for c in conversations))
+        assert await other.lease(taken).acquire()
         end = ChatResponse.bot("end", status="error")
-        await other.publish(ended, [(7, end.to_json(), "end")], 0, fresh=True)
+        await other.publish(ended, [Entry(7, end.to_json(), "end", 0)], fresh=True)
         await cluster.renew()
         assert await cluster.holder(lapsed) == cluster.worker
         assert lost == [taken, ended]
@@ -298,7 +307,7 @@ async def test_a_reply_whose_conversation_another_worker_took_ends_with_an_error
             await until_reply_text(asker)
             client = Cluster(redis_server.url).redis
             try:
-                await client.set(Cluster.lease(conversation), "another-worker", px=LEASE_MS)
+                await client.set(Cluster.lease_key(conversation), "another-worker", px=LEASE_MS)
             finally:
                 await client.aclose()
             seen = [await until_end(ws, within=UNIT * 2) for ws in (asker, follower)]
@@ -310,20 +319,31 @@ async def test_a_reply_whose_conversation_another_worker_took_ends_with_an_error
     await wait_hung_up(fake, 0)
 
 
+class SlowAnnounce(Cluster):
+    """A worker slow to tell Redis about a new conversation (its first connection, a busy
+    Redis)."""
+
+    async def announce(self, conversation_id: str, owner: str) -> None:
+        await asyncio.sleep(0.1)
+        await super().announce(conversation_id, owner)
+
+
 async def test_a_new_conversation_is_joinable_on_the_other_worker_at_once(
-    workers: list[LiveServer], monkeypatch: pytest.MonkeyPatch
+    upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
 ) -> None:
     """The id in a new socket's opening frame names a conversation every worker knows, even
-    when telling Redis takes a while (a worker's first connection, a busy Redis)."""
-    for server in workers:
-        cluster: Cluster = server.server.app.state.conversations.links.cluster
-        announce = cluster.announce
+    when telling Redis takes a while."""
+    settings = fake_settings(
+        upstream_server, chat_database_url=postgres.database(), chat_redis_url=redis_server.url
+    )
+    with (
+        live_server(settings, relays=RedisRelays(SlowAnnounce(redis_server.url))) as one,
+        live_server(settings, relays=RedisRelays(SlowAnnounce(redis_server.url))) as two,
+    ):
+        await join_new_conversations([one, two])
 
-        async def slow_announce(conversation_id: str, owner: str, tell: Any = announce) -> None:
-            await asyncio.sleep(0.1)
-            await tell(conversation_id, owner)
 
-        monkeypatch.setattr(cluster, "announce", slow_announce)
+async def join_new_conversations(workers: list[LiveServer]) -> None:
     for attempt in range(20):
         opening, joining = workers if attempt % 2 == 0 else workers[::-1]
         async with connect(opening.ws) as first:

@@ -1,5 +1,5 @@
-"""The pure cores, without a server: a turn replayed after any `seq`, and a reply's frames as
-the AI SDK's UI message stream."""
+"""The pure cores, without a server: a turn replayed after any `seq`, a conversation's stream
+replayed to a client catching up, and a reply's frames as the AI SDK's UI message stream."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
+from backend.cluster import TEXT, TEXT_SO_FAR, Entry
 from backend.outbox import Close, Raw, TokenRun
 from backend.records import TurnRecord
+from backend.redis_relay import replayed as stream_replayed
+from backend.redis_relay import turn_from
 from backend.ui_stream import DONE, ReplyStream
 from schemas import ChatResponse
 from schemas.frames import FrameType
@@ -134,3 +137,71 @@ def test_a_token_sent_on_its_own_is_a_delta_once_the_reply_started() -> None:
     stream.feed([bot("start", 2)])
     sent = json.loads(stream.token("now", 3).removeprefix("data: "))
     assert sent == {"type": "text-delta", "id": "t2", "delta": "now"}
+
+
+def entry(seq: int, kind: str, message: str = "") -> Entry:
+    frame = ChatResponse.tokens(message, seq=seq) if kind in (TEXT, TEXT_SO_FAR) else None
+    if frame is None:
+        frame = bot("end", seq, status="completed") if kind == "end" else bot("start", seq)
+    return Entry(seq, frame.to_json(), kind, 0)
+
+
+def merged(entries: list[Entry], after: int = 0) -> list[tuple[str, str, int | None]]:
+    frames = [
+        frame if isinstance(frame, ChatResponse) else ChatResponse.model_validate_json(frame.text)
+        for frame in stream_replayed(entries, after)
+    ]
+    return [(frame.type, frame.message, frame.seq) for frame in frames]
+
+
+def test_a_stream_replayed_sends_each_run_of_text_as_one_frame() -> None:
+    entries = [
+        entry(2, "start"),
+        entry(7, TEXT, "Hello"),
+        entry(13, TEXT, " world"),
+        entry(14, "end"),
+    ]
+    assert merged(entries) == [
+        ("start", "", 2),
+        ("stream", "Hello world", 13),
+        ("end", "", 14),
+    ]
+
+
+def test_a_single_text_entry_is_replayed_as_published() -> None:
+    only = entry(7, TEXT, "Hello")
+    assert list(stream_replayed([only])) == [Raw(7, only.frame)]
+
+
+def test_text_written_anew_is_replayed_from_after_what_the_client_has() -> None:
+    """A stream written anew holds the text so far as one entry, from its first character: a
+    client that has part of it gets the rest, and one that has none gets it all."""
+    whole = entry(13, TEXT_SO_FAR, "Hello world")  # characters at seqs 3..13
+    assert merged([whole], after=7) == [("stream", " world", 13)]
+    assert merged([whole], after=2) == [("stream", "Hello world", 13)]
+    assert merged([whole, entry(15, TEXT, "!")], after=10) == [
+        ("stream", "rld", 13),
+        ("stream", "!", 15),
+    ]
+
+
+def test_a_turn_is_rebuilt_from_its_stream() -> None:
+    echo = ChatResponse.echo("hi", seq=1)
+    entries = [
+        Entry(1, echo.to_json(), "stream", 4),
+        entry(2, "start"),
+        entry(7, TEXT, "Hello"),
+        entry(13, TEXT_SO_FAR, " world"),
+    ]
+    record = turn_from(entries)
+    assert record is not None
+    assert (record.position, record.question, record.text, record.status) == (
+        4,
+        "hi",
+        "Hello world",
+        None,
+    )
+    assert record.text_base == 2
+    ended = turn_from([*entries, entry(14, "end")])
+    assert ended is not None
+    assert ended.status == "completed"
