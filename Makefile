@@ -82,10 +82,10 @@ bench: install
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/, and README's settings table from
-# backend/config.py.
+# backend/config/settings.py.
 schemas: install
 	$(PY) -m schemas.export
-	$(PY) -m backend.settings_table
+	$(PY) -m backend.config.table
 
 # Remove the virtualenv and caches.
 clean:

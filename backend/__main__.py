@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import socket
 
-from backend import logs
-from backend.app import create_app
-from backend.auth import anonymous_refusal
-from backend.config import Settings
-from backend.server import chat_server
-from backend.workers import scale_out_problem, serve_workers
+from backend.config.settings import Settings
+from backend.observe import logs
+from backend.process.server import chat_server
+from backend.process.workers import scale_out_problem, serve_workers
+from backend.users.auth import anonymous_refusal
+from backend.web.app import create_app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from backend.server import free_port
+from backend.process.server import free_port
 from bench.run import (
     FAILURES,
     cpu_seconds,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
 
-from backend.server import free_port
+from backend.process.server import free_port
 from bench.run import (
     fake_model,
     first_token,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from backend.server import free_port
+from backend.process.server import free_port
 from bench.run import (
     FAILURES,
     TOKEN,

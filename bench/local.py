@@ -22,9 +22,9 @@ import httpx
 import openai
 from websockets.asyncio.client import connect
 
-from backend.config import DEFAULT_SYSTEM_PROMPT
-from backend.local_model import bundled_model_path, gguf_token_counter
-from backend.server import free_port
+from backend.config.settings import DEFAULT_SYSTEM_PROMPT
+from backend.model.embedded import bundled_model_path, gguf_token_counter
+from backend.process.server import free_port
 from bench.run import process
 from bench.sdk import HttpClient, sdk_text
 

@@ -31,7 +31,7 @@ from typing import Any
 import openai
 from websockets.asyncio.client import ClientConnection, connect
 
-from backend.server import free_port
+from backend.process.server import free_port
 
 TOKEN = " tok"
 # What went wrong on the sockets counted as errors, by kind (printed by the benchmarks).

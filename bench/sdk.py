@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from backend.server import free_port
+from backend.process.server import free_port
 from bench.run import (
     TOKEN,
     fake_model,

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from backend.config import LOCAL_TEMPERATURE, Settings
-from backend.local_model import (
+from backend.config.settings import LOCAL_TEMPERATURE, Settings
+from backend.model.embedded import (
     DEFAULT_REPLY_TOKENS,
     child_environment,
     model_path_problem,
     server_command,
 )
-from backend.server import free_port
-from backend.supervisor import RestartPolicy
+from backend.process.server import free_port
+from backend.process.supervisor import RestartPolicy
 from deploy.services import (
     SETTINGS_PREFIXES,
     START_WITHIN,

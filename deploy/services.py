@@ -17,8 +17,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from backend.server import free_port
-from backend.supervisor import signal_group
+from backend.process.server import free_port
+from backend.process.supervisor import signal_group
 from deploy.render import render
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from backend.config import Settings
+from backend.config.settings import Settings
 from deploy.services import Addressed, Deployment, Postgres, Redis
 from fakes.openai_server import FakeUpstream
 from tests.harness import IsolatedSettings, SettingsFactory, live_server

@@ -21,10 +21,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from backend.app import create_app
-from backend.config import Settings
-from backend.relay import Relays
-from backend.server import bind, chat_server
+from backend.chat.relay import Relays
+from backend.config.settings import Settings
+from backend.process.server import bind, chat_server
+from backend.web.app import create_app
 from deploy.services import Addressed, environment_without_settings
 from fakes.openai_server import FakeUpstream
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.supervisor import RestartPolicy, Supervisor
+from backend.process.supervisor import RestartPolicy, Supervisor
 
 CRASH_CODE = 3
 

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from backend.ai_sdk import EMPTY_QUESTION
-from backend.auth import REFUSED
+from backend.users.auth import REFUSED
+from backend.web.ai_sdk import EMPTY_QUESTION
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import UNIT, SettingsFactory, live_server, wait_hung_up

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from backend.auth import anonymous_refusal, is_loopback
+from backend.users.auth import anonymous_refusal, is_loopback
 from deploy.services import Deployment, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import deployment_env, fake_settings

@@ -26,8 +26,8 @@ from playwright.async_api import (
     expect,
 )
 
-from backend.ai_sdk import EMPTY_QUESTION
-from backend.server import free_port
+from backend.process.server import free_port
+from backend.web.ai_sdk import EMPTY_QUESTION
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings

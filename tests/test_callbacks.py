@@ -5,13 +5,13 @@ from __future__ import annotations
 import openai
 import pytest
 
-from backend.chain import build_chain
-from backend.errors import ClientGone
-from backend.history import History
-from backend.metrics import Metrics
-from backend.reply import Replier
-from backend.turn import Turn
-from backend.upstream import remote_upstream
+from backend.model.chain import build_chain
+from backend.model.history import History
+from backend.model.reply import Replier
+from backend.model.turn import Turn
+from backend.model.upstream import remote_upstream
+from backend.observe.metrics import Metrics
+from backend.protocol.errors import ClientGone
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas import ChatResponse
 from tests.harness import SettingsFactory

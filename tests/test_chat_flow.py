@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend.config import LOCAL_TEMPERATURE
+from backend.config.settings import LOCAL_TEMPERATURE
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (

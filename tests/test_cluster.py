@@ -15,9 +15,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from backend.cluster import Cluster, Entry
-from backend.redis_relay import RedisRelays
-from backend.timings import LEASE_MS
+from backend.cluster.relay import RedisRelays
+from backend.cluster.shared import Cluster, Entry
+from backend.config.timings import LEASE_MS
 from deploy.services import Addressed, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas import ChatResponse

@@ -8,12 +8,12 @@ import openai
 from langchain_core.messages import BaseMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
-from backend.chain import ChatChain, build_model
-from backend.history import ContextWindow, History
-from backend.metrics import Metrics
-from backend.reply import Replier
-from backend.turn import Turn
-from backend.upstream import remote_upstream
+from backend.model.chain import ChatChain, build_model
+from backend.model.history import ContextWindow, History
+from backend.model.reply import Replier
+from backend.model.turn import Turn
+from backend.model.upstream import remote_upstream
+from backend.observe.metrics import Metrics
 from schemas import ChatResponse
 from tests.harness import SettingsFactory
 

@@ -6,7 +6,7 @@ import httpx2
 import openai
 import pytest
 
-from backend.errors import describe_upstream
+from backend.protocol.errors import describe_upstream
 
 URL = "http://127.0.0.1:9/v1"
 REQUEST = httpx2.Request("POST", f"{URL}/chat/completions")

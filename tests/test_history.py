@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.messages.utils import count_tokens_approximately
 
-from backend.history import History
+from backend.model.history import History
 
 
 def test_turns_are_kept_in_order() -> None:

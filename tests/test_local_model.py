@@ -18,8 +18,8 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from websockets.asyncio.client import ClientConnection
 
-from backend.local_model import bundled_model_path, gguf_token_counter
-from backend.server import free_port
+from backend.model.embedded import bundled_model_path, gguf_token_counter
+from backend.process.server import free_port
 from tests.harness import (
     UNIT,
     Frame,

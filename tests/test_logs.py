@@ -11,7 +11,7 @@ import time
 import httpx
 import jwt
 
-from backend.server import free_port
+from backend.process.server import free_port
 from deploy.services import environment_without_settings
 from fakes.openai_server import FakeUpstream
 from tests.harness import (

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.server import free_port
+from backend.process.server import free_port
 from deploy.services import Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from backend.server import free_port
+from backend.process.server import free_port
 from deploy.services import Nginx
 from tests.harness import UNIT
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from backend.origin import origin_allowed
+from backend.web.origin import origin_allowed
 from deploy.services import Addressed
 from fakes.openai_server import FakeUpstream
 from tests.harness import (

@@ -16,10 +16,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from backend.cluster import Cluster
-from backend.metrics import Metrics
-from backend.quotas import Quotas
-from backend.tail import Tail
+from backend.cluster.shared import Cluster
+from backend.cluster.tail import Tail
+from backend.observe.metrics import Metrics
+from backend.users.quotas import Quotas
 from deploy.services import Deployment, Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import deployment_env, fake_settings

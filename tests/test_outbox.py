@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from backend.errors import ClientGone
-from backend.outbox import OVERFLOW_CODE, Close, Outbox, TokenRun
+from backend.chat.outbox import OVERFLOW_CODE, Close, Outbox, TokenRun
+from backend.protocol.errors import ClientGone
 from schemas import ChatResponse
 
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from backend.cluster import TEXT, TEXT_SO_FAR, Entry
-from backend.outbox import Close, Raw, TokenRun
-from backend.records import TurnRecord
-from backend.redis_relay import replayed as stream_replayed
-from backend.redis_relay import turn_from
-from backend.ui_stream import DONE, ReplyStream
+from backend.chat.outbox import Close, Raw, TokenRun
+from backend.cluster.relay import replayed as stream_replayed
+from backend.cluster.relay import turn_from
+from backend.cluster.shared import TEXT, TEXT_SO_FAR, Entry
+from backend.store.records import TurnRecord
+from backend.web.ui_stream import DONE, ReplyStream
 from schemas import ChatResponse
 from schemas.frames import FrameType
 

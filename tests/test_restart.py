@@ -13,7 +13,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from backend.server import free_port
+from backend.process.server import free_port
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (

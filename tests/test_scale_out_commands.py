@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from backend.server import free_port
+from backend.process.server import free_port
 from deploy.services import Postgres, Redis, children, environment_without_settings
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from backend import settings_table
+from backend.config import table as settings_table
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render

@@ -12,15 +12,15 @@ from limits import parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
-from backend.chain import build_model
-from backend.metrics import Metrics
-from backend.quotas import Quotas
+from backend.config.timings import RATES_SWEEP_EVERY
+from backend.model.chain import build_model
+from backend.model.upstream import remote_upstream
+from backend.observe.metrics import Metrics
 from backend.speedups import PROBES, usable
 from backend.speedups.fast_stream import DictChunkCompletions
 from backend.speedups.memory_rates import MemoryRates
 from backend.speedups.model_transport import AsyncioBackend, model_transport
-from backend.timings import RATES_SWEEP_EVERY
-from backend.upstream import remote_upstream
+from backend.users.quotas import Quotas
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
 from tests.harness import (

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 import pytest_asyncio
 
-from backend.records import ConversationRecord, TurnRecord, now
-from backend.store import CRASH_GAP, SqlStore
+from backend.store.records import ConversationRecord, TurnRecord, now
+from backend.store.sql import CRASH_GAP, SqlStore
 from schemas import ChatResponse
 from tests.harness import temp_database
 

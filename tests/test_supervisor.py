@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.supervisor import RestartPolicy, Supervisor
+from backend.process.supervisor import RestartPolicy, Supervisor
 from tests.harness import UNIT, alive, python_process, signal_leaves_no_orphan, wait_gone
 from tests.stand_in import CRASH_CODE, stand_in_supervisor
 

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from backend.server import free_port
+from backend.process.server import free_port
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from backend.records import ConversationRecord
-from backend.store import SqlStore
-from backend.write_behind import WriteBehind
+from backend.store.records import ConversationRecord
+from backend.store.sql import SqlStore
+from backend.store.write_behind import WriteBehind
 from tests.harness import temp_database
 from tests.test_store import conversation, turn
 

@@ -14,7 +14,7 @@ import time
 
 from limits.aio.storage import MemoryStorage
 
-from backend.timings import RATES_SWEEP_EVERY
+from backend.config.timings import RATES_SWEEP_EVERY
 
 
 class MemoryRates(MemoryStorage):

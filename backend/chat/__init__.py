@@ -1,0 +1,1 @@
+"""Conversations in memory: their turns, clients, outboxes and relays."""

@@ -1,0 +1,1 @@
+"""Workers sharing conversations through Redis: leases, streams, the relay."""

@@ -1,0 +1,1 @@
+"""Settings, timings and the README's table of them."""

@@ -1,0 +1,1 @@
+"""Serving: uvicorn and its protocols, worker processes and their supervisor."""

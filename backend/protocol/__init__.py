@@ -1,0 +1,1 @@
+"""What clients send and are told: their messages parsed, and the error codes."""

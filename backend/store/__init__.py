@@ -1,0 +1,1 @@
+"""The database: records, the SQL store, migrations and the write-behind writer."""

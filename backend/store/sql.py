@@ -1,0 +1,228 @@
+"""Where conversations are kept: the `Store` interface and its SQL implementation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+from sqlalchemy import Insert, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from backend.store.db import conversations, create_engine, migrate, turns
+from backend.store.records import ConversationRecord, ConversationSummary, TurnRecord, carryable
+from schemas import ChatResponse, EndStatus
+
+log = logging.getLogger(__name__)
+
+# A process killed mid-reply may have sent frames it never stored. Numbering of a conversation
+# found that way goes on this far above what was stored, past anything a client can have seen.
+CRASH_GAP = 1_000_000
+
+
+class Store(Protocol):
+    """Conversations at rest. Implementations must be safe to call from many tasks at once."""
+
+    async def start(self) -> None:
+        """Make the store ready: schema up to date, replies cut off by a crash closed."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def ping(self) -> None:
+        """Return once the store answers; raise if it cannot be reached."""
+
+    async def save(self, records: Sequence[ConversationRecord]) -> None:
+        """Write each conversation's row and the turns it carries, in one transaction."""
+
+    async def load(self, conversation_id: str) -> ConversationRecord | None:
+        """A conversation with all its turns, or None."""
+
+    async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
+        """`owner`'s conversations, most recently updated first."""
+
+    async def delete(self, conversation_id: str) -> bool:
+        """Remove a conversation and its turns; False if there was none."""
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every time stored is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _turn_row(conversation_id: str, turn: TurnRecord) -> dict[str, Any]:
+    # Questions and reply text are checked as they arrive; an event's message (an upstream
+    # error's own words, say) is made safe here, so no row can fail to be written for it.
+    events = [event.model_dump(exclude_none=True) for event in turn.events]
+    for event in events:
+        event["message"] = carryable(event["message"])
+    return {
+        "conversation_id": conversation_id,
+        "position": turn.position,
+        "question": carryable(turn.question),
+        "asked_at": turn.asked_at,
+        "echo_seq": turn.echo_seq,
+        "events": events,
+        "text": carryable(turn.text),
+        "text_base": turn.text_base,
+        "status": turn.status,
+    }
+
+
+def _turn_from(row: Any) -> TurnRecord:
+    return TurnRecord(
+        position=row.position,
+        question=row.question,
+        echo_seq=row.echo_seq,
+        asked_at=_aware(row.asked_at),
+        events=[ChatResponse.model_validate(event) for event in row.events],
+        parts=[row.text] if row.text else [],
+        text_base=row.text_base,
+        status=cast(EndStatus | None, row.status),
+    )
+
+
+class SqlStore:
+    """A `Store` on any SQLAlchemy async engine: SQLite by default, PostgreSQL alike."""
+
+    def __init__(self, url: str) -> None:
+        self.engine: AsyncEngine = create_engine(url)
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"Unsupported database {dialect!r}: use SQLite or PostgreSQL.")
+        self._insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        self._conversation_upsert = self._upsert(conversations, ["id"])
+        self._turn_upsert = self._upsert(turns, ["conversation_id", "position"])
+
+    async def start(self) -> None:
+        await migrate(self.engine)
+        closed = await self._close_cut_off_replies()
+        if closed:
+            log.warning("%d replies were cut off by a crash; stored as interrupted", closed)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        # Taking a connection is the probe: a pooled one is pinged as it is taken (PostgreSQL's
+        # engine has `pool_pre_ping`), a new one is opened.
+        async with self.engine.connect():
+            pass
+
+    def _upsert(self, table: Any, keys: Sequence[str]) -> Insert:
+        """Insert, or update every column but `keys` where a row with those keys exists."""
+        statement = self._insert(table)
+        changes = {
+            column.name: statement.excluded[column.name]
+            for column in table.columns
+            if column.name not in keys
+        }
+        return statement.on_conflict_do_update(index_elements=list(keys), set_=changes)
+
+    async def save(self, records: Sequence[ConversationRecord]) -> None:
+        if not records:
+            return
+        rows = [
+            {
+                "id": record.id,
+                "title": carryable(record.title),
+                "created_at": record.created_at,
+                "updated_at": record.updated_at,
+                "last_seq": record.last_seq,
+                "turn_count": record.turn_count,
+                "owner": record.owner,
+            }
+            for record in records
+        ]
+        turn_rows = [_turn_row(record.id, turn) for record in records for turn in record.turns]
+        # One statement for all conversations and one for all turns, however many there are.
+        async with self.engine.begin() as connection:
+            await connection.execute(self._conversation_upsert, rows)
+            if turn_rows:
+                await connection.execute(self._turn_upsert, turn_rows)
+
+    async def load(self, conversation_id: str) -> ConversationRecord | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(conversations).where(conversations.c.id == conversation_id)
+                )
+            ).first()
+            if row is None:
+                return None
+            rows = await connection.execute(
+                select(turns)
+                .where(turns.c.conversation_id == conversation_id)
+                .order_by(turns.c.position)
+            )
+            return ConversationRecord(
+                id=row.id,
+                title=row.title,
+                created_at=_aware(row.created_at),
+                updated_at=_aware(row.updated_at),
+                last_seq=row.last_seq,
+                turn_count=row.turn_count,
+                turns=[_turn_from(turn) for turn in rows],
+                owner=row.owner,
+            )
+
+    async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
+        query = (
+            select(conversations)
+            .where(conversations.c.owner == owner)
+            .order_by(conversations.c.updated_at.desc(), conversations.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(query)
+            return [
+                ConversationSummary(
+                    id=row.id,
+                    title=row.title,
+                    created_at=_aware(row.created_at),
+                    updated_at=_aware(row.updated_at),
+                    turn_count=row.turn_count,
+                )
+                for row in rows
+            ]
+
+    async def delete(self, conversation_id: str) -> bool:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                delete(turns).where(turns.c.conversation_id == conversation_id)
+            )
+            result = await connection.execute(
+                delete(conversations).where(conversations.c.id == conversation_id)
+            )
+            return bool(result.rowcount)
+
+    async def _close_cut_off_replies(self) -> int:
+        """Store replies left streaming by a process that died as `interrupted`."""
+        async with self.engine.begin() as connection:
+            rows = (await connection.execute(select(turns).where(turns.c.status.is_(None)))).all()
+            for row in rows:
+                await self._close_cut_off(connection, _turn_from(row), row.conversation_id)
+            return len(rows)
+
+    async def _close_cut_off(
+        self, connection: AsyncConnection, turn: TurnRecord, conversation_id: str
+    ) -> None:
+        last_seq = await connection.scalar(
+            select(conversations.c.last_seq).where(conversations.c.id == conversation_id)
+        )
+        seq = max(int(last_seq or 0), turn.last_seq) + CRASH_GAP
+        end = ChatResponse.bot("end", status="interrupted")
+        end.seq = seq
+        turn.events.append(end)
+        turn.status = "interrupted"
+        await connection.execute(
+            update(turns)
+            .where(turns.c.conversation_id == conversation_id, turns.c.position == turn.position)
+            .values(events=_turn_row(conversation_id, turn)["events"], status=turn.status)
+        )
+        await connection.execute(
+            update(conversations).where(conversations.c.id == conversation_id).values(last_seq=seq)
+        )

@@ -1,0 +1,1 @@
+"""Who is asking: authentication, quotas and slots."""

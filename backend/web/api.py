@@ -1,0 +1,101 @@
+"""`/api/conversations`: list, read and delete stored conversations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+
+from backend.chat.conversations import ID_PATTERN, Conversations
+from backend.store.records import ConversationRecord, ConversationSummary
+from backend.users.auth import Principal
+from backend.web.access import Access
+from schemas import conversations as api
+
+# Past any real list, and far inside what SQLite's and PostgreSQL's OFFSET take (64 bits).
+MAX_OFFSET = 1_000_000_000
+
+
+def summary_of(row: ConversationSummary) -> api.ConversationSummary:
+    return api.ConversationSummary(
+        id=row.id,
+        title=row.title,
+        created=row.created_at,
+        updated=row.updated_at,
+        messages=row.turn_count * 2,
+    )
+
+
+def conversation_of(record: ConversationRecord) -> api.Conversation:
+    messages: list[api.Message] = []
+    for turn in record.turns:
+        messages.append(api.Message(role="user", text=turn.question, time=turn.asked_at))
+        messages.append(
+            api.Message(
+                role="assistant",
+                text=turn.text,
+                time=turn.asked_at,
+                status=turn.status or "streaming",
+                usage=turn.usage,
+            )
+        )
+    return api.Conversation(
+        id=record.id,
+        title=record.title,
+        created=record.created_at,
+        updated=record.updated_at,
+        messages=messages,
+    )
+
+
+def build_api(conversations: Conversations, access: Access) -> APIRouter:
+    """The REST routes over `conversations`: each caller sees its own conversations only."""
+    router = APIRouter(prefix="/api/conversations", tags=["conversations"])
+
+    def not_found(conversation_id: str) -> HTTPException:
+        return HTTPException(
+            status.HTTP_404_NOT_FOUND, f"No conversation {conversation_id[:64]!r}."
+        )
+
+    @router.get("", summary="List conversations, most recently updated first")
+    async def list_conversations(
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> api.ConversationPage:
+        # What is only in memory yet is written first, so the list is never behind the chat.
+        await conversations.writer.flush()
+        rows = await conversations.store.page(caller.user, limit + 1, offset)
+        return api.ConversationPage(
+            conversations=[summary_of(row) for row in rows[:limit]],
+            next_offset=offset + limit if len(rows) > limit else None,
+        )
+
+    @router.get("/{conversation_id}", summary="A conversation with all its messages")
+    async def get_conversation(
+        conversation_id: str,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> api.Conversation:
+        if not ID_PATTERN.fullmatch(conversation_id):
+            raise not_found(conversation_id)
+        record = await conversations.read(conversation_id, caller.user)
+        if record is None:
+            raise not_found(conversation_id)
+        return conversation_of(record)
+
+    @router.delete(
+        "/{conversation_id}",
+        status_code=status.HTTP_204_NO_CONTENT,
+        summary="Delete a conversation; its sockets are closed (1008)",
+    )
+    async def delete_conversation(
+        conversation_id: str,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> Response:
+        if not ID_PATTERN.fullmatch(conversation_id) or not await conversations.delete(
+            conversation_id, caller.user
+        ):
+            raise not_found(conversation_id)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return router

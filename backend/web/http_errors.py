@@ -1,0 +1,117 @@
+"""Refusals as responses, said once for every route and handshake: one sentence each
+(`{"detail": "..."}`), with the status and headers that go with it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
+
+from backend.chat.conversations import UnknownConversation
+from backend.observe.logs import Throttled
+from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE, Draining
+from backend.users.auth import Unauthorized
+from backend.users.quotas import RateLimited
+from backend.web.origin import ForeignOrigin
+
+log = logging.getLogger(__name__)
+# Refusals are the client's doing, and anyone can provoke them as fast as they like.
+refusals = Throttled(log)
+
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# How each place a request's value comes from is named in a refusal.
+PLACES = {
+    "query": "query parameter",
+    "path": "path parameter",
+    "header": "header",
+    "cookie": "cookie",
+    "body": "body field",
+}
+
+REFUSALS = (ForeignOrigin, Draining, Unauthorized, RateLimited, UnknownConversation)
+
+
+def answer(refused: BaseException) -> tuple[int, str, dict[str, str]]:
+    """The status, sentence and headers that answer `refused`."""
+    if isinstance(refused, ForeignOrigin):
+        return status.HTTP_403_FORBIDDEN, str(refused), {}
+    if isinstance(refused, Unauthorized):
+        return status.HTTP_401_UNAUTHORIZED, str(refused), CHALLENGE
+    if isinstance(refused, RateLimited):
+        return status.HTTP_429_TOO_MANY_REQUESTS, refused.message, refused.headers
+    if isinstance(refused, UnknownConversation):
+        return status.HTTP_404_NOT_FOUND, str(refused), {}
+    if isinstance(refused, Draining):
+        return status.HTTP_503_SERVICE_UNAVAILABLE, str(refused), {"Retry-After": "1"}
+    return status.HTTP_503_SERVICE_UNAVAILABLE, UNREACHABLE, {"Retry-After": "1"}
+
+
+def logged(refused: BaseException, where: str) -> None:
+    """One line for a refusal: a warning for what the server lacks, info for the client's
+    doing, and neither more often than once in a while."""
+    if isinstance(refused, SHARED_STATE_ERRORS):
+        log.warning("%s failed: %s", where, refused)
+    else:
+        kind = type(refused).__name__
+        refusals.log(logging.INFO, kind, "refused %s: %s", where, refused)
+
+
+def denial(refused: BaseException) -> PlainTextResponse:
+    """The HTTP response that refuses a WebSocket handshake."""
+    logged(refused, "a socket")
+    code, sentence, headers = answer(refused)
+    return PlainTextResponse(sentence, status_code=code, headers=headers)
+
+
+async def refusal_response(request: Request, exc: Exception) -> JSONResponse:
+    logged(exc, f"{request.method} {request.url.path}")
+    code, sentence, headers = answer(exc)
+    body: dict[str, str] = {"detail": sentence}
+    if isinstance(exc, SHARED_STATE_ERRORS):
+        body["code"] = "unavailable"
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def validation_sentence(errors: Sequence[Any]) -> str:
+    """The first thing wrong with a request, as a sentence that names where it is.
+
+    FastAPI's own answer is a list of objects that echo the input back; a client wants to know
+    what to change, and an over-long or hostile value has no place in the answer.
+    """
+    if not errors:
+        return "The request is malformed."
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ())]
+    place = PLACES.get(location[0], location[0]) if location else "request"
+    name = ".".join(location[1:])
+    message = str(first.get("msg", "is not valid")).rstrip(".")
+    if not name:
+        return f"Bad {place}: {message}."
+    return f"Bad {place} {name[:64]!r}: {message}."
+
+
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse(
+        {"detail": validation_sentence(errors)},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    # The client left while its body was being read (or was refused as too large): there is
+    # no one to answer, and nothing went wrong here.
+    return Response(status_code=status.HTTP_400_BAD_REQUEST)
+
+
+def install(app: FastAPI) -> None:
+    """Answer every refusal and malformed request to `app` with a sentence."""
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(ClientDisconnect, client_gone)
+    for kind in (*REFUSALS, *SHARED_STATE_ERRORS):
+        app.add_exception_handler(kind, refusal_response)
