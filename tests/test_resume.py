@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -284,3 +285,28 @@ async def test_the_conversation_continues_after_a_restart(fake: FakeUpstream) ->
         "You said: my name is Ada",
         "what is my name?",
     ]
+
+
+async def test_resuming_after_a_seq_the_conversation_never_reached_is_refused(
+    server: Addressed,
+) -> None:
+    """An `after` beyond the conversation's last `seq` (another conversation's, a client's own
+    bug) would leave the client waiting for frames above it while it misses every one before:
+    it is refused with a sentence, on a socket and on SSE, and `after` at the last `seq` is
+    not."""
+    async with connect(server.ws) as ws:
+        conversation = conversation_of(ws)
+        last = last_seq(await ask(ws, "hello"))
+    async with ws_connect(join_url(server, conversation, last + 1)) as ws:
+        code, text = await close_of(ws)
+    assert code == 1008
+    assert f"past this conversation's last seq, {last}" in text
+    async with httpx.AsyncClient() as client:
+        sse = f"{server.http}/sse?conversation={conversation}&after={last + 1}"
+        refused = await client.get(sse)
+    assert refused.status_code == 422
+    assert f"at most {last}" in refused.json()["detail"]
+    async with ws_connect(join_url(server, conversation, last)) as ws:
+        assert (await recv(ws))["conversation"] == conversation
+        again = await ask(ws, "and again")
+    assert again[0]["seq"] == last + 1

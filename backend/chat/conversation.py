@@ -183,6 +183,10 @@ class Conversation:
             if not self.replying:
                 self.services.on_idle(self)
 
+    async def last_seq(self) -> int:
+        """The last `seq` any client of the conversation can have been sent, wherever."""
+        return max(self.seq, await self.relay.last_seq())
+
     def drop_if_idle(self) -> None:
         """A request that held the conversation without joining it is done with it."""
         if self.idle:

@@ -33,6 +33,11 @@ class UnknownConversation(Exception):
     """A conversation id that is malformed, was never stored, or was deleted."""
 
 
+class PastTheEnd(ValueError):
+    """A client resuming after a `seq` the conversation has not reached: it would wait for
+    frames numbered above it and miss every one before."""
+
+
 def unknown(conversation_id: str) -> UnknownConversation:
     """The refusal for a conversation that does not exist, and alike for another user's, so
     ids cannot be probed."""
@@ -130,9 +135,10 @@ class Conversations:
         conversation.background(conversation.stop_here())
         conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
 
-    async def open(self, conversation_id: str, owner: str) -> Conversation:
+    async def open(self, conversation_id: str, owner: str, after: int = 0) -> Conversation:
         """`owner`'s conversation with this id, loaded if need be; raises `UnknownConversation`
-        for one that does not exist and, alike, for one of another user's."""
+        for one that does not exist and, alike, for one of another user's, and `PastTheEnd`
+        for a client resuming `after` a `seq` the conversation has not reached."""
         if not ID_PATTERN.fullmatch(conversation_id):
             raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
         conversation = self._live.get(conversation_id)
@@ -142,6 +148,14 @@ class Conversations:
             conversation = await self._load(conversation_id, owner)
         if conversation.owner != owner:
             raise unknown(conversation_id)
+        if after:
+            last = await conversation.last_seq()
+            if after > last:
+                conversation.drop_if_idle()
+                raise PastTheEnd(
+                    f"'after' {after} is past this conversation's last seq, {last}; "
+                    f"rejoin with 'after' at most {last}."
+                )
         return conversation
 
     async def _open_shared(self, conversation_id: str, owner: str) -> Conversation:

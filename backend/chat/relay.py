@@ -66,6 +66,9 @@ class Relay(Protocol):
     async def reply_elsewhere(self) -> int | None:
         """The `seq` just before the first frame of a reply in flight elsewhere; None if none."""
 
+    async def last_seq(self) -> int:
+        """The last `seq` the conversation used elsewhere (0 if nowhere else)."""
+
     # The turn.
 
     async def hold(self, admitted: Awaitable[None]) -> None:
@@ -130,6 +133,9 @@ class LocalRelay:
 
     async def reply_elsewhere(self) -> int | None:
         return None
+
+    async def last_seq(self) -> int:
+        return 0
 
     async def hold(self, admitted: Awaitable[None]) -> None:
         await admitted

@@ -352,6 +352,9 @@ class RedisRelay:
             return None
         return entries[0].seq - 1
 
+    async def last_seq(self) -> int:
+        return await self.cluster.last_seq(self.id)
+
     async def _left_here(self, forget: bool) -> None:
         """Tell the other workers this one has no client of the conversation any more."""
         try:

@@ -61,7 +61,8 @@ def signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 class Supervisor:
-    """Runs `command` as a child, waits until `probe` says it answers, restarts it when it dies.
+    """Runs `command` as a child, waits until `probe` says it answers (with no probe, until it
+    has started), restarts it when it dies.
 
     `ready` is set while the child answers; `failed` once it died more than the policy allows
     and supervision gave up. Its output goes line by line to `output`: problems as warnings,
@@ -73,7 +74,7 @@ class Supervisor:
         self,
         name: str,
         command: Sequence[str],
-        probe: Probe,
+        probe: Probe | None,
         *,
         env: Callable[[], Mapping[str, str]] | None = None,
         policy: RestartPolicy | None = None,
@@ -217,6 +218,10 @@ class Supervisor:
         return child.returncode if child.returncode is not None else -1
 
     async def _probe_until_ready(self, child: _Child, started: float) -> None:
+        if self.probe is None:  # it cannot be asked apart from its siblings: started is all
+            self.ready.set()
+            log.info("the %s started (pid %d)", self.name, child.pid)
+            return
         while child.returncode is None:
             with contextlib.suppress(Exception):
                 if await self.probe():

@@ -61,10 +61,6 @@ def shared_metrics_dir() -> str | None:
     return made
 
 
-async def _always_ready() -> bool:
-    return True
-
-
 async def serve_workers(count: int, host: str, port: int, settings: Settings) -> None:
     """Run `count` workers on `host`:`port` until SIGTERM or SIGINT, then drain them all."""
     listener = bind(host, port)
@@ -76,7 +72,7 @@ async def serve_workers(count: int, host: str, port: int, settings: Settings) ->
         Supervisor(
             f"worker {number}",
             command,
-            _always_ready,
+            None,  # the workers share one socket: a request cannot ask one of them
             policy=policy,
             share_output=True,
             pass_fds=[listener.fileno()],

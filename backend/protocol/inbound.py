@@ -22,10 +22,11 @@ def bad_request(message: str) -> ChatError:
     return ChatError("bad_request", message)
 
 
-def check_question(text: str, max_chars: int) -> str:
-    """Return `text` if it is a question we can send on, else raise `ChatError`."""
+def check_question(text: str, max_chars: int, how_to_ask: str = HOW_TO_ASK) -> str:
+    """Return `text` if it is a question we can send on, else raise `ChatError` (an empty one
+    told `how_to_ask` where it came from)."""
     if not text.strip():
-        raise bad_request(f"The question is empty. {HOW_TO_ASK}")
+        raise bad_request(f"The question is empty. {how_to_ask}")
     if len(text) > max_chars:
         raise bad_request(
             f"The question is {len(text):,} characters long; the limit is {max_chars:,}."

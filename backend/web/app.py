@@ -164,7 +164,7 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
             metrics.resumes.inc()
         if wanted is None:
             return conversations.new(principal.user), after
-        return await conversations.open(wanted, principal.user), after
+        return await conversations.open(wanted, principal.user, after), after
 
     @app.get("/vendor/{name}", include_in_schema=False)
     async def vendor(name: str) -> FileResponse:

@@ -30,6 +30,7 @@ from backend.web.access import Access
 from backend.web.sse import STREAM_HEADERS
 from schemas import ChatResponse, EndStatus
 
+HOW_TO_ASK_HERE = "Pass it as ?prompt=... (or ?user_input=...)."
 # How soon a browser's EventSource reconnects after the stream ends (a server restart).
 RECONNECT_MS = 1000
 
@@ -163,11 +164,10 @@ def build_router(
         text = params.get("prompt", params.get("user_input"))
         if text is None:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                "Missing question: pass it as ?prompt=... (or ?user_input=...).",
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"Missing question. {HOW_TO_ASK_HERE}"
             )
         try:
-            return check_question(text, settings.chat_max_question_chars)
+            return check_question(text, settings.chat_max_question_chars, HOW_TO_ASK_HERE)
         except ChatError as error:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.message) from error
 
@@ -225,7 +225,7 @@ def build_router(
         access.ensure_open()
         slot = await access.slot(caller, request.client)
         try:
-            conversation = await conversations.open(conversation_id, caller.user)
+            conversation = await conversations.open(conversation_id, caller.user, after)
         except BaseException:
             await slot.release()
             raise
