@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 from backend.config.settings import Settings
+from backend.model.assistants import ChainImportError, check_importable
 from backend.observe import logs
 from backend.process.server import chat_server
 from backend.process.workers import scale_out_problem, serve_workers
@@ -40,9 +41,17 @@ def main(argv: list[str] | None = None) -> None:
         problem = scale_out_problem(settings)
         if problem is not None:
             parser.exit(2, f"python -m backend: cannot run {args.workers} workers: {problem}\n")
+        try:
+            check_importable(settings)
+        except ChainImportError as refused:
+            parser.exit(2, f"python -m backend: {refused}\n")
         asyncio.run(serve_workers(args.workers, args.host, args.port, settings))
         return
-    server = chat_server(create_app(settings), settings, args.host, args.port)
+    try:
+        app = create_app(settings)
+    except ChainImportError as refused:
+        parser.exit(2, f"python -m backend: {refused}\n")
+    server = chat_server(app, settings, args.host, args.port)
     logs.configure(settings.chat_log_format)
     if args.fd is not None:
         server.run(sockets=[socket.socket(fileno=args.fd)])

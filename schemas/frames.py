@@ -23,6 +23,8 @@ ErrorCode = Literal[
     "unavailable",
     "unauthorized",
     "rate_limited",
+    "chain_error",
+    "tool_error",
     "internal",
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from backend.model.assistants import Assistants
 from backend.model.chain import build_chain
 from backend.model.history import History
 from backend.model.reply import Replier
@@ -42,7 +43,9 @@ async def test_handler_that_cannot_send_stops_generation(
     settings = make_settings()
     async with openai.DefaultAsyncHttpxClient(timeout=5) as client:
         upstream = remote_upstream(settings)
-        replier = Replier(settings, build_chain(settings, upstream, client), upstream, Metrics())
+        replier = Replier(
+            settings, Assistants.only(build_chain(settings, upstream, client)), upstream, Metrics()
+        )
         turn = Turn("talk", VanishingSink(tokens=5))
         with pytest.raises(ClientGone):
             await replier.answer(turn, History(1000))

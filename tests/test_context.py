@@ -8,6 +8,7 @@ import openai
 from langchain_core.messages import BaseMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
+from backend.model.assistants import Assistants
 from backend.model.chain import ChatChain, build_model
 from backend.model.history import ContextWindow, History
 from backend.model.reply import Replier
@@ -54,7 +55,7 @@ async def test_question_too_long_counts_the_chains_own_prompt(
     async with openai.DefaultAsyncHttpxClient(timeout=5) as client:
         chain = ChatChain(prompt, build_model(settings, upstream, client))
         sink = Recorder()
-        status = await Replier(settings, chain, upstream, Metrics()).answer(
+        status = await Replier(settings, Assistants.only(chain), upstream, Metrics()).answer(
             Turn("Q" * 25, sink), History(100)
         )
     assert status == "error"

@@ -57,6 +57,17 @@ class Settings(BaseSettings):
         description="the system message of every request",
         json_schema_extra={"shown_default": "a short helpful-assistant prompt"},
     )
+    chat_chain: str | None = Field(
+        default=None,
+        description="the chain that answers: `package.module:attribute`, a LangChain runnable "
+        '(or a factory given the chat model) invoked with `{"messages": [...]}`, or the name '
+        "of one in `CHAT_CHAINS`; unset, the built-in chain (`chat`)",
+    )
+    chat_chains: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="more chains to offer, comma-separated `name=package.module:attribute`; a "
+        "conversation is opened with one (`?assistant=NAME`)",
+    )
     chat_history_tokens: int = Field(
         default=3000,
         ge=0,
@@ -210,6 +221,13 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds a question waits for the embedded model to start",
     )
+
+    @field_validator("chat_chains", mode="before")
+    @classmethod
+    def _split_chains(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("chat_allowed_origins", mode="before")
     @classmethod

@@ -14,8 +14,14 @@ from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import BaseMessage
+from langchain_core.outputs import ChatGeneration, LLMResult
 
 from backend.store.records import carryable
+from schemas import Usage
+
+# The tag of a model run whose tokens are not the reply (LangGraph's convention): a step
+# that rewrites the question, or routes it, stays silent.
+NOSTREAM = "nostream"
 
 
 def token_text(token: str | list[str | dict[str, Any]]) -> str:
@@ -33,13 +39,17 @@ def token_text(token: str | list[str | dict[str, Any]]) -> str:
 
 
 class StreamingHandler(AsyncCallbackHandler):
-    """Hands every new token to `on_token` (the chat-langchain streaming handler, unbuffered)."""
+    """Hands every new token of every chat model in the chain to `on_token` (the chat-langchain
+    streaming handler, unbuffered), but for runs tagged `nostream`; and adds up the usage the
+    model server reports for each model call."""
 
     raise_error = True
     run_inline = True
 
     def __init__(self, on_token: Callable[[str], None]) -> None:
         self.on_token = on_token
+        # The tokens of every model call of the reply, as the model server reported them.
+        self.usage: Usage | None = None
 
     async def on_llm_new_token(
         self,
@@ -50,9 +60,84 @@ class StreamingHandler(AsyncCallbackHandler):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        if tags and NOSTREAM in tags:
+            return
         text = token_text(token)
         if text:
             self.on_token(text)
+
+    async def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for generations in response.generations:
+            for generation in generations:
+                if not isinstance(generation, ChatGeneration):
+                    continue
+                metadata = getattr(generation.message, "usage_metadata", None)
+                if not metadata:
+                    continue
+                before = self.usage or Usage(prompt_tokens=0, completion_tokens=0)
+                self.usage = Usage(
+                    prompt_tokens=before.prompt_tokens + metadata.get("input_tokens", 0),
+                    completion_tokens=before.completion_tokens + metadata.get("output_tokens", 0),
+                )
+
+
+class ToolWatch(AsyncCallbackHandler):
+    """Remembers the tool runs of a reply that failed, so a failure of the chain that comes
+    from one is reported as the tool's."""
+
+    raise_error = True
+    run_inline = True
+    ignore_llm = True
+    ignore_chain = True
+    ignore_retriever = True
+    ignore_chat_model = True
+
+    def __init__(self) -> None:
+        self._names: dict[UUID, str] = {}
+        self.failures: list[tuple[str, BaseException]] = []
+
+    async def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._names[run_id] = str(serialized.get("name") or kwargs.get("name") or "tool")
+
+    async def on_tool_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.failures.append((self._names.get(run_id, "tool"), error))
+
+    def failed_tool(self, exc: BaseException) -> tuple[str, BaseException] | None:
+        """The tool whose failure `exc` is (or was caused by), if any."""
+        seen: BaseException | None = exc
+        while seen is not None:
+            for name, error in self.failures:
+                if error is seen:
+                    return name, error
+            seen = seen.__cause__ or seen.__context__
+        return None
 
 
 class ProgressHandler(AsyncCallbackHandler):

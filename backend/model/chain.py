@@ -1,15 +1,19 @@
-"""The LCEL chain: prompt (system, history, question) piped into a streaming `ChatOpenAI`.
+"""The chains replies run: the built-in one, and any LangChain runnable of the user's.
 
-The prompt's shape is said here only: replies run the chain and count the context it takes
-through `ChatChain`, so a change to the template reaches both.
+The built-in chain is the prompt (system, history, question) piped into a streaming
+`ChatOpenAI`; its shape is said here only, since replies run the chain and count the context
+it takes through `ChatChain`, so a change to the template reaches both. A user's runnable
+(an LCEL chain, a `create_agent` agent, a compiled LangGraph graph) is invoked with
+`{"messages": [...]}`, the conversation as LangChain messages, and its system prompt is its
+own business (see `RunnableChain`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import openai
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_openai import ChatOpenAI
@@ -63,11 +67,29 @@ def build_model(
     return model
 
 
+class Chain(Protocol):
+    """What a reply runs: the messages it sends for a question, and the run itself."""
+
+    # Whether it is the server's own (a failure inside it is the server's, not the user's).
+    built_in: bool
+
+    def messages(self, history: list[BaseMessage], question: str) -> list[BaseMessage]:
+        """The messages the chain is given (or, the built-in one, the model is sent)."""
+
+    async def ainvoke(
+        self, history: list[BaseMessage], question: str, config: RunnableConfig
+    ) -> BaseMessage:
+        """Answer `question` after `history`; the reply streams through `config`'s callbacks."""
+
+
 class ChatChain:
-    """The prompt piped into the model: what every reply runs."""
+    """The prompt piped into the model: the built-in chain."""
+
+    built_in = True
 
     def __init__(self, prompt: ChatPromptTemplate, model: ChatOpenAI) -> None:
         self.prompt = prompt
+        self.model = model
         self.runnable: Runnable[dict[str, Any], BaseMessage] = prompt | model
 
     def messages(self, history: list[BaseMessage], question: str) -> list[BaseMessage]:
@@ -79,6 +101,42 @@ class ChatChain:
     ) -> BaseMessage:
         """Ask `question` after `history`; the reply streams through `config`'s callbacks."""
         return await self.runnable.ainvoke({"history": history, "question": question}, config)
+
+
+class RunnableChain:
+    """A user's runnable, given the conversation as `{"messages": [...]}`: the history, then
+    the question. What it returns is the reply: a message, a state whose `messages` end with
+    it (LangGraph's message state, `create_agent`), or text."""
+
+    built_in = False
+
+    def __init__(self, runnable: Runnable[Any, Any]) -> None:
+        self.runnable = runnable
+
+    def messages(self, history: list[BaseMessage], question: str) -> list[BaseMessage]:
+        return [*history, HumanMessage(question)]
+
+    async def ainvoke(
+        self, history: list[BaseMessage], question: str, config: RunnableConfig
+    ) -> BaseMessage:
+        result = await self.runnable.ainvoke({"messages": self.messages(history, question)}, config)
+        return reply_of(result)
+
+
+def reply_of(result: object) -> BaseMessage:
+    """The reply in what a runnable returned: a message, the last message of a state, or text."""
+    if isinstance(result, BaseMessage):
+        return result
+    if isinstance(result, dict):
+        messages = result.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], BaseMessage):
+            return messages[-1]
+    if isinstance(result, str):
+        return AIMessage(result)
+    raise TypeError(
+        f"the chain returned {type(result).__name__}; expected a message, a state with "
+        "`messages`, or text"
+    )
 
 
 def build_prompt(settings: Settings) -> ChatPromptTemplate:
@@ -95,5 +153,5 @@ def build_prompt(settings: Settings) -> ChatPromptTemplate:
 def build_chain(
     settings: Settings, upstream: Upstream, http_client: openai.DefaultAsyncHttpxClient
 ) -> ChatChain:
-    """The chain every reply runs, pointed at `upstream`."""
+    """The built-in chain, pointed at `upstream`."""
     return ChatChain(build_prompt(settings), build_model(settings, upstream, http_client))

@@ -13,8 +13,9 @@ from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.runnables import RunnableConfig
 
 from backend.config.settings import Settings
-from backend.model.callbacks import ProgressHandler, StreamingHandler
-from backend.model.chain import ChatChain
+from backend.model.assistants import Assistant, Assistants
+from backend.model.callbacks import ProgressHandler, StreamingHandler, ToolWatch, token_text
+from backend.model.chain import Chain
 from backend.model.history import History, TokenCounter
 from backend.model.turn import Turn
 from backend.model.upstream import Upstream
@@ -27,19 +28,35 @@ from schemas import ChatResponse, EndStatus, ErrorCode
 log = logging.getLogger(__name__)
 
 
+# The longest part of a user's exception quoted in an error frame.
+QUOTED = 300
+
+
+class Run:
+    """One reply's run of its chain: what its callbacks saw."""
+
+    def __init__(self, chain: Chain, turn: Turn) -> None:
+        self.chain = chain
+        self.tokens = StreamingHandler(turn.token)
+        self.tools = ToolWatch()
+
+
 class Replier:
-    """Answers questions with one chain; shared by every connection of an app."""
+    """Answers questions with the app's assistants; shared by every connection of an app."""
 
     def __init__(
-        self, settings: Settings, chain: ChatChain, upstream: Upstream, metrics: Metrics
+        self, settings: Settings, assistants: Assistants, upstream: Upstream, metrics: Metrics
     ) -> None:
         self.settings = settings
-        self.chain = chain
+        self.assistants = assistants
         self.upstream = upstream
         self.metrics = metrics
 
-    async def answer(self, turn: Turn, history: History) -> EndStatus:
-        """Stream the reply to `turn`'s question, from `start` to exactly one `end`.
+    async def answer(
+        self, turn: Turn, history: History, assistant: Assistant | None = None
+    ) -> EndStatus:
+        """Stream the reply to `turn`'s question, from `start` to exactly one `end`, with
+        `assistant`'s chain (the default one's if None).
 
         Cancelling the task that runs this is how a reply is stopped: the upstream request is
         closed, the text streamed so far stays in `turn`, and `end` says `interrupted`.
@@ -50,23 +67,29 @@ class Replier:
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
         sent: list[list[BaseMessage]] = []  # the history sent with the question, once it is
+        run = Run((assistant or self.assistants.default).chain, turn)
         try:
-            turn.usage = reported(await self._generate(turn, history, sent))
+            reply = await self._generate(turn, history, sent, run)
+            if not turn.streamed and reply.text:  # a chain whose models did not stream
+                turn.token(token_text_of(reply))
+            turn.usage = run.tokens.usage or reported(reply)
             status = "completed"
         except asyncio.CancelledError:
             status = "interrupted"
             raise
         except Exception as exc:
-            error = await self._describe(exc, streamed=turn.streamed)
-            if error.code == "internal":
-                log.exception("reply failed")
+            error = await self._describe(exc, turn.streamed, run)
+            if error.code in ("internal", "chain_error", "tool_error"):
+                log.exception("reply failed: %s", error.message)
             else:
                 log.warning("reply failed: %s (%r)", error.message, exc)
             turn.send(error.frame())
             failure = error.code
         finally:
+            if turn.usage is None:
+                turn.usage = run.tokens.usage
             if turn.usage is None and sent and (turn.streamed or status == "completed"):
-                messages = self.chain.messages(sent[0], turn.question)
+                messages = run.chain.messages(sent[0], turn.question)
                 turn.usage = counted(messages, turn.text, self.count)
             end = ChatResponse.bot("end", status=status)
             end.usage = turn.usage
@@ -89,42 +112,52 @@ class Replier:
         return window.count if window is not None else count_tokens_approximately
 
     async def _generate(
-        self, turn: Turn, history: History, sent: list[list[BaseMessage]]
+        self, turn: Turn, history: History, sent: list[list[BaseMessage]], run: Run
     ) -> BaseMessage:
         """Run the chain, retrying once, quickly, if it failed before its first token."""
         await self.upstream.ensure_ready(turn.info)
         callbacks: list[BaseCallbackHandler] = [
-            StreamingHandler(turn.token),
+            run.tokens,
             ProgressHandler(turn.info, self.upstream.model),
         ]
+        if not run.chain.built_in:
+            callbacks.append(run.tools)
         config = RunnableConfig(callbacks=callbacks)
-        earlier = self._history_for(turn.question, history)
+        earlier = self._history_for(turn.question, history, run.chain)
         sent.append(earlier)  # the prompt is formatted again only if usage must be counted
         for attempt in (1, 2):
             try:
-                return await self.chain.ainvoke(earlier, turn.question, config)
+                return await run.chain.ainvoke(earlier, turn.question, config)
             except Exception as exc:
                 if turn.streamed or attempt == 2 or not is_retryable(exc):
                     raise
-                reason = await self._describe(exc, streamed=False)
+                reason = await self._describe(exc, False, run)
                 log.info("retrying once after: %s", reason.message)
                 turn.info(f"Retrying once: {reason.message}")
                 await asyncio.sleep(self.settings.chat_retry_delay)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
-    async def _describe(self, exc: BaseException, streamed: bool) -> ChatError:
-        """The error to show for `exc`, preferring what the upstream knows about itself."""
+    async def _describe(self, exc: BaseException, streamed: bool, run: Run) -> ChatError:
+        """The error to show for `exc`, preferring what the upstream knows about itself; a
+        failure of the user's own chain or tool says which, and what it raised."""
         if isinstance(exc, ChatError):
             return exc
         known = await self.upstream.explain_failure(exc)
-        return known or describe_upstream(exc, self.upstream.url, streamed=streamed)
+        error = known or describe_upstream(exc, self.upstream.url, streamed=streamed)
+        if error.code != "internal" or run.chain.built_in:
+            return error
+        tool = run.tools.failed_tool(exc)
+        if tool is not None:
+            name, raised = tool
+            return ChatError("tool_error", f"The tool {name!r} failed: {quoted(raised)}")
+        return ChatError("chain_error", f"The assistant's chain failed: {quoted(exc)}")
 
-    def _history_for(self, question: str, history: History) -> list[BaseMessage]:
+    def _history_for(self, question: str, history: History, chain: Chain) -> list[BaseMessage]:
         """The earlier turns to send: all of them, or as many as the model's context holds."""
         window = self.upstream.context
         if window is None:
             return history.messages
-        fixed = window.count(self.chain.messages([], question))
+        fixed = window.count(chain.messages([], question))
         reply_tokens = self.upstream.reply_tokens or 0
         room = window.tokens - reply_tokens - fixed
         if room < 0:
@@ -135,3 +168,14 @@ class Replier:
                 f"including {reply_tokens:,} for the reply.",
             )
         return history.fit(room, window.count)
+
+
+def quoted(exc: BaseException) -> str:
+    """A user's exception in an error frame: its type and the start of its message."""
+    said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return said if len(said) <= QUOTED else said[: QUOTED - 1] + "…"
+
+
+def token_text_of(reply: BaseMessage) -> str:
+    """A whole reply's text, as a streamed token would be given."""
+    return token_text(reply.content)

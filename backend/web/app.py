@@ -19,6 +19,7 @@ from backend.chat.relay import LocalRelays, Relays
 from backend.cluster.relay import RedisRelays
 from backend.cluster.shared import Cluster
 from backend.config.settings import Settings
+from backend.model.assistants import load_assistants
 from backend.model.chain import build_chain
 from backend.model.embedded import local_upstream
 from backend.model.reply import Replier
@@ -76,7 +77,9 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
     )
     http_client = openai.DefaultAsyncHttpxClient(timeout=settings.chat_timeout, transport=transport)
     metrics = Metrics()
-    replier = Replier(settings, build_chain(settings, upstream, http_client), upstream, metrics)
+    built_in = build_chain(settings, upstream, http_client)
+    assistants = load_assistants(settings, built_in.model, built_in)
+    replier = Replier(settings, assistants, upstream, metrics)
     relays = relays if relays is not None else choose_relays(settings)
     conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), relays)
     access = Access(

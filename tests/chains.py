@@ -1,0 +1,63 @@
+"""Chains of a user's own, served by import string in the tests (`CHAT_CHAIN=tests.chains:...`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.tools import tool
+
+
+def _last_question(state: dict[str, Any]) -> str:
+    messages: list[BaseMessage] = state["messages"]
+    return str(messages[-1].content)
+
+
+# No model at all: the reply is what it returns, sent as one piece.
+shouting: Runnable[Any, Any] = RunnableLambda(
+    lambda state: AIMessage(_last_question(state).upper() + f" ({len(state['messages'])} messages)")
+)
+
+
+def condensed(model: BaseChatModel) -> Runnable[Any, Any]:
+    """Rewrites the question silently, then answers the rewritten question."""
+    rewrite = model.with_config(tags=["nostream"])
+
+    async def answer(state: dict[str, Any]) -> Any:
+        standalone = await rewrite.ainvoke([HumanMessage("Rewrite: " + _last_question(state))])
+        return {"messages": [*state["messages"], await model.ainvoke([standalone])]}
+
+    return RunnableLambda(answer)
+
+
+class IndexMissing(Exception):
+    pass
+
+
+async def _broken(state: dict[str, Any]) -> AIMessage:
+    raise IndexMissing("no index was built for these documents")
+
+
+broken: Runnable[Any, Any] = RunnableLambda(_broken)
+
+
+@tool
+def divide(numerator: float, denominator: float) -> float:
+    """Divide two numbers."""
+    return numerator / denominator
+
+
+async def _calculate(state: dict[str, Any]) -> AIMessage:
+    result = await divide.ainvoke({"numerator": 1, "denominator": 0})
+    return AIMessage(str(result))
+
+
+calculating: Runnable[Any, Any] = RunnableLambda(_calculate)
+
+not_a_chain = 42
+
+
+def failing_factory(model: BaseChatModel) -> Runnable[Any, Any]:
+    raise RuntimeError("the vector store is not reachable")
