@@ -12,6 +12,13 @@ from schemas.frames import Usage
 MessageStatus = Literal["completed", "interrupted", "error", "streaming"]
 
 
+ASSISTANT = Field(
+    default=None,
+    description="The assistant (chain) that answers it, as `GET /api/assistants` lists them; "
+    "null: the server's default.",
+)
+
+
 class ConversationSummary(BaseModel):
     """One entry of the conversation list."""
 
@@ -20,6 +27,7 @@ class ConversationSummary(BaseModel):
     created: datetime
     updated: datetime
     messages: int = Field(description="Questions and replies, counted separately.")
+    assistant: str | None = ASSISTANT
 
 
 class ConversationPage(BaseModel):
@@ -53,4 +61,21 @@ class Conversation(BaseModel):
     title: str
     created: datetime
     updated: datetime
+    assistant: str | None = ASSISTANT
     messages: list[Message]
+
+
+class AssistantInfo(BaseModel):
+    """One assistant the server offers: a chain a conversation can be opened with."""
+
+    name: str = Field(
+        description="What `?assistant=` (or the `/api/chat` body's `assistant`) takes."
+    )
+    description: str
+    default: bool = Field(description="Whether it answers conversations that name none.")
+
+
+class AssistantList(BaseModel):
+    """Every assistant the server offers."""
+
+    assistants: list[AssistantInfo]

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from schemas.conversations import Conversation, ConversationPage
+from schemas.conversations import AssistantList, Conversation, ConversationPage
 from schemas.frames import CHAT_RESPONSE, CLIENT_MESSAGE
 
 SCHEMA_DIR = Path(__file__).parent
@@ -17,6 +17,7 @@ SCHEMA_FILES: dict[str, Any] = {
     "client_message.schema.json": CLIENT_MESSAGE,
     "conversation.schema.json": TypeAdapter(Conversation),
     "conversation_page.schema.json": TypeAdapter(ConversationPage),
+    "assistant_list.schema.json": TypeAdapter(AssistantList),
 }
 
 

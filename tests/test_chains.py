@@ -3,16 +3,34 @@ silent steps silent, its failures said with a code and a sentence."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
-from backend.model.assistants import ChainImportError
+from backend.model.assistants import BUILT_IN_DESCRIPTION, ChainImportError
 from backend.web.app import create_app
+from deploy.services import Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
-from tests.harness import ask, connect, live_server, text_of
+from tests.harness import (
+    UNIT,
+    LiveServer,
+    ask,
+    close_of,
+    connect,
+    conversation_of,
+    kinds,
+    live_server,
+    recv,
+    text_of,
+    until_end,
+)
 
 
 async def test_a_chain_without_a_model_answers_with_what_it_returns(
@@ -111,3 +129,121 @@ def test_the_server_refuses_to_start_on_a_chain_it_cannot_import() -> None:
     assert started.returncode == 2
     assert "cannot serve the chain 'tests.chains:missing'" in started.stderr
     assert "Traceback" not in started.stderr
+
+
+@pytest.fixture(scope="module")
+def two_assistants(upstream_server: FakeUpstream) -> Iterator[LiveServer]:
+    """The built-in chain (the default) and `shout`, in one server."""
+    settings = fake_settings(upstream_server, chat_chains=["shout=tests.chains:shouting"])
+    with live_server(settings) as server:
+        yield server
+
+
+async def test_each_conversation_is_answered_by_the_assistant_it_was_opened_with(
+    two_assistants: LiveServer,
+) -> None:
+    server = two_assistants
+    async with connect(f"{server.ws}?assistant=shout") as ws:
+        shouted = conversation_of(ws)
+        assert text_of(await ask(ws, "hello")) == "HELLO (1 messages)"
+    async with connect(server.ws) as ws:
+        plain = conversation_of(ws)
+        assert text_of(await ask(ws, "hello")) == "You said: hello"
+    # Rejoined without naming it, the conversation keeps its assistant; a reset, too.
+    async with connect(f"{server.ws}?conversation={shouted}") as ws:
+        assert kinds(await until_end(ws))[-1] == "end"
+        assert text_of(await ask(ws, "more")) == "MORE (3 messages)"
+        await ws.send(json.dumps({"type": "reset"}))
+        assert (await recv(ws))["message"] == "Conversation cleared."
+        assert text_of(await ask(ws, "anew")) == "ANEW (1 messages)"
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        listed = (await client.get(f"{server.http}/api/conversations")).json()
+        read = (await client.get(f"{server.http}/api/conversations/{shouted}")).json()
+        offered = (await client.get(f"{server.http}/api/assistants")).json()
+    by_id = {entry["id"]: entry["assistant"] for entry in listed["conversations"]}
+    assert (by_id[shouted], by_id[plain]) == ("shout", "chat")
+    assert read["assistant"] == "shout"
+    assert offered == {
+        "assistants": [
+            {"name": "chat", "description": BUILT_IN_DESCRIPTION, "default": True},
+            {
+                "name": "shout",
+                "description": "Chains of a user's own, served by import string in the tests "
+                "(`CHAT_CHAIN=tests.chains:...`).",
+                "default": False,
+            },
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("assistant=nope", "No assistant 'nope'; this server offers chat, shout."),
+        ("assistant=", "No assistant ''; this server offers chat, shout."),
+    ],
+)
+async def test_an_assistant_the_server_does_not_offer_is_refused(
+    two_assistants: LiveServer, query: str, reason: str
+) -> None:
+    async with ws_connect(f"{two_assistants.ws}?{query}") as ws:
+        code, text = await close_of(ws)
+    assert (code, text) == (1008, reason)
+
+
+async def test_a_conversation_is_not_joined_as_another_assistants(
+    two_assistants: LiveServer,
+) -> None:
+    server = two_assistants
+    async with connect(f"{server.ws}?assistant=shout") as ws:
+        conversation = conversation_of(ws)
+        await ask(ws, "hello")
+    async with ws_connect(f"{server.ws}?conversation={conversation}&assistant=chat") as ws:
+        code, text = await close_of(ws)
+    assert code == 1008
+    assert text == "This conversation is answered by 'shout'; begin a new one to ask 'chat'."
+
+
+async def test_the_http_routes_take_the_assistant_too(two_assistants: LiveServer) -> None:
+    server = two_assistants
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        streamed = await client.get(f"{server.http}/stream?prompt=hi&assistant=shout")
+        refused = await client.get(f"{server.http}/stream?prompt=hi&assistant=nope")
+        chat = uuid.uuid4().hex[:16]
+        sdk = await client.post(
+            f"{server.http}/api/chat",
+            json={
+                "id": chat,
+                "messages": [
+                    {"id": "m0", "role": "user", "parts": [{"type": "text", "text": "yo"}]}
+                ],
+                "assistant": "shout",
+            },
+        )
+    assert streamed.text == "HI (1 messages)\n"
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == "No assistant 'nope'; this server offers chat, shout."
+    deltas = [
+        json.loads(line.removeprefix("data: "))
+        for line in sdk.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert "".join(d["delta"] for d in deltas if d["type"] == "text-delta") == "YO (1 messages)"
+
+
+async def test_a_conversation_begun_on_one_worker_keeps_its_assistant_on_another(
+    upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
+) -> None:
+    """Nothing is stored yet when the question comes to the other worker: the assistant
+    travels with the conversation's id."""
+    settings = fake_settings(
+        upstream_server,
+        chat_database_url=postgres.database(),
+        chat_redis_url=redis_server.url,
+        chat_chains=["shout=tests.chains:shouting"],
+    )
+    with live_server(settings) as one, live_server(settings) as two:
+        async with connect(f"{one.ws}?assistant=shout") as opened:
+            conversation = conversation_of(opened)
+            async with connect(f"{two.ws}?conversation={conversation}") as other:
+                assert text_of(await ask(other, "hello")) == "HELLO (1 messages)"

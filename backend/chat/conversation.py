@@ -101,11 +101,15 @@ class Conversation:
         services: Services,
         record: ConversationRecord | None = None,
         owner: str = "",
+        assistant: str | None = None,
     ) -> None:
         self.id = conversation_id
         self.services = services
         # The user it belongs to: nobody else may see it, join it or act on it.
         self.owner = record.owner if record else owner
+        # The assistant that answers it (None: the server's default, for one stored before
+        # conversations named theirs).
+        self.assistant = record.assistant if record else assistant
         self.turns: list[TurnRecord] = record.turns if record else []
         self.seq = record.last_seq if record else 0
         self.title = record.title if record else None
@@ -366,7 +370,7 @@ class Conversation:
         grace = asyncio.create_task(self._mind_the_grace(), name=f"grace-{self.id}")
         turn = Turn(record.question, LiveTurn(self, record, regenerate), record.parts)
         try:
-            await self.services.replier.answer(turn, history)
+            await self.services.replier.answer(turn, history, self.assistant)
         finally:
             grace.cancel()
             self._streaming = None
@@ -448,6 +452,7 @@ class Conversation:
             turn_count=len(self.turns),
             turns=turns,
             owner=self.owner,
+            assistant=self.assistant,
         )
 
     def unsaved(self, record: ConversationRecord) -> None:

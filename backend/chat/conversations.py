@@ -16,6 +16,7 @@ from backend.chat.conversation import Conversation, Services, report_failure
 from backend.chat.relay import Relays
 from backend.config.settings import Settings
 from backend.config.timings import CLOSE_WAIT, LINGER
+from backend.model.assistants import UnknownAssistant
 from backend.model.reply import Replier
 from backend.store.records import ConversationRecord, title_for
 from backend.store.sql import Store
@@ -61,6 +62,7 @@ class Conversations:
             replier, settings, self.writer, self.quotas, relays.relay, self._on_idle
         )
         self.relays = relays
+        self.assistants = replier.assistants
         self.draining = False
         self._live: dict[str, Conversation] = {}
         self._loading: dict[str, asyncio.Task[ConversationRecord | None]] = {}
@@ -89,28 +91,35 @@ class Conversations:
             await self.store.close()
             await self.relays.close()
 
-    def new(self, owner: str) -> Conversation:
-        """A fresh conversation of `owner`'s; it is stored from its first question on."""
-        return self._begin(uuid.uuid4().hex, owner)
+    def new(self, owner: str, assistant: str | None = None) -> Conversation:
+        """A fresh conversation of `owner`'s, answered by `assistant` (the default if None;
+        `UnknownAssistant` for one the server does not offer); it is stored from its first
+        question on."""
+        self.assistants.check(assistant)
+        return self._begin(uuid.uuid4().hex, owner, assistant)
 
-    async def open_or_begin(self, conversation_id: str, owner: str) -> Conversation:
+    async def open_or_begin(
+        self, conversation_id: str, owner: str, assistant: str | None = None
+    ) -> Conversation:
         """`owner`'s conversation with this id, or a new one by it if there is none.
 
         Only for ids that no other user can arrive at (derived from `owner`'s own), so that
         an id nobody has is `owner`'s to take.
         """
+        self.assistants.check(assistant)
         try:
-            return await self.open(conversation_id, owner)
+            return await self.open(conversation_id, owner, assistant=assistant)
         except UnknownConversation:
             conversation = self._live.get(conversation_id)  # begun meanwhile by a request
             if conversation is None:
-                return self._begin(conversation_id, owner)
+                return self._begin(conversation_id, owner, assistant)
             if conversation.owner != owner:
                 raise
             return conversation
 
-    def _begin(self, conversation_id: str, owner: str) -> Conversation:
-        conversation = Conversation(conversation_id, self.services, None, owner)
+    def _begin(self, conversation_id: str, owner: str, assistant: str | None) -> Conversation:
+        chosen = self.assistants.answering(assistant)
+        conversation = Conversation(conversation_id, self.services, None, owner, chosen)
         self._live[conversation.id] = conversation
         conversation.begun()
         return conversation
@@ -135,10 +144,13 @@ class Conversations:
         conversation.background(conversation.stop_here())
         conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
 
-    async def open(self, conversation_id: str, owner: str, after: int = 0) -> Conversation:
+    async def open(
+        self, conversation_id: str, owner: str, after: int = 0, assistant: str | None = None
+    ) -> Conversation:
         """`owner`'s conversation with this id, loaded if need be; raises `UnknownConversation`
-        for one that does not exist and, alike, for one of another user's, and `PastTheEnd`
-        for a client resuming `after` a `seq` the conversation has not reached."""
+        for one that does not exist and, alike, for one of another user's, `PastTheEnd` for a
+        client resuming `after` a `seq` the conversation has not reached, and
+        `UnknownAssistant` for a request naming an `assistant` that does not answer it."""
         if not ID_PATTERN.fullmatch(conversation_id):
             raise UnknownConversation(f"Malformed conversation id {conversation_id[:64]!r}.")
         conversation = self._live.get(conversation_id)
@@ -148,6 +160,11 @@ class Conversations:
             conversation = await self._load(conversation_id, owner)
         if conversation.owner != owner:
             raise unknown(conversation_id)
+        try:
+            self.assistants.check(assistant, self.assistants.answering(conversation.assistant))
+        except UnknownAssistant:
+            conversation.drop_if_idle()
+            raise
         if after:
             last = await conversation.last_seq()
             if after > last:
@@ -188,10 +205,15 @@ class Conversations:
         conversation = self._live.get(conversation_id)
         if conversation is not None:
             return conversation
-        found = record.owner if record is not None else await self.relays.owner(conversation_id)
+        assistant = None
+        if record is not None:
+            found: str | None = record.owner
+        else:
+            begun = await self.relays.begun_elsewhere(conversation_id)
+            found, assistant = begun if begun is not None else (None, None)
         if found != owner:  # None: nobody's
             raise unknown(conversation_id)
-        conversation = Conversation(conversation_id, self.services, record, owner)
+        conversation = Conversation(conversation_id, self.services, record, owner, assistant)
         self._live[conversation_id] = conversation
         return conversation
 
@@ -209,12 +231,21 @@ class Conversations:
         if latest is None:
             return record
         if record is None:
-            owner = await self.relays.owner(conversation_id)
-            if owner is None:
+            begun = await self.relays.begun_elsewhere(conversation_id)
+            if begun is None:
                 return None
+            owner, assistant = begun
             at = latest.asked_at
             record = ConversationRecord(
-                conversation_id, title_for(latest.question), at, at, latest.last_seq, 0, [], owner
+                conversation_id,
+                title_for(latest.question),
+                at,
+                at,
+                latest.last_seq,
+                0,
+                [],
+                owner,
+                assistant,
             )
         turns = [turn for turn in record.turns if turn.position != latest.position]
         record.turns = sorted([*turns, latest], key=lambda turn: turn.position)

@@ -192,8 +192,9 @@ class Relays(Protocol):
     async def ping(self) -> None:
         """Return once whatever is shared answers; raise if it cannot be reached."""
 
-    async def owner(self, conversation_id: str) -> str | None:
-        """The owner of a conversation begun elsewhere that the store may not have yet."""
+    async def begun_elsewhere(self, conversation_id: str) -> tuple[str, str | None] | None:
+        """The owner and assistant of a conversation begun elsewhere that the store may not
+        have yet; None if none was."""
 
     async def latest_turn(self, conversation_id: str) -> TurnRecord | None:
         """The turn being streamed elsewhere (or just ended there), not stored yet."""
@@ -223,7 +224,7 @@ class LocalRelays:
     async def ping(self) -> None:
         pass
 
-    async def owner(self, conversation_id: str) -> str | None:
+    async def begun_elsewhere(self, conversation_id: str) -> tuple[str, str | None] | None:
         return None
 
     async def latest_turn(self, conversation_id: str) -> TurnRecord | None:

@@ -164,9 +164,9 @@ class RedisRelays:
     async def ping(self) -> None:
         await self.cluster.ping()
 
-    async def owner(self, conversation_id: str) -> str | None:
-        """The owner of a conversation another worker has begun and the store may not have yet;
-        None if no worker has."""
+    async def begun_elsewhere(self, conversation_id: str) -> tuple[str, str | None] | None:
+        """The owner and assistant of a conversation another worker has begun and the store
+        may not have yet; None if no worker has."""
         return await self.cluster.known(conversation_id)
 
     async def latest_turn(self, conversation_id: str) -> TurnRecord | None:
@@ -295,7 +295,8 @@ class RedisRelay:
 
     async def _announce(self) -> None:
         try:
-            await self.cluster.announce(self.id, self.conversation.owner)
+            conversation = self.conversation
+            await self.cluster.announce(self.id, conversation.owner, conversation.assistant)
         except SHARED_STATE_ERRORS as exc:
             log.warning("cannot make a new conversation known to the other workers (%s)", exc)
 
@@ -473,6 +474,7 @@ class RedisRelay:
             conversation.turns = record.turns
             conversation.title = record.title
             conversation.created_at = record.created_at
+            conversation.assistant = record.assistant or conversation.assistant
         last_seq = await self.cluster.last_seq(self.id)
         conversation.seq = max(record.last_seq if record else 0, last_seq)
 

@@ -267,6 +267,10 @@ class Cluster:
         return f"chat:owner:{conversation_id}"
 
     @staticmethod
+    def assistant(conversation_id: str) -> str:
+        return f"chat:assistant:{conversation_id}"
+
+    @staticmethod
     def watchers(conversation_id: str) -> str:
         return f"chat:watchers:{conversation_id}"
 
@@ -421,20 +425,24 @@ class Cluster:
         from_stream = Entry.decode(last[0]).seq if last else 0
         return max(int(stored or 0), from_stream)
 
-    async def known(self, conversation_id: str) -> str | None:
-        """The owner of this conversation id if any worker has handed it out or used it lately."""
+    async def known(self, conversation_id: str) -> tuple[str, str | None] | None:
+        """The owner of this conversation id, and its assistant, if any worker has handed it
+        out or used it lately."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(self.seq(conversation_id), self.frames(conversation_id))
         pipe.get(self.owner(conversation_id))
-        count, owner = await pipe.execute()
-        return str(owner or "") if count else None
+        pipe.get(self.assistant(conversation_id))
+        count, owner, assistant = await pipe.execute()
+        return (str(owner or ""), assistant) if count else None
 
-    async def announce(self, conversation_id: str, owner: str) -> None:
-        """Make a new conversation's id, and whose it is, known to every worker (for an hour,
-        if unused; as long as its stream once used)."""
+    async def announce(self, conversation_id: str, owner: str, assistant: str | None) -> None:
+        """Make a new conversation's id, whose it is and which assistant answers it, known to
+        every worker (for an hour, if unused; as long as its stream once used)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.seq(conversation_id), 0, nx=True, ex=STREAM_TTL_S)
         pipe.set(self.owner(conversation_id), owner, ex=STREAM_TTL_S * 24)
+        if assistant is not None:
+            pipe.set(self.assistant(conversation_id), assistant, ex=STREAM_TTL_S * 24)
         await pipe.execute()
 
     async def forget_unused(self, conversation_id: str) -> None:
@@ -482,6 +490,7 @@ class Cluster:
             self.frames(conversation_id),
             self.seq(conversation_id),
             self.owner(conversation_id),
+            self.assistant(conversation_id),
             self.watchers(conversation_id),
         ]
         await cast(Awaitable[Any], self.redis.delete(*keys))

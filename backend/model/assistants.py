@@ -27,6 +27,11 @@ BUILT_IN_DESCRIPTION = "The server's own chat: the system prompt, the conversati
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
+class UnknownAssistant(ValueError):
+    """A request names an assistant the server does not offer, or not the one its
+    conversation is answered by."""
+
+
 class ChainImportError(Exception):
     """A chain that cannot be imported or built: the server does not start without it."""
 
@@ -132,12 +137,38 @@ class Assistants:
         """The built-in assistant alone, answering with `chain`."""
         return cls([Assistant(BUILT_IN, BUILT_IN_DESCRIPTION, chain)], BUILT_IN)
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def answering(self, assistant: str | None) -> str:
+        """The name of the assistant a conversation that names `assistant` is answered by."""
+        return self.default.name if assistant is None else assistant
+
     def __iter__(self) -> Any:
         return iter(self.by_name.values())
 
     def get(self, name: str | None) -> Assistant:
         """The assistant called `name` (the default for None); `KeyError` if there is none."""
         return self.default if name is None else self.by_name[name]
+
+    def check(self, wanted: str | None, answering: str | None = None) -> str | None:
+        """`wanted`, an assistant a request names (None: none), if the server offers it and,
+        for a request about a conversation answered by `answering` (its name; the default's
+        for one that names none), it is that one; `UnknownAssistant` with a sentence
+        otherwise."""
+        if wanted is None:
+            return None
+        if wanted not in self.by_name:
+            raise UnknownAssistant(
+                f"No assistant {wanted[:32]!r}; this server offers {', '.join(self.names)}."
+            )
+        if answering is not None and answering != wanted:
+            raise UnknownAssistant(
+                f"This conversation is answered by {answering!r}; begin a new one to ask "
+                f"{wanted!r}."
+            )
+        return wanted
 
 
 def check_importable(settings: Settings) -> None:

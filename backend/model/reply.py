@@ -13,7 +13,7 @@ from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.runnables import RunnableConfig
 
 from backend.config.settings import Settings
-from backend.model.assistants import Assistant, Assistants
+from backend.model.assistants import Assistants
 from backend.model.callbacks import ProgressHandler, StreamingHandler, ToolWatch, token_text
 from backend.model.chain import Chain
 from backend.model.history import History, TokenCounter
@@ -52,11 +52,9 @@ class Replier:
         self.upstream = upstream
         self.metrics = metrics
 
-    async def answer(
-        self, turn: Turn, history: History, assistant: Assistant | None = None
-    ) -> EndStatus:
-        """Stream the reply to `turn`'s question, from `start` to exactly one `end`, with
-        `assistant`'s chain (the default one's if None).
+    async def answer(self, turn: Turn, history: History, assistant: str | None = None) -> EndStatus:
+        """Stream the reply to `turn`'s question, from `start` to exactly one `end`, with the
+        chain of the assistant called `assistant` (the default one's if None).
 
         Cancelling the task that runs this is how a reply is stopped: the upstream request is
         closed, the text streamed so far stays in `turn`, and `end` says `interrupted`.
@@ -67,8 +65,9 @@ class Replier:
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
         sent: list[list[BaseMessage]] = []  # the history sent with the question, once it is
-        run = Run((assistant or self.assistants.default).chain, turn)
+        run = Run(self.assistants.default.chain, turn)
         try:
+            run.chain = self._chain_of(assistant)
             reply = await self._generate(turn, history, sent, run)
             if not turn.streamed and reply.text:  # a chain whose models did not stream
                 turn.token(token_text_of(reply))
@@ -104,6 +103,17 @@ class Replier:
                 turn.usage,
             )
         return status
+
+    def _chain_of(self, assistant: str | None) -> Chain:
+        try:
+            return self.assistants.get(assistant).chain
+        except KeyError:
+            raise ChatError(
+                "not_configured",
+                f"This conversation's assistant, {assistant!r}, is not offered by this server "
+                f"any more (it offers {', '.join(self.assistants.names)}); start a new "
+                "conversation.",
+            ) from None
 
     @property
     def count(self) -> TokenCounter:

@@ -48,6 +48,8 @@ conversations = Table(
     Column("turn_count", Integer, nullable=False),
     # The user it belongs to; '' is the anonymous user (CHAT_AUTH=none).
     Column("owner", String(255), nullable=False, server_default=""),
+    # The assistant that answers it; NULL: the server's default.
+    Column("assistant", String(32), nullable=True),
     Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
 

@@ -125,6 +125,8 @@ class ConversationRecord:
     turn_count: int
     turns: list[TurnRecord] = field(default_factory=list)
     owner: str = ""
+    # The assistant that answers it (see backend/model/assistants.py); None: the default.
+    assistant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,3 +138,4 @@ class ConversationSummary:
     created_at: datetime
     updated_at: datetime
     turn_count: int
+    assistant: str | None = None

@@ -133,6 +133,7 @@ class SqlStore:
                 "last_seq": record.last_seq,
                 "turn_count": record.turn_count,
                 "owner": record.owner,
+                "assistant": record.assistant,
             }
             for record in records
         ]
@@ -166,6 +167,7 @@ class SqlStore:
                 turn_count=row.turn_count,
                 turns=[_turn_from(turn) for turn in rows],
                 owner=row.owner,
+                assistant=row.assistant,
             )
 
     async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
@@ -185,6 +187,7 @@ class SqlStore:
                     created_at=_aware(row.created_at),
                     updated_at=_aware(row.updated_at),
                     turn_count=row.turn_count,
+                    assistant=row.assistant,
                 )
                 for row in rows
             ]

@@ -83,6 +83,8 @@ class ChatRequest(BaseModel):
     messages: list[Any] = Field(default_factory=list)
     trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
     messageId: str | None = None
+    # The assistant that answers a new chat (`GET /api/assistants`); the default if absent.
+    assistant: str | None = Field(default=None, max_length=64)
 
 
 class SentenceErrors(APIRoute):
@@ -224,20 +226,26 @@ async def find(conversations: Conversations, chat_id: str, owner: str) -> Conver
     return await first_open(conversations, conversation_ids(chat_id, owner), owner)
 
 
-async def find_or_begin(conversations: Conversations, chat_id: str, owner: str) -> Conversation:
-    """The conversation of `owner`'s chat `chat_id`, begun if there is none yet."""
+async def find_or_begin(
+    conversations: Conversations, chat_id: str, owner: str, assistant: str | None = None
+) -> Conversation:
+    """The conversation of `owner`'s chat `chat_id`, begun, answered by `assistant`, if
+    there is none yet."""
     *own, derived = conversation_ids(chat_id, owner)
-    found = await first_open(conversations, own, owner)
-    return found or await conversations.open_or_begin(derived, owner)
+    found = await first_open(conversations, own, owner, assistant)
+    return found or await conversations.open_or_begin(derived, owner, assistant)
 
 
 async def first_open(
-    conversations: Conversations, conversation_ids: list[str], owner: str
+    conversations: Conversations,
+    conversation_ids: list[str],
+    owner: str,
+    assistant: str | None = None,
 ) -> Conversation | None:
     """The first of `owner`'s conversations by these ids that exists, opened; or None."""
     for conversation_id in conversation_ids:
         try:
-            return await conversations.open(conversation_id, owner)
+            return await conversations.open(conversation_id, owner, assistant=assistant)
         except UnknownConversation:
             pass
     return None
@@ -341,7 +349,7 @@ def build_router(
         slot = await access.slot(caller, request.client)
         who = slot.who
         try:
-            conversation = await find_or_begin(conversations, body.id, caller.user)
+            conversation = await find_or_begin(conversations, body.id, caller.user, body.assistant)
             try:
                 if question is not None:
                     await conversation.ask(question, who)

@@ -1,4 +1,4 @@
-"""`/api/conversations`: list, read and delete stored conversations."""
+"""`/api/conversations`: list, read and delete stored conversations; `/api/assistants`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 
 from backend.chat.conversations import ID_PATTERN, Conversations
+from backend.model.assistants import Assistants
 from backend.store.records import ConversationRecord, ConversationSummary
 from backend.users.auth import Principal
 from backend.web.access import Access
@@ -23,6 +24,7 @@ def summary_of(row: ConversationSummary) -> api.ConversationSummary:
         created=row.created_at,
         updated=row.updated_at,
         messages=row.turn_count * 2,
+        assistant=row.assistant,
     )
 
 
@@ -44,6 +46,7 @@ def conversation_of(record: ConversationRecord) -> api.Conversation:
         title=record.title,
         created=record.created_at,
         updated=record.updated_at,
+        assistant=record.assistant,
         messages=messages,
     )
 
@@ -97,5 +100,28 @@ def build_api(conversations: Conversations, access: Access) -> APIRouter:
         ):
             raise not_found(conversation_id)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return router
+
+
+def build_assistants_route(assistants: Assistants, access: Access) -> APIRouter:
+    """`GET /api/assistants`: the chains a conversation can be opened with."""
+    router = APIRouter(prefix="/api/assistants", tags=["conversations"])
+    listing = api.AssistantList(
+        assistants=[
+            api.AssistantInfo(
+                name=assistant.name,
+                description=assistant.description,
+                default=assistant is assistants.default,
+            )
+            for assistant in assistants
+        ]
+    )
+
+    @router.get("", summary="The assistants a conversation can be opened with")
+    async def list_assistants(
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> api.AssistantList:
+        return listing
 
     return router

@@ -33,7 +33,7 @@ from backend.store.sql import SqlStore
 from backend.users.auth import Authenticator, Principal, Tickets
 from backend.web import ai_sdk, http_errors
 from backend.web.access import Access
-from backend.web.api import build_api
+from backend.web.api import build_api, build_assistants_route
 from backend.web.http_stream import build_router
 from backend.web.metrics_route import build_metrics_route
 from backend.web.session import ChatSession
@@ -112,6 +112,7 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
     http_errors.install(app)
     app.include_router(build_router(replier, conversations, settings, access))
     app.include_router(build_api(conversations, access))
+    app.include_router(build_assistants_route(assistants, access))
     app.include_router(ai_sdk.build_router(conversations, settings, access, metrics))
     app.include_router(access.router())
     app.include_router(build_metrics_route(metrics, settings))
@@ -159,15 +160,17 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
         await ChatSession(websocket, conversations, settings, principal).run(conversation, after)
 
     async def joining(websocket: WebSocket, principal: Principal) -> tuple[Conversation, int]:
-        """The conversation `?conversation=ID` names (a new one without it), and `?after=`."""
+        """The conversation `?conversation=ID` names (a new one without it, answered by
+        `?assistant=NAME`), and `?after=`."""
         params = websocket.query_params
         wanted = params.get("conversation")
         after = parse_after(params.get("after"))
         if after:
             metrics.resumes.inc()
+        assistant = params.get("assistant")
         if wanted is None:
-            return conversations.new(principal.user), after
-        return await conversations.open(wanted, principal.user, after), after
+            return conversations.new(principal.user, assistant), after
+        return await conversations.open(wanted, principal.user, after, assistant), after
 
     @app.get("/vendor/{name}", include_in_schema=False)
     async def vendor(name: str) -> FileResponse:

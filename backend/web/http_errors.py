@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from backend.chat.conversations import PastTheEnd, UnknownConversation
+from backend.model.assistants import UnknownAssistant
 from backend.observe.logs import Throttled
 from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE, Draining
 from backend.users.auth import Unauthorized
@@ -33,7 +34,15 @@ PLACES = {
     "body": "body field",
 }
 
-REFUSALS = (ForeignOrigin, Draining, Unauthorized, RateLimited, UnknownConversation, PastTheEnd)
+REFUSALS = (
+    ForeignOrigin,
+    Draining,
+    Unauthorized,
+    RateLimited,
+    UnknownConversation,
+    PastTheEnd,
+    UnknownAssistant,
+)
 
 
 def answer(refused: BaseException) -> tuple[int, str, dict[str, str]]:
@@ -46,7 +55,7 @@ def answer(refused: BaseException) -> tuple[int, str, dict[str, str]]:
         return status.HTTP_429_TOO_MANY_REQUESTS, refused.message, refused.headers
     if isinstance(refused, UnknownConversation):
         return status.HTTP_404_NOT_FOUND, str(refused), {}
-    if isinstance(refused, PastTheEnd):
+    if isinstance(refused, (PastTheEnd, UnknownAssistant)):
         return status.HTTP_422_UNPROCESSABLE_CONTENT, str(refused), {}
     if isinstance(refused, Draining):
         return status.HTTP_503_SERVICE_UNAVAILABLE, str(refused), {"Retry-After": "1"}

@@ -60,9 +60,16 @@ class OneOff:
     """
 
     def __init__(
-        self, replier: Replier, question: str, history: History, quotas: Quotas, held: Held | None
+        self,
+        replier: Replier,
+        question: str,
+        history: History,
+        quotas: Quotas,
+        held: Held | None,
+        assistant: str | None,
     ) -> None:
         self.replier = replier
+        self.assistant = assistant
         self.history = history
         self.quotas = quotas
         self.held = held
@@ -74,7 +81,7 @@ class OneOff:
         """Everything the reply produces, as it is produced."""
         sink = self.sink
         self.task = task = asyncio.create_task(
-            self.replier.answer(self.turn, self.history), name="http-reply"
+            self.replier.answer(self.turn, self.history, self.assistant), name="http-reply"
         )
         task.add_done_callback(lambda _: sink.queue.put_nowait(None))
         try:
@@ -174,12 +181,13 @@ def build_router(
     async def reply_to(request: Request, caller: Principal) -> OneOff:
         """The one-off reply a request asks for, admitted by the caller's quotas (or 429)."""
         question = question_from(request)
+        assistant = replier.assistants.check(request.query_params.get("assistant"))
         access.ensure_open()
         who = quota_key(caller, request.client)
         await quotas.check(who)
         held = await quotas.begin_reply(who)
         history = History(settings.chat_history_tokens)
-        return OneOff(replier, question, history, quotas, held)
+        return OneOff(replier, question, history, quotas, held, assistant)
 
     @router.get(
         "/stream",
@@ -225,7 +233,8 @@ def build_router(
         access.ensure_open()
         slot = await access.slot(caller, request.client)
         try:
-            conversation = await conversations.open(conversation_id, caller.user, after)
+            assistant = request.query_params.get("assistant")
+            conversation = await conversations.open(conversation_id, caller.user, after, assistant)
         except BaseException:
             await slot.release()
             raise

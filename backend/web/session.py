@@ -147,7 +147,9 @@ class ChatSession:
             case Reset():
                 await conversation.stop()
                 conversation.leave(self.outbox)
-                self.conversation = fresh = self.conversations.new(self.principal.user)
+                # The new conversation is answered by the same assistant.
+                assistant = conversation.assistant
+                self.conversation = fresh = self.conversations.new(self.principal.user, assistant)
                 logs.conversation_id.set(fresh.id)
                 await fresh.join(self.outbox, 0)
                 ack = ChatResponse.bot("info", "Conversation cleared.")
