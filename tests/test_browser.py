@@ -599,3 +599,44 @@ async def test_signing_in_with_a_token(
         await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
         await expect(page.locator("#conversations li .open")).to_have_text(["Signed in?"])
         assert len(asked) == 1
+
+
+async def test_picking_an_assistant_begins_a_chat_with_it(
+    browser: BrowserContext, upstream_server: FakeUpstream
+) -> None:
+    settings = fake_settings(
+        upstream_server,
+        chat_database_url=temp_database(),
+        chat_chains=["shout=tests.chains:shouting"],
+    )
+    with live_server(settings) as server:
+        page = await open_chat(browser, server)
+        picker = page.locator("#assistant")
+        await expect(picker).to_be_visible()
+        await expect(picker).to_have_value("chat")
+        await ask(page, "hello")
+        await expect(last_reply(page)).to_have_text("You said: hello")
+        await picker.select_option("shout")
+        await expect(page.locator(".bubble")).to_have_count(0)
+        await ask(page, "hello")
+        await expect(last_reply(page)).to_have_text("HELLO (1 messages)")
+        # New chat keeps the assistant picked; the list reopens each chat with its own.
+        await page.locator("#new-chat").click()
+        await expect(page.locator(".bubble")).to_have_count(0)
+        await ask(page, "again")
+        await expect(last_reply(page)).to_have_text("AGAIN (1 messages)")
+        await page.reload()
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        await expect(picker).to_have_value("shout")
+        first = page.locator("#conversations li").last
+        await first.locator(".open").click()
+        await expect(picker).to_have_value("chat")
+        await ask(page, "once more")
+        await expect(last_reply(page)).to_contain_text("You said: once more")
+
+
+async def test_the_picker_stays_hidden_with_one_assistant(
+    browser: BrowserContext, server: Addressed
+) -> None:
+    page = await open_chat(browser, server)
+    await expect(page.locator(".assistant-picker")).to_be_hidden()

@@ -20,6 +20,7 @@ const sendButton = document.getElementById("send");
 const stopButton = document.getElementById("stop");
 const newChatButton = document.getElementById("new-chat");
 const conversationList = document.getElementById("conversations");
+const assistantPicker = document.getElementById("assistant");
 
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 8000;
@@ -32,6 +33,8 @@ let followBottom = true;
 // The conversation shown, and the last of its frames rendered (0: none yet).
 let conversationId = new URL(location.href).searchParams.get("conversation");
 let lastSeq = 0;
+// The assistant that answers the conversation shown, when known (null: not known yet).
+let shownAssistant = null;
 // The close code of a socket whose token expired (see docs/protocol.md).
 const CLOSE_UNAUTHORIZED = 4401;
 
@@ -93,6 +96,8 @@ function socketUrl(ticket) {
   if (conversationId) {
     url.searchParams.set("conversation", conversationId);
     if (lastSeq > 0) url.searchParams.set("after", String(lastSeq));
+  } else if (assistantPicker.value) {
+    url.searchParams.set("assistant", assistantPicker.value);
   }
   return url.href;
 }
@@ -303,8 +308,9 @@ function reconnectLater() {
   retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
 }
 
-/** Show another conversation (or a new one, for null): a new socket joined to it. */
-function openConversation(id) {
+/** Show another conversation (or a new one, for null, answered by the assistant picked):
+ * a new socket joined to it. */
+function openConversation(id, assistant = null) {
   if (socket) {
     const old = socket;
     socket = null;
@@ -312,6 +318,8 @@ function openConversation(id) {
   }
   conversationId = id;
   lastSeq = 0;
+  shownAssistant = id ? assistant : assistantPicker.value || null;
+  if (shownAssistant) assistantPicker.value = shownAssistant;
   clearView();
   showInUrl(id);
   markCurrent();
@@ -342,7 +350,7 @@ function listItem(conversation) {
   open.className = "open";
   open.textContent = conversation.title;
   open.title = new Date(conversation.updated).toLocaleString();
-  open.addEventListener("click", () => openConversation(conversation.id));
+  open.addEventListener("click", () => openConversation(conversation.id, conversation.assistant));
   const remove = document.createElement("button");
   remove.type = "button";
   remove.className = "delete";
@@ -361,6 +369,11 @@ async function refreshList() {
     if (!response.ok || request !== listRequest) return;
     const page = await response.json();
     conversationList.replaceChildren(...page.conversations.map(listItem));
+    const shown = page.conversations.find((conversation) => conversation.id === conversationId);
+    if (shown && shown.assistant && shownAssistant === null) {
+      shownAssistant = shown.assistant;
+      assistantPicker.value = shown.assistant;
+    }
     markCurrent();
   } catch (error) {
     console.warn("could not load the conversation list", error);
@@ -398,10 +411,44 @@ input.addEventListener("keydown", (event) => {
 stopButton.addEventListener("click", () => send({ type: "stop" }));
 
 newChatButton.addEventListener("click", () => {
-  // The server moves this socket to a new conversation; its acknowledgement clears the view.
-  if (!send({ type: "reset" })) openConversation(null);
+  // The server moves this socket to a new conversation, with the same assistant; its
+  // acknowledgement clears the view. Another assistant's needs a socket of its own.
+  const sameAssistant = !assistantPicker.value || assistantPicker.value === shownAssistant;
+  if (!sameAssistant || !send({ type: "reset" })) openConversation(null);
   input.focus();
 });
+
+// Picking an assistant begins a new chat with it.
+assistantPicker.addEventListener("change", () => {
+  openConversation(null);
+  input.focus();
+});
+
+/** The assistants the server offers; the picker shows only when there is a choice. */
+async function loadAssistants() {
+  try {
+    const response = await fetch(new URL("api/assistants", location.href), {
+      headers: authHeaders(),
+    });
+    if (!response.ok) return;
+    const { assistants } = await response.json();
+    assistantPicker.replaceChildren(
+      ...assistants.map((assistant) => {
+        const option = document.createElement("option");
+        option.value = assistant.name;
+        option.textContent = assistant.name;
+        option.title = assistant.description;
+        option.selected = assistant.default;
+        return option;
+      }),
+    );
+    if (shownAssistant) assistantPicker.value = shownAssistant;
+    else if (!conversationId) shownAssistant = assistantPicker.value;
+    assistantPicker.parentElement.hidden = assistants.length < 2;
+  } catch (error) {
+    console.warn("could not load the assistants", error);
+  }
+}
 
 // Follow new text only while the reader is at the bottom; scrolling up stops it.
 messages.addEventListener("scroll", () => {
@@ -418,6 +465,7 @@ async function start() {
     console.warn("could not read /healthz", error);
   }
   await connect();
+  loadAssistants();
   refreshList();
 }
 
