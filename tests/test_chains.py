@@ -4,10 +4,12 @@ silent steps silent, its failures said with a code and a sentence."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -247,3 +249,48 @@ async def test_a_conversation_begun_on_one_worker_keeps_its_assistant_on_another
             conversation = conversation_of(opened)
             async with connect(f"{two.ws}?conversation={conversation}") as other:
                 assert text_of(await ask(other, "hello")) == "HELLO (1 messages)"
+
+
+def readme_example() -> tuple[str, str]:
+    """The README's own-chain example, verbatim: its Python module and the `CHAT_CHAIN` value
+    its command serves it with."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Your own chain") :]
+    section = section[: section.index("\n## ", 1)]
+    module = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    command = re.search(r"^CHAT_CHAIN=(\S+) make run$", section, re.MULTILINE)
+    assert len(module) == 1
+    assert command is not None
+    return str(module[0]), command.group(1)
+
+
+async def test_the_readmes_own_chain_example_serves_as_written(
+    upstream_server: FakeUpstream,
+    fake: FakeUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module, spec = readme_example()
+    name = spec.partition(":")[0]
+    (tmp_path / f"{name}.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake.then(Behaviour(tokens=["Arr,", " hello."]))
+    with live_server(fake_settings(upstream_server, chat_chain=spec)) as server:
+        async with connect(server.ws) as ws:
+            first = await ask(ws, "hello")
+            await ask(ws, "and then?")
+        async with httpx.AsyncClient(timeout=UNIT) as client:
+            offered = (await client.get(f"{server.http}/api/assistants")).json()
+    assert text_of(first) == "Arr, hello."
+    sent = [(m["role"], m["content"]) for m in fake.requests[-1].messages]
+    assert sent == [
+        ("system", "You are a pirate. Answer like one."),
+        ("user", "hello"),
+        ("assistant", "Arr, hello."),
+        ("user", "and then?"),
+    ]
+    assert offered["assistants"][-1] == {
+        "name": name,
+        "description": "Answers like a pirate.",
+        "default": True,
+    }
