@@ -9,6 +9,9 @@ from schemas.frames import (
     Question,
     Regenerate,
     Reset,
+    Step,
+    StepDetail,
+    StepDocument,
     Stop,
     Usage,
 )
@@ -22,6 +25,9 @@ __all__ = [
     "Question",
     "Regenerate",
     "Reset",
+    "Step",
+    "StepDetail",
+    "StepDocument",
     "Stop",
     "Usage",
 ]

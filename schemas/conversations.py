@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.frames import Usage
+from schemas.frames import Step, Usage
 
 MessageStatus = Literal["completed", "interrupted", "error", "streaming"]
 
@@ -51,6 +51,11 @@ class Message(BaseModel):
     )
     usage: Usage | None = Field(
         default=None, description="Replies only, once ended: the model tokens the reply took."
+    )
+    steps: list[Step] | None = Field(
+        default=None,
+        description="Replies of an assistant whose chain has steps (tool calls, retrievals, "
+        "graph nodes): each step once, as it stands (`started` if it had not ended).",
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -27,6 +27,54 @@ ErrorCode = Literal[
     "tool_error",
     "internal",
 ]
+
+
+StepKind = Literal["tool", "retriever", "chain"]
+StepStatus = Literal["started", "completed", "error"]
+
+
+class StepDocument(BaseModel):
+    """A document a retriever found, as its metadata names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = None
+    source: str | None = None
+
+
+class StepDetail(BaseModel):
+    """What there is to say of a step; each kind fills its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: Any = Field(default=None, description="A tool's arguments, on its `started` frame.")
+    result: str | None = Field(
+        default=None, description="A tool's result as text, shortened, on its `completed` frame."
+    )
+    query: str | None = Field(default=None, description="What a retriever was asked.")
+    documents: list[StepDocument] | None = Field(
+        default=None, description="What a retriever found, on its `completed` frame."
+    )
+    duration_ms: float | None = Field(
+        default=None, ge=0, description="How long the step took, when it has ended."
+    )
+    error: str | None = Field(
+        default=None, description="What the step raised, on its `error` frame."
+    )
+
+
+class Step(BaseModel):
+    """A step of an assistant's chain: a tool call, a retrieval, a named sub-chain or graph
+    node. Each has a `started` frame and then one `completed` or `error` frame, with the same
+    `id`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: StepKind
+    name: str
+    id: str
+    status: StepStatus
+    detail: StepDetail | None = None
 
 
 class Usage(BaseModel):
@@ -79,6 +127,11 @@ class ChatResponse(BaseModel):
     )
     usage: Usage | None = Field(
         default=None, description="On `end` frames: the model tokens the reply took."
+    )
+    step: Step | None = Field(
+        default=None,
+        description="On `info` frames about a step of the assistant's chain (a tool call, a "
+        "retrieval, a graph node); `message` says the same in words.",
     )
     retry_after: float | None = Field(
         default=None,

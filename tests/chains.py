@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.tools import tool
 
@@ -61,3 +64,29 @@ not_a_chain = 42
 
 def failing_factory(model: BaseChatModel) -> Runnable[Any, Any]:
     raise RuntimeError("the vector store is not reachable")
+
+
+class Shelf(BaseRetriever):
+    """Two documents on every question."""
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+    ) -> list[Document]:
+        return [
+            Document(
+                "Lighthouses guide ships.", metadata={"title": "Lighthouses", "source": "a.md"}
+            ),
+            Document("Ships carry cargo.", metadata={"source": "b.md"}),
+        ]
+
+
+async def _look_up(state: dict[str, Any]) -> AIMessage:
+    documents = await Shelf().ainvoke(_last_question(state))
+    quotient = await divide.ainvoke({"numerator": 6, "denominator": 3})
+    return AIMessage(f"{len(documents)} documents, {quotient}")
+
+
+# A retrieval, a tool call, and a sub-chain tagged `step`, before the reply.
+stepping: Runnable[Any, Any] = RunnableLambda(_look_up) | RunnableLambda(
+    lambda message: message
+).with_config(run_name="polish", tags=["step"])

@@ -22,6 +22,7 @@ from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
 from tests.harness import (
     UNIT,
+    Frame,
     LiveServer,
     ask,
     close_of,
@@ -294,3 +295,125 @@ async def test_the_readmes_own_chain_example_serves_as_written(
         "description": "Answers like a pirate.",
         "default": True,
     }
+
+
+def steps_in(frames: list[Frame]) -> list[tuple[str, str, str]]:
+    return [
+        (f["step"]["kind"], f["step"]["name"], f["step"]["status"]) for f in frames if "step" in f
+    ]
+
+
+STEPS = [
+    ("retriever", "Shelf", "started"),
+    ("retriever", "Shelf", "completed"),
+    ("tool", "divide", "started"),
+    ("tool", "divide", "completed"),
+    ("chain", "polish", "started"),
+    ("chain", "polish", "completed"),
+]
+
+
+async def test_the_steps_of_a_chain_are_info_frames_stored_and_replayed(
+    upstream_server: FakeUpstream,
+) -> None:
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:stepping")
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            conversation = conversation_of(ws)
+            frames = await ask(ws, "ships?")
+        assert steps_in(frames) == STEPS
+        by_status = {(f["step"]["name"], f["step"]["status"]): f for f in frames if "step" in f}
+        searched = by_status[("Shelf", "started")]
+        assert searched["type"] == "info"
+        assert searched["message"] == "Searching for 'ships?'"
+        assert searched["step"]["detail"] == {"query": "ships?"}
+        found = by_status[("Shelf", "completed")]["step"]["detail"]
+        assert found["documents"] == [
+            {"title": "Lighthouses", "source": "a.md"},
+            {"source": "b.md"},
+        ]
+        assert by_status[("Shelf", "completed")]["message"].startswith(
+            "Found 2 documents: Lighthouses, b.md ("
+        )
+        called = by_status[("divide", "started")]
+        assert called["message"] == 'Calling divide with {"numerator": 6, "denominator": 3}'
+        assert called["step"]["detail"] == {"arguments": {"numerator": 6, "denominator": 3}}
+        returned = by_status[("divide", "completed")]["step"]
+        assert returned["detail"]["result"] == "2.0"
+        assert returned["id"] == called["step"]["id"]
+        assert text_of(frames) == "2 documents, 2.0"
+        # Replayed to a client that joins, and from the middle to one that resumes, once each.
+        async with connect(f"{server.ws}?conversation={conversation}") as ws:
+            replayed = await until_end(ws)
+        assert steps_in(replayed) == STEPS
+        middle = by_status[("divide", "started")]["seq"]
+        async with connect(f"{server.ws}?conversation={conversation}&after={middle}") as ws:
+            resumed = await until_end(ws)
+        assert steps_in(resumed) == STEPS[3:]
+        async with httpx.AsyncClient(timeout=UNIT) as client:
+            stored = (await client.get(f"{server.http}/api/conversations/{conversation}")).json()
+    steps = stored["messages"][1]["steps"]
+    assert [(s["kind"], s["name"], s["status"]) for s in steps] == [
+        ("retriever", "Shelf", "completed"),
+        ("tool", "divide", "completed"),
+        ("chain", "polish", "completed"),
+    ]
+    assert steps[1]["detail"]["arguments"] == {"numerator": 6, "denominator": 3}
+    assert steps[1]["detail"]["result"] == "2.0"
+
+
+async def test_a_tool_that_raises_is_a_step_with_its_error(upstream_server: FakeUpstream) -> None:
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:calculating")
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "1/0?")
+    assert steps_in(frames) == [("tool", "divide", "started"), ("tool", "divide", "error")]
+    failed = [f for f in frames if "step" in f][-1]
+    assert failed["message"] == "divide failed: ZeroDivisionError: float division by zero"
+    assert failed["step"]["detail"]["error"] == "ZeroDivisionError: float division by zero"
+
+
+async def test_the_ai_sdk_route_shows_tool_calls_as_tool_parts(
+    upstream_server: FakeUpstream,
+) -> None:
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:stepping")
+    with live_server(settings) as server:
+        chat = uuid.uuid4().hex[:16]
+        question = {"id": "m0", "role": "user", "parts": [{"type": "text", "text": "ships?"}]}
+        async with httpx.AsyncClient(timeout=UNIT) as client:
+            streamed = await client.post(
+                f"{server.http}/api/chat", json={"id": chat, "messages": [question]}
+            )
+            stored = (await client.get(f"{server.http}/api/chat/{chat}")).json()
+    chunks = [
+        json.loads(line.removeprefix("data: "))
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    kinds = [c["type"] for c in chunks if c["type"] not in ("data-info",)]
+    called = next(c for c in chunks if c["type"] == "tool-input-available")
+    assert called["toolName"] == "divide"
+    assert called["input"] == {"numerator": 6, "denominator": 3}
+    assert called["dynamic"] is True
+    returned = next(c for c in chunks if c["type"] == "tool-output-available")
+    assert (returned["toolCallId"], returned["output"]) == (called["toolCallId"], "2.0")
+    # The text before the call and after it are parts of their own, around the tool's.
+    tool_at = kinds.index("tool-input-available")
+    assert kinds[tool_at - 1] == "text-end"
+    assert kinds.count("text-start") == 2
+    assert [c["data"]["name"] for c in chunks if c["type"] == "data-step"] == [
+        "Shelf",
+        "Shelf",
+        "polish",
+        "polish",
+    ]
+    parts = stored["messages"][-1]["parts"]
+    tool = next(p for p in parts if p["type"] == "dynamic-tool")
+    assert tool["state"] == "output-available"
+    assert (tool["toolName"], tool["input"], tool["output"]) == (
+        "divide",
+        {"numerator": 6, "denominator": 3},
+        "2.0",
+    )
+    texts = [p["text"] for p in parts if p["type"] == "text"]
+    assert "".join(texts) == "2 documents, 2.0"

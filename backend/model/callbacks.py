@@ -8,6 +8,8 @@ gathered in a new task per token.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -17,11 +19,18 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from backend.store.records import carryable
-from schemas import Usage
+from schemas import Step, StepDetail, StepDocument, Usage
+from schemas.frames import StepKind
 
 # The tag of a model run whose tokens are not the reply (LangGraph's convention): a step
 # that rewrites the question, or routes it, stays silent.
 NOSTREAM = "nostream"
+# The tag of a sub-chain to report as a step (`.with_config(run_name=..., tags=["step"])`).
+STEP_TAG = "step"
+# How much of a tool's arguments and result, and how many documents' names, a frame carries.
+LONGEST_ARGUMENTS = 2000
+LONGEST_RESULT = 300
+LISTED_DOCUMENTS = 5
 
 
 def token_text(token: str | list[str | dict[str, Any]]) -> str:
@@ -89,57 +98,6 @@ class StreamingHandler(AsyncCallbackHandler):
                 )
 
 
-class ToolWatch(AsyncCallbackHandler):
-    """Remembers the tool runs of a reply that failed, so a failure of the chain that comes
-    from one is reported as the tool's."""
-
-    raise_error = True
-    run_inline = True
-    ignore_llm = True
-    ignore_chain = True
-    ignore_retriever = True
-    ignore_chat_model = True
-
-    def __init__(self) -> None:
-        self._names: dict[UUID, str] = {}
-        self.failures: list[tuple[str, BaseException]] = []
-
-    async def on_tool_start(
-        self,
-        serialized: dict[str, Any],
-        input_str: str,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        inputs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._names[run_id] = str(serialized.get("name") or kwargs.get("name") or "tool")
-
-    async def on_tool_error(
-        self,
-        error: BaseException,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.failures.append((self._names.get(run_id, "tool"), error))
-
-    def failed_tool(self, exc: BaseException) -> tuple[str, BaseException] | None:
-        """The tool whose failure `exc` is (or was caused by), if any."""
-        seen: BaseException | None = exc
-        while seen is not None:
-            for name, error in self.failures:
-                if error is seen:
-                    return name, error
-            seen = seen.__cause__ or seen.__context__
-        return None
-
-
 class ProgressHandler(AsyncCallbackHandler):
     """Reports the steps of a run that come before its tokens as `info` messages."""
 
@@ -169,3 +127,177 @@ class ProgressHandler(AsyncCallbackHandler):
     ) -> None:
         sent = sum(len(batch) for batch in messages)
         self.on_info(f"Asking {self.model} ({sent} messages of context)")
+
+
+class StepHandler(AsyncCallbackHandler):
+    """Reports the steps of a user's chain as `info` frames with a `step`: each tool call,
+    retrieval, LangGraph node, and sub-chain tagged `step`, once as it starts and once as it
+    ends. Remembers the tool runs that failed, so a failure of the chain that comes from one is
+    reported as the tool's. Never sees a token: it costs nothing per token."""
+
+    raise_error = True
+    run_inline = True
+    ignore_llm = True
+    ignore_chat_model = True
+    ignore_retry = True
+    ignore_custom_event = True
+
+    def __init__(self, on_step: Callable[[str, Step], None]) -> None:
+        self.on_step = on_step
+        # Steps under way: kind, name and when each started.
+        self._open: dict[UUID, tuple[StepKind, str, float]] = {}
+        # Chain runs tagged `step`: their children inherit the tag, but are not steps.
+        self._tagged: set[UUID] = set()
+        self.failures: list[tuple[str, BaseException]] = []
+
+    # Tools.
+
+    async def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = str((serialized or {}).get("name") or kwargs.get("name") or "tool")
+        arguments: Any = inputs if inputs is not None else input_str
+        said = json.dumps(arguments, ensure_ascii=False, default=str)
+        if len(said) > LONGEST_ARGUMENTS:
+            arguments = said = shortened(said, LONGEST_ARGUMENTS)
+        self._begin("tool", name, run_id, f"Calling {name} with {said}", arguments=arguments)
+
+    async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        content = getattr(output, "content", output)
+        result = shortened(content if isinstance(content, str) else str(content), LONGEST_RESULT)
+        self._end(run_id, lambda name: f"{name} returned {result}", result=result)
+
+    async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        opened = self._open.get(run_id)
+        self.failures.append((opened[1] if opened else "tool", error))
+        self._failed(run_id, error)
+
+    def failed_tool(self, exc: BaseException) -> tuple[str, BaseException] | None:
+        """The tool whose failure `exc` is (or was caused by), if any."""
+        seen: BaseException | None = exc
+        while seen is not None:
+            for name, error in self.failures:
+                if error is seen:
+                    return name, error
+            seen = seen.__cause__ or seen.__context__
+        return None
+
+    # Retrievers.
+
+    async def on_retriever_start(
+        self,
+        serialized: dict[str, Any],
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = str(kwargs.get("name") or (serialized or {}).get("name") or "retriever")
+        self._begin("retriever", name, run_id, f"Searching for {query!r}", query=query)
+
+    async def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        found = [
+            StepDocument(
+                title=_text_or_none(document.metadata.get("title")),
+                source=_text_or_none(document.metadata.get("source")),
+            )
+            for document in documents
+        ]
+        names = [document.title or document.source for document in found]
+        listed = ", ".join(name for name in names[:LISTED_DOCUMENTS] if name)
+        said = f"Found {len(found)} document{'s' if len(found) != 1 else ''}"
+        self._end(run_id, lambda _: f"{said}: {listed}" if listed else said, documents=found)
+
+    async def on_retriever_error(
+        self, error: BaseException, *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        self._failed(run_id, error)
+
+    # Graph nodes and sub-chains tagged `step`.
+
+    async def on_chain_start(
+        self,
+        serialized: dict[str, Any],
+        inputs: dict[str, Any],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = kwargs.get("name")
+        if not isinstance(name, str):
+            return
+        node = (metadata or {}).get("langgraph_node") == name
+        tagged = bool(tags) and STEP_TAG in tags  # type: ignore[operator]
+        if tagged:
+            self._tagged.add(run_id)
+        if node or (tagged and parent_run_id not in self._tagged):
+            self._begin("chain", name, run_id, f"Running {name}")
+
+    async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._tagged.discard(run_id)
+        if run_id in self._open:
+            self._end(run_id, lambda name: f"{name} done")
+
+    async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._tagged.discard(run_id)
+        self._failed(run_id, error)
+
+    # Frames.
+
+    def _begin(self, kind: StepKind, name: str, run_id: UUID, said: str, **detail: Any) -> None:
+        self._open[run_id] = (kind, name, time.perf_counter())
+        step = Step(kind=kind, name=name, id=str(run_id), status="started")
+        if detail:
+            step.detail = StepDetail(**detail)
+        self.on_step(said, step)
+
+    def _end(self, run_id: UUID, said: Callable[[str], str], **detail: Any) -> None:
+        opened = self._open.pop(run_id, None)
+        if opened is None:
+            return
+        kind, name, began = opened
+        took = round((time.perf_counter() - began) * 1000, 1)
+        step = Step(kind=kind, name=name, id=str(run_id), status="completed")
+        step.detail = StepDetail(duration_ms=took, **detail)
+        self.on_step(f"{said(name)} ({took:g} ms)", step)
+
+    def _failed(self, run_id: UUID, error: BaseException) -> None:
+        opened = self._open.pop(run_id, None)
+        if opened is None:
+            return
+        kind, name, began = opened
+        took = round((time.perf_counter() - began) * 1000, 1)
+        raised = quoted(error)
+        step = Step(kind=kind, name=name, id=str(run_id), status="error")
+        step.detail = StepDetail(duration_ms=took, error=raised)
+        self.on_step(f"{name} failed: {raised}", step)
+
+
+def shortened(text: str, longest: int) -> str:
+    """`text`, cut to `longest` characters with an ellipsis if it is longer."""
+    return text if len(text) <= longest else text[: longest - 1] + "…"
+
+
+def quoted(exc: BaseException) -> str:
+    """A user's exception in a frame: its type and the start of its message."""
+    said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return carryable(shortened(said, LONGEST_RESULT))
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else carryable(str(value))

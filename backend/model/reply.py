@@ -14,7 +14,13 @@ from langchain_core.runnables import RunnableConfig
 
 from backend.config.settings import Settings
 from backend.model.assistants import Assistants
-from backend.model.callbacks import ProgressHandler, StreamingHandler, ToolWatch, token_text
+from backend.model.callbacks import (
+    ProgressHandler,
+    StepHandler,
+    StreamingHandler,
+    quoted,
+    token_text,
+)
 from backend.model.chain import Chain
 from backend.model.history import History, TokenCounter
 from backend.model.turn import Turn
@@ -28,17 +34,13 @@ from schemas import ChatResponse, EndStatus, ErrorCode
 log = logging.getLogger(__name__)
 
 
-# The longest part of a user's exception quoted in an error frame.
-QUOTED = 300
-
-
 class Run:
     """One reply's run of its chain: what its callbacks saw."""
 
     def __init__(self, chain: Chain, turn: Turn) -> None:
         self.chain = chain
         self.tokens = StreamingHandler(turn.token)
-        self.tools = ToolWatch()
+        self.steps = StepHandler(turn.step)
 
 
 class Replier:
@@ -131,7 +133,7 @@ class Replier:
             ProgressHandler(turn.info, self.upstream.model),
         ]
         if not run.chain.built_in:
-            callbacks.append(run.tools)
+            callbacks.append(run.steps)
         config = RunnableConfig(callbacks=callbacks)
         earlier = self._history_for(turn.question, history, run.chain)
         sent.append(earlier)  # the prompt is formatted again only if usage must be counted
@@ -156,7 +158,7 @@ class Replier:
         error = known or describe_upstream(exc, self.upstream.url, streamed=streamed)
         if error.code != "internal" or run.chain.built_in:
             return error
-        tool = run.tools.failed_tool(exc)
+        tool = run.steps.failed_tool(exc)
         if tool is not None:
             name, raised = tool
             return ChatError("tool_error", f"The tool {name!r} failed: {quoted(raised)}")
@@ -178,12 +180,6 @@ class Replier:
                 f"including {reply_tokens:,} for the reply.",
             )
         return history.fit(room, window.count)
-
-
-def quoted(exc: BaseException) -> str:
-    """A user's exception in an error frame: its type and the start of its message."""
-    said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return said if len(said) <= QUOTED else said[: QUOTED - 1] + "…"
 
 
 def token_text_of(reply: BaseMessage) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from schemas import ChatResponse, Usage
+from schemas import ChatResponse, Step, Usage
 
 
 class FrameSink(Protocol):
@@ -65,3 +65,10 @@ class Turn:
     def info(self, text: str) -> None:
         """Tell the client what is happening before or around the reply."""
         self.sink.send(ChatResponse.bot("info", text))
+
+    def step(self, text: str, step: Step) -> None:
+        """Tell the client of a step of the chain (a tool call, a retrieval), in words and as
+        a `step`."""
+        frame = ChatResponse.bot("info", text)
+        frame.step = step
+        self.sink.send(frame)

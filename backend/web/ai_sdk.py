@@ -47,6 +47,7 @@ from backend.web.ui_stream import (
     HEADERS,
     data_part,
     message_id,
+    step_part,
     write_reply,
 )
 
@@ -279,12 +280,6 @@ def assistant_message(conversation_id: str, turn: TurnRecord) -> dict[str, Any] 
     start = next((event for event in turn.events if event.type == "start"), None)
     if start is None or start.seq is None:
         return None
-    parts = [
-        data_part(event.model_dump(exclude_none=True))
-        for event in turn.events
-        if event.type in ("info", "error")
-    ]
-    text = {"type": "text", "text": turn.text, "state": "done" if turn.status else "streaming"}
     metadata: dict[str, Any] = {"conversation": conversation_id, "seq": start.seq}
     if turn.status is not None:
         metadata["status"] = turn.status
@@ -293,9 +288,50 @@ def assistant_message(conversation_id: str, turn: TurnRecord) -> dict[str, Any] 
     return {
         "id": message_id(start.seq),
         "role": "assistant",
-        "parts": [text, *parts],
+        "parts": reply_parts(turn),
         "metadata": metadata,
     }
+
+
+def reply_parts(turn: TurnRecord) -> list[dict[str, Any]]:
+    """A stored reply's parts, as its stream gave them: its text, cut where a tool was called
+    (each tool call a `dynamic-tool` part in its place), then its `info` and `error` frames as
+    data parts."""
+    state = "done" if turn.status else "streaming"
+    text, base, cursor = turn.text, turn.text_base or 0, 0
+    parts: list[dict[str, Any]] = []
+    data: list[dict[str, Any]] = []
+    tools: dict[str, dict[str, Any]] = {}
+    for event in turn.events:
+        step = event.step
+        if step is not None and step.kind == "tool":
+            detail = step.detail
+            if step.status == "started":
+                # The characters of the reply written before the call: `seq`s up to its own.
+                cut = max(cursor, min(len(text), (event.seq or 0) - base - 1))
+                parts.append({"type": "text", "text": text[cursor:cut], "state": "done"})
+                cursor = cut
+                tools[step.id] = {
+                    "type": "dynamic-tool",
+                    "toolName": step.name,
+                    "toolCallId": step.id,
+                    "providerExecuted": True,
+                    "state": "input-available",
+                    "input": detail.arguments if detail else None,
+                }
+                parts.append(tools[step.id])
+            elif step.id in tools and step.status == "completed":
+                result = detail.result if detail else None
+                tools[step.id].update(state="output-available", output=result)
+            elif step.id in tools:
+                error = (detail.error if detail else None) or ""
+                tools[step.id].update(state="output-error", errorText=error)
+        elif step is not None:
+            data.append(step_part(event.model_dump(exclude_none=True)))
+        elif event.type in ("info", "error"):
+            data.append(data_part(event.model_dump(exclude_none=True)))
+    parts.append({"type": "text", "text": text[cursor:], "state": state})
+    return [*parts, *data]
 
 
 def build_router(

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 
 from backend.chat.conversations import ID_PATTERN, Conversations
 from backend.model.assistants import Assistants
-from backend.store.records import ConversationRecord, ConversationSummary
+from backend.store.records import ConversationRecord, ConversationSummary, TurnRecord
 from backend.users.auth import Principal
 from backend.web.access import Access
+from schemas import Step, StepDetail
 from schemas import conversations as api
 
 # Past any real list, and far inside what SQLite's and PostgreSQL's OFFSET take (64 bits).
@@ -39,6 +40,7 @@ def conversation_of(record: ConversationRecord) -> api.Conversation:
                 time=turn.asked_at,
                 status=turn.status or "streaming",
                 usage=turn.usage,
+                steps=steps_of(turn) or None,
             )
         )
     return api.Conversation(
@@ -49,6 +51,25 @@ def conversation_of(record: ConversationRecord) -> api.Conversation:
         assistant=record.assistant,
         messages=messages,
     )
+
+
+def steps_of(turn: TurnRecord) -> list[Step]:
+    """Each step of a reply once, as it stands: its end's status and detail over its start's."""
+    steps: dict[str, Step] = {}
+    for event in turn.events:
+        step = event.step
+        if step is None:
+            continue
+        known = steps.get(step.id)
+        if known is None:
+            steps[step.id] = step.model_copy(deep=True)
+            continue
+        detail = {
+            **(known.detail.model_dump(exclude_none=True) if known.detail else {}),
+            **(step.detail.model_dump(exclude_none=True) if step.detail else {}),
+        }
+        steps[step.id] = step.model_copy(update={"detail": StepDetail(**detail)})
+    return list(steps.values())
 
 
 def build_api(conversations: Conversations, access: Access) -> APIRouter:

@@ -4,7 +4,11 @@ The stream is `start`, `text-start`, `text-delta`s, `text-end`, `finish`, then `
 What our frames say beyond text travels in the parts the protocol has for it: an `info` frame
 is a `data-info` part, an `error` frame a `data-error` part with its code (then the SDK's own
 `error` chunk with the sentence), and the `end` frame's status and usage are the message's
-metadata on `finish`, with the conversation's id.
+metadata on `finish`, with the conversation's id. A step of the chain that is a tool call is
+the SDK's own tool part (`tool-input-available`, then `tool-output-available` or
+`tool-output-error`; dynamic and run by the server, so `useChat` shows it without the tool
+being declared), between the text before it and a new text part after it; other steps are
+`data-step` parts.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class ReplyStream:
     def __init__(self, conversation_id: str) -> None:
         self.conversation_id = conversation_id
         self.text_id: str | None = None
+        # Whether the text part `text_id` is open (a tool part closes it; text reopens one).
+        self.text_open = False
+        self.text_base = ""
+        self.text_parts = 0
         self.ended = False
 
     def feed(self, batch: list[Pending]) -> str:
@@ -56,7 +64,7 @@ class ReplyStream:
                 break
             if isinstance(item, TokenRun):
                 if self.text_id is not None:
-                    out.append(delta(self.text_id, "".join(item.parts)))
+                    out.append(self._text("".join(item.parts)))
                 continue
             if isinstance(item, Close):
                 out.append(chunk({"type": "error", "errorText": item.reason}))
@@ -65,7 +73,7 @@ class ReplyStream:
             if isinstance(item, Raw):
                 self._frame(json.loads(item.text), out)
             elif item.type == "stream" and item.sender == "bot" and self.text_id is not None:
-                out.append(delta(self.text_id, item.message))
+                out.append(self._text(item.message))
             else:
                 self._frame(item.model_dump(exclude_none=True), out)
         return "".join(out)
@@ -74,7 +82,16 @@ class ReplyStream:
         """A token sent on its own, straight from the reply (after `start`, as it comes)."""
         if self.text_id is None:  # before the reply's `start`: no message to put it in
             return ""
-        return delta(self.text_id, text)
+        return self._text(text)
+
+    def _text(self, text: str) -> str:
+        """A `text-delta`, after a `text-start` if a tool part closed the text part before."""
+        if self.text_open:
+            return delta(self.text_id or "", text)
+        self.text_parts += 1
+        self.text_id = f"{self.text_base}.{self.text_parts}"
+        self.text_open = True
+        return chunk({"type": "text-start", "id": self.text_id}) + delta(self.text_id, text)
 
     def _frame(self, frame: dict[str, Any], out: list[str]) -> None:
         kind = frame["type"]
@@ -84,7 +101,7 @@ class ReplyStream:
             if kind != "start":
                 return
             seq = int(frame.get("seq", 0))
-            self.text_id = f"t{seq}"
+            self.text_id = self.text_base = f"t{seq}"
             metadata = {"conversation": self.conversation_id, "seq": seq}
             if frame.get("regenerate"):
                 metadata["regenerate"] = True
@@ -92,9 +109,15 @@ class ReplyStream:
                 chunk({"type": "start", "messageId": message_id(seq), "messageMetadata": metadata})
             )
             out.append(chunk({"type": "text-start", "id": self.text_id}))
+            self.text_open = True
             return
         if kind == "stream":
-            out.append(delta(self.text_id, frame["message"]))
+            out.append(self._text(frame["message"]))
+        elif kind == "info" and "step" in frame:
+            if frame["step"]["kind"] == "tool" and self.text_open:
+                out.append(chunk({"type": "text-end", "id": self.text_id}))
+                self.text_open = False
+            out.append(chunk(step_part(frame)))
         elif kind in ("info", "error"):
             out.append(chunk(data_part(frame)))
             if kind == "error":
@@ -103,7 +126,8 @@ class ReplyStream:
             status = frame.get("status", "completed")
             metadata = {"conversation": self.conversation_id, "status": status}
             metadata.update(_fields(frame, "usage", "seq"))
-            out.append(chunk({"type": "text-end", "id": self.text_id}))
+            if self.text_open:
+                out.append(chunk({"type": "text-end", "id": self.text_id}))
             out.append(
                 chunk(
                     {
@@ -122,6 +146,26 @@ def data_part(frame: dict[str, Any]) -> dict[str, Any]:
     if frame["type"] == "error":
         return {"type": "data-error", "data": _fields(frame, "code", "message", "seq")}
     return {"type": "data-info", "data": _fields(frame, "message", "seq")}
+
+
+def step_part(frame: dict[str, Any]) -> dict[str, Any]:
+    """The chunk a step's frame travels in: a tool's as the SDK's tool chunks (run by the
+    server, and dynamic: no client declares our tools), any other as a `data-step` part."""
+    step = frame["step"]
+    detail = step.get("detail", {})
+    if step["kind"] != "tool":
+        return {"type": "data-step", "data": {**step, **_fields(frame, "message", "seq")}}
+    tool = {"toolCallId": step["id"], "dynamic": True, "providerExecuted": True}
+    if step["status"] == "started":
+        return {
+            "type": "tool-input-available",
+            **tool,
+            "toolName": step["name"],
+            "input": detail.get("arguments"),
+        }
+    if step["status"] == "error":
+        return {"type": "tool-output-error", **tool, "errorText": detail.get("error", "")}
+    return {"type": "tool-output-available", **tool, "output": detail.get("result")}
 
 
 def _fields(frame: dict[str, Any], *names: str) -> dict[str, Any]:
