@@ -17,7 +17,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,9 @@ class Behaviour:
     # Append "|SEND_TIME" (time.time(), to the microsecond) to every token as it is written,
     # so a client can tell how long the path after the fake took for each one.
     stamp: bool = False
+    # Instead of text, call these tools, (name, arguments) each, the arguments streamed in
+    # pieces, as a model does; the request's next answer (with the results) is the next one.
+    tool_calls: list[tuple[str, dict[str, Any]]] | None = None
 
 
 @dataclass
@@ -332,6 +335,8 @@ class FakeUpstream:
             await writer.drain()
             record.completed = True
             return True
+        if behaviour.tool_calls is not None:
+            return await self._call_tools(writer, body, behaviour, record, pause, chunk)
         question = next(
             (m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"),
             "",
@@ -366,6 +371,43 @@ class FakeUpstream:
         writer.write(chunk({}, "stop"))
         if behaviour.usage and (body.get("stream_options") or {}).get("include_usage"):
             writer.write(chunk({}, choices=[], usage=fake_usage(body, len(tokens))))
+        data = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+        await writer.drain()
+        record.completed = True
+        return True
+
+    async def _call_tools(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        behaviour: Behaviour,
+        record: Recorded,
+        pause: Callable[[float], Awaitable[bool]],
+        chunk: Callable[..., bytes],
+    ) -> bool:
+        """Answer with tool calls: each call's name, then its arguments in three pieces."""
+        calls = behaviour.tool_calls or []
+        writer.write(chunk({"role": "assistant", "content": None}))
+        if not await pause(behaviour.first_delay):
+            return False
+        for index, (name, arguments) in enumerate(calls):
+            call_id = f"call_{record.started:.0f}_{index}"
+            function = {"name": name, "arguments": ""}
+            start = {"index": index, "id": call_id, "type": "function", "function": function}
+            writer.write(chunk({"tool_calls": [start]}))
+            text = json.dumps(arguments)
+            third = max(1, len(text) // 3)
+            for at in range(0, len(text), third):
+                if not await pause(behaviour.delay):
+                    return False
+                piece = {"index": index, "function": {"arguments": text[at : at + third]}}
+                writer.write(chunk({"tool_calls": [piece]}))
+                record.tokens_sent += 1
+            await writer.drain()
+        writer.write(chunk({}, "tool_calls"))
+        if behaviour.usage and (body.get("stream_options") or {}).get("include_usage"):
+            writer.write(chunk({}, choices=[], usage=fake_usage(body, record.tokens_sent)))
         data = b"data: [DONE]\n\n"
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
         await writer.drain()

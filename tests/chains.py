@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain.agents import create_agent
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
@@ -90,3 +91,14 @@ async def _look_up(state: dict[str, Any]) -> AIMessage:
 stepping: Runnable[Any, Any] = RunnableLambda(_look_up) | RunnableLambda(
     lambda message: message
 ).with_config(run_name="polish", tags=["step"])
+
+
+@tool
+def add(a: float, b: float) -> float:
+    """Add two numbers."""
+    return a + b
+
+
+def agent(model: BaseChatModel) -> Runnable[Any, Any]:
+    """Calculates with tools."""
+    return create_agent(model, tools=[add, divide])

@@ -417,3 +417,38 @@ async def test_the_ai_sdk_route_shows_tool_calls_as_tool_parts(
     )
     texts = [p["text"] for p in parts if p["type"] == "text"]
     assert "".join(texts) == "2 documents, 2.0"
+
+
+async def test_an_agent_streams_its_tool_calls_and_keeps_them_as_history(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    """A `create_agent` agent: the model calls a tool (its arguments streamed in pieces),
+    the tool runs, the model answers. The next question is sent the whole turn, the call
+    right before its result."""
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:agent")
+    fake.then(
+        Behaviour(tool_calls=[("add", {"a": 2, "b": 3})]),
+        Behaviour(tokens=["The", " sum", " is", " 5."]),
+    )
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "2+3?")
+            again = await ask(ws, "and twice that?")
+    assert text_of(frames) == "The sum is 5."
+    tools = [step for step in steps_in(frames) if step[0] == "tool"]
+    assert tools == [("tool", "add", "started"), ("tool", "add", "completed")]
+    assert ("chain", "tools", "completed") in steps_in(frames)
+    # Both model calls count: each has its usage chunk.
+    calls = fake.requests[-3:-1]
+    assert frames[-1]["usage"]["completion_tokens"] == sum(c.tokens_sent for c in calls)
+    assert text_of(again) == "You said: and twice that?"
+    sent = fake.requests[-1].messages
+    roles = [m["role"] for m in sent]
+    assert roles == ["user", "assistant", "tool", "assistant", "user"]
+    call = sent[1]["tool_calls"][0]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == (
+        "add",
+        {"a": 2, "b": 3},
+    )
+    assert (sent[2]["tool_call_id"], sent[2]["content"]) == (call["id"], "5.0")
+    assert sent[3]["content"] == "The sum is 5."

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from langchain_core.messages import messages_from_dict
+
 from backend.chat.outbox import Outbox
 from backend.chat.relay import RelayFactory
 from backend.config.settings import Settings
@@ -349,7 +351,7 @@ class Conversation:
     def _start(self, record: TurnRecord, regenerate: bool, held: Held | None) -> None:
         settings = self.services.settings
         earlier = [
-            (turn.question, turn.text)
+            (turn.question, turn.text, messages_from_dict(turn.exchanged))
             for turn in self.turns[: record.position]
             if turn.parts or turn.status == "completed"
         ]
@@ -368,7 +370,8 @@ class Conversation:
         self._changed.add(record.position)
         writer.streaming(self, on=True)
         grace = asyncio.create_task(self._mind_the_grace(), name=f"grace-{self.id}")
-        turn = Turn(record.question, LiveTurn(self, record, regenerate), record.parts)
+        sink = LiveTurn(self, record, regenerate)
+        turn = Turn(record.question, sink, record.parts, record.exchanged)
         try:
             await self.services.replier.answer(turn, history, self.assistant)
         finally:

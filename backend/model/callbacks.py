@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from backend.store.records import carryable
@@ -55,8 +55,14 @@ class StreamingHandler(AsyncCallbackHandler):
     raise_error = True
     run_inline = True
 
-    def __init__(self, on_token: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        on_token: Callable[[str], None],
+        on_exchange: Callable[[BaseMessage], None] | None = None,
+    ) -> None:
         self.on_token = on_token
+        # Given each model message that calls tools, as it ends.
+        self.on_exchange = on_exchange
         # The tokens of every model call of the reply, as the model server reported them.
         self.usage: Usage | None = None
 
@@ -88,7 +94,11 @@ class StreamingHandler(AsyncCallbackHandler):
             for generation in generations:
                 if not isinstance(generation, ChatGeneration):
                     continue
-                metadata = getattr(generation.message, "usage_metadata", None)
+                message = generation.message
+                calls = getattr(message, "tool_calls", None)
+                if calls and self.on_exchange is not None:
+                    self.on_exchange(AIMessage(content=message.content, tool_calls=calls))
+                metadata = getattr(message, "usage_metadata", None)
                 if not metadata:
                     continue
                 before = self.usage or Usage(prompt_tokens=0, completion_tokens=0)
@@ -142,8 +152,14 @@ class StepHandler(AsyncCallbackHandler):
     ignore_retry = True
     ignore_custom_event = True
 
-    def __init__(self, on_step: Callable[[str, Step], None]) -> None:
+    def __init__(
+        self,
+        on_step: Callable[[str, Step], None],
+        on_exchange: Callable[[BaseMessage], None] | None = None,
+    ) -> None:
         self.on_step = on_step
+        # Given each tool result that answers a model's tool call, as the tool ends.
+        self.on_exchange = on_exchange
         # Steps under way: kind, name and when each started.
         self._open: dict[UUID, tuple[StepKind, str, float]] = {}
         # Chain runs tagged `step`: their children inherit the tag, but are not steps.
@@ -172,6 +188,8 @@ class StepHandler(AsyncCallbackHandler):
         self._begin("tool", name, run_id, f"Calling {name} with {said}", arguments=arguments)
 
     async def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if isinstance(output, ToolMessage) and self.on_exchange is not None:
+            self.on_exchange(output)
         content = getattr(output, "content", output)
         result = shortened(content if isinstance(content, str) else str(content), LONGEST_RESULT)
         self._end(run_id, lambda name: f"{name} returned {result}", result=result)

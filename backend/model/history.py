@@ -30,14 +30,17 @@ class History:
     @classmethod
     def of(
         cls,
-        turns: Iterable[tuple[str, str]],
+        turns: Iterable[tuple[str, str] | tuple[str, str, Sequence[BaseMessage]]],
         max_tokens: int,
         token_counter: TokenCounter | None = None,
     ) -> History:
-        """The history of `turns`, (question, answer) pairs oldest first, fitted once."""
+        """The history of `turns`, oldest first, fitted once: (question, answer) pairs, or
+        triples with the tool calls and results that came between the two, in order. A turn is
+        kept or dropped whole, so a tool call is never sent without its result."""
         history = cls(max_tokens, token_counter)
-        for question, answer in turns:
-            history._messages += [HumanMessage(question), AIMessage(answer)]
+        for turn in turns:
+            tools = turn[2] if len(turn) == 3 else ()
+            history._messages += [HumanMessage(turn[0]), *tools, AIMessage(turn[1])]
         history._messages = history.fit(max_tokens, history._count)
         return history
 

@@ -8,7 +8,7 @@ import time
 import uuid
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage, messages_to_dict
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.runnables import RunnableConfig
 
@@ -39,8 +39,10 @@ class Run:
 
     def __init__(self, chain: Chain, turn: Turn) -> None:
         self.chain = chain
-        self.tokens = StreamingHandler(turn.token)
-        self.steps = StepHandler(turn.step)
+        # The model's tool calls and the tools' results, in the order they came.
+        self.exchanged: list[BaseMessage] = []
+        self.tokens = StreamingHandler(turn.token, self.exchanged.append)
+        self.steps = StepHandler(turn.step, self.exchanged.append)
 
 
 class Replier:
@@ -87,6 +89,8 @@ class Replier:
             turn.send(error.frame())
             failure = error.code
         finally:
+            if run.exchanged:
+                turn.exchanged[:] = messages_to_dict(answered(run.exchanged))
             if turn.usage is None:
                 turn.usage = run.tokens.usage
             if turn.usage is None and sent and (turn.streamed or status == "completed"):
@@ -180,6 +184,25 @@ class Replier:
                 f"including {reply_tokens:,} for the reply.",
             )
         return history.fit(room, window.count)
+
+
+def answered(exchanged: list[BaseMessage]) -> list[BaseMessage]:
+    """The tool calls whose every call has its result, each followed by its results: what may
+    go back to a model as history (a call without its result is refused)."""
+    kept: list[BaseMessage] = []
+    for index, message in enumerate(exchanged):
+        calls = getattr(message, "tool_calls", None)
+        if not isinstance(message, AIMessage) or not calls:
+            continue
+        wanted = {call["id"] for call in calls}
+        results = [
+            later
+            for later in exchanged[index + 1 :]
+            if isinstance(later, ToolMessage) and later.tool_call_id in wanted
+        ]
+        if {result.tool_call_id for result in results} == wanted:
+            kept += [message, *results]
+    return kept
 
 
 def token_text_of(reply: BaseMessage) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas import ChatResponse, Step, Usage
 
@@ -26,9 +26,18 @@ class Turn:
     conversation keeps is exactly what the client was sent.
     """
 
-    def __init__(self, question: str, sink: FrameSink, parts: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        question: str,
+        sink: FrameSink,
+        parts: list[str] | None = None,
+        exchanged: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.question = question
         self.sink = sink
+        # The tool calls and results the reply's models exchanged (message dicts), kept in a
+        # stored turn's own list, like its text.
+        self.exchanged: list[dict[str, Any]] = [] if exchanged is None else exchanged
         # The list the text is kept in: a stored turn's own, so that it is never copied.
         self._parts = [] if parts is None else parts
         # The model tokens the reply took, once it has ended (None if the model was not asked).

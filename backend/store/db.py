@@ -72,6 +72,8 @@ turns = Table(
     Column("text_base", BigInteger, nullable=True),
     # NULL while the reply streams.
     Column("status", String(16), nullable=True),
+    # The tool calls and results of the reply (see `TurnRecord.exchanged`); NULL: none.
+    Column("exchanged", JSON, nullable=True),
 )
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from schemas import ChatResponse, EndStatus, Usage
 
@@ -57,6 +58,9 @@ class TurnRecord:
     parts: list[str] = field(default_factory=list)
     text_base: int | None = None
     status: EndStatus | None = None
+    # The tool calls the reply's model made and their results, in order, as LangChain message
+    # dicts (`messages_to_dict`): complete calls only, sent back as history with the turn.
+    exchanged: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -84,6 +88,7 @@ class TurnRecord:
         """Forget the reply, keeping the question: the turn is about to be answered again."""
         self.events = []
         self.parts = []
+        self.exchanged = []
         self.text_base = None
         self.status = None
 

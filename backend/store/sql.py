@@ -68,6 +68,7 @@ def _turn_row(conversation_id: str, turn: TurnRecord) -> dict[str, Any]:
         "text": carryable(turn.text),
         "text_base": turn.text_base,
         "status": turn.status,
+        "exchanged": turn.exchanged or None,
     }
 
 
@@ -81,6 +82,7 @@ def _turn_from(row: Any) -> TurnRecord:
         parts=[row.text] if row.text else [],
         text_base=row.text_base,
         status=cast(EndStatus | None, row.status),
+        exchanged=row.exchanged or [],
     )
 
 

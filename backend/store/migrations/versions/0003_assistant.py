@@ -1,4 +1,5 @@
-"""Every conversation remembers the assistant (chain) that answers it; NULL: the default one.
+"""Every conversation remembers the assistant (chain) that answers it (NULL: the default one),
+and every turn the tool calls and results of its reply (NULL: none).
 
 Revision ID: 0003
 Revises: 0002
@@ -19,8 +20,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("conversations") as batch:
         batch.add_column(sa.Column("assistant", sa.String(32), nullable=True))
+    with op.batch_alter_table("turns") as batch:
+        batch.add_column(sa.Column("exchanged", sa.JSON, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("turns") as batch:
+        batch.drop_column("exchanged")
     with op.batch_alter_table("conversations") as batch:
         batch.drop_column("assistant")
