@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from langchain.agents import create_agent
@@ -102,3 +104,24 @@ def add(a: float, b: float) -> float:
 def agent(model: BaseChatModel) -> Runnable[Any, Any]:
     """Calculates with tools."""
     return create_agent(model, tools=[add, divide])
+
+
+# Whether the slow tool was cancelled, and when it started: the tests read it.
+SLOW_TOOL: dict[str, Any] = {}
+
+
+@tool
+async def wait_for_it(seconds: float) -> str:
+    """Wait a while, then say so."""
+    SLOW_TOOL.update(started=time.monotonic(), cancelled=False)
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        SLOW_TOOL["cancelled"] = True
+        raise
+    return "waited"
+
+
+def patient_agent(model: BaseChatModel) -> Runnable[Any, Any]:
+    """Waits with a tool."""
+    return create_agent(model, tools=[wait_for_it])

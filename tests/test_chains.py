@@ -7,18 +7,21 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from backend.model.assistants import BUILT_IN_DESCRIPTION, ChainImportError
 from backend.web.app import create_app
 from deploy.services import Postgres, Redis
 from fakes.openai_server import Behaviour, FakeUpstream
+from tests.chains import SLOW_TOOL
 from tests.conftest import fake_settings
 from tests.harness import (
     UNIT,
@@ -33,6 +36,7 @@ from tests.harness import (
     recv,
     text_of,
     until_end,
+    wait_hung_up,
 )
 
 
@@ -350,6 +354,16 @@ async def test_the_steps_of_a_chain_are_info_frames_stored_and_replayed(
         async with connect(f"{server.ws}?conversation={conversation}&after={middle}") as ws:
             resumed = await until_end(ws)
         assert steps_in(resumed) == STEPS[3:]
+        # From every point: exactly what came after it, each step frame once.
+        for after in [frame["seq"] for frame in frames[:-1]]:
+            url = f"{server.ws}?conversation={conversation}&after={after}"
+            async with connect(url) as ws:
+                rest = await until_end(ws)
+            expected = [f for f in frames if f["seq"] > after]
+            assert [f for f in rest if f["type"] != "stream"] == [
+                f for f in expected if f["type"] != "stream"
+            ]
+            assert text_of(rest) == text_of(expected)
         async with httpx.AsyncClient(timeout=UNIT) as client:
             stored = (await client.get(f"{server.http}/api/conversations/{conversation}")).json()
     steps = stored["messages"][1]["steps"]
@@ -452,3 +466,56 @@ async def test_an_agent_streams_its_tool_calls_and_keeps_them_as_history(
     )
     assert (sent[2]["tool_call_id"], sent[2]["content"]) == (call["id"], "5.0")
     assert sent[3]["content"] == "The sum is 5."
+
+
+async def stop_when(ws: ClientConnection, seen: Callable[[Frame], bool]) -> list[Frame]:
+    """Read frames until one satisfies `seen`, send stop, then read to the reply's end."""
+    frames: list[Frame] = []
+    while not frames or not seen(frames[-1]):
+        frames.append(await recv(ws))
+    await ws.send(json.dumps({"type": "stop"}))
+    return frames + await until_end(ws)
+
+
+async def test_stop_during_a_tool_run_cancels_the_tool(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:patient_agent")
+    fake.then(Behaviour(tool_calls=[("wait_for_it", {"seconds": 30})]))
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            await ws.send("wait, please")
+            frames = await stop_when(
+                ws,
+                lambda f: f.get("step", {}).get("status") == "started" and "wait" in f["message"],
+            )
+            stopped = time.monotonic()
+            assert frames[-1]["status"] == "interrupted"
+            assert SLOW_TOOL["cancelled"] is True
+            assert stopped - SLOW_TOOL["started"] < UNIT
+            # The call never had its result, and nothing was said: no history goes with the
+            # next question (a call without its result would be refused by the model).
+            await ask(ws, "next")
+    assert [m["role"] for m in fake.requests[-1].messages] == ["user"]
+
+
+async def test_stop_during_an_agents_second_model_call_closes_its_request(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:agent")
+    fake.then(
+        Behaviour(tool_calls=[("add", {"a": 1, "b": 1})]),
+        Behaviour(tokens=[" two"] * 500, delay=0.01),
+    )
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            first = len(fake.requests)
+            await ws.send("1+1?")
+            frames = await stop_when(ws, lambda f: f["type"] == "stream" and f["sender"] == "bot")
+            await wait_hung_up(fake, first + 1)
+            assert frames[-1]["status"] == "interrupted"
+            assert text_of(frames).startswith(" two")
+            await ask(ws, "next")
+    # The interrupted turn goes back whole: its call, its result, and the text it got to.
+    roles = [m["role"] for m in fake.requests[-1].messages]
+    assert roles == ["user", "assistant", "tool", "assistant", "user"]
