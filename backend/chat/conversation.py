@@ -30,7 +30,7 @@ from backend.model.reply import Replier
 from backend.model.turn import Turn
 from backend.observe import logs
 from backend.protocol.errors import SHARED_STATE_ERRORS, ChatError
-from backend.store.records import ConversationRecord, TurnRecord, now, title_for
+from backend.store.records import ConversationRecord, Found, TurnRecord, now, title_for
 from backend.store.write_behind import WriteBehind
 from backend.users.quotas import Held, Quotas
 from schemas import ChatResponse
@@ -373,7 +373,7 @@ class Conversation:
         sink = LiveTurn(self, record, regenerate)
         turn = Turn(record.question, sink, record.parts, record.exchanged)
         try:
-            await self.services.replier.answer(turn, history, self.assistant)
+            await self.services.replier.answer(turn, history, self.assistant, self._context())
         finally:
             grace.cancel()
             self._streaming = None
@@ -389,6 +389,19 @@ class Conversation:
                 # for the turn to be given back.
                 self._releasing = asyncio.create_task(self._release(), name=f"release-{self.id}")
                 await asyncio.shield(self._releasing)
+
+    def _context(self) -> dict[str, Any]:
+        """What a user's chain is told of the conversation (its config's `configurable`)."""
+        return {
+            "thread_id": self.id,
+            "user": self.owner,
+            "search_conversations": self._search_conversations,
+        }
+
+    async def _search_conversations(self, text: str, limit: int = 5) -> list[Found]:
+        """The owner's stored turns that hold `text`, newest first: for a chain's tools."""
+        await self.services.writer.flush()
+        return await self.services.writer.store.search(self.owner, text, limit)
 
     async def _release(self) -> None:
         try:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage, messages_to_dict
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 class Run:
     """One reply's run of its chain: what its callbacks saw."""
 
-    def __init__(self, chain: Chain, turn: Turn) -> None:
+    def __init__(self, chain: Chain, turn: Turn, context: Mapping[str, Any] | None) -> None:
         self.chain = chain
+        self.context = context
         # The model's tool calls and the tools' results, in the order they came.
         self.exchanged: list[BaseMessage] = []
         self.tokens = StreamingHandler(turn.token, self.exchanged.append)
@@ -56,9 +59,17 @@ class Replier:
         self.upstream = upstream
         self.metrics = metrics
 
-    async def answer(self, turn: Turn, history: History, assistant: str | None = None) -> EndStatus:
+    async def answer(
+        self,
+        turn: Turn,
+        history: History,
+        assistant: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> EndStatus:
         """Stream the reply to `turn`'s question, from `start` to exactly one `end`, with the
-        chain of the assistant called `assistant` (the default one's if None).
+        chain of the assistant called `assistant` (the default one's if None). A user's chain
+        finds `context` (the conversation's `thread_id`, its `user`, ...) in its config's
+        `configurable`.
 
         Cancelling the task that runs this is how a reply is stopped: the upstream request is
         closed, the text streamed so far stays in `turn`, and `end` says `interrupted`.
@@ -69,7 +80,7 @@ class Replier:
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
         sent: list[list[BaseMessage]] = []  # the history sent with the question, once it is
-        run = Run(self.assistants.default.chain, turn)
+        run = Run(self.assistants.default.chain, turn, context)
         try:
             run.chain = self._chain_of(assistant)
             reply = await self._generate(turn, history, sent, run)
@@ -136,9 +147,10 @@ class Replier:
             run.tokens,
             ProgressHandler(turn.info, self.upstream.model),
         ]
+        config = RunnableConfig(callbacks=callbacks)
         if not run.chain.built_in:
             callbacks.append(run.steps)
-        config = RunnableConfig(callbacks=callbacks)
+            config["configurable"] = dict(run.context or {})
         earlier = self._history_for(turn.question, history, run.chain)
         sent.append(earlier)  # the prompt is formatted again only if usage must be counted
         for attempt in (1, 2):

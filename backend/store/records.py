@@ -135,6 +135,17 @@ class ConversationRecord:
 
 
 @dataclass(frozen=True)
+class Found:
+    """A turn of a stored conversation that holds what a search asked for."""
+
+    conversation_id: str
+    title: str
+    question: str
+    answer: str
+    asked_at: datetime
+
+
+@dataclass(frozen=True)
 class ConversationSummary:
     """One entry of the conversation list."""
 

@@ -12,7 +12,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backend.store.db import conversations, create_engine, migrate, turns
-from backend.store.records import ConversationRecord, ConversationSummary, TurnRecord, carryable
+from backend.store.records import (
+    ConversationRecord,
+    ConversationSummary,
+    Found,
+    TurnRecord,
+    carryable,
+)
 from schemas import ChatResponse, EndStatus
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,9 @@ class Store(Protocol):
 
     async def delete(self, conversation_id: str) -> bool:
         """Remove a conversation and its turns; False if there was none."""
+
+    async def search(self, owner: str, text: str, limit: int) -> list[Found]:
+        """`owner`'s turns whose question or reply holds `text` (any case), newest first."""
 
 
 def _aware(moment: datetime) -> datetime:
@@ -191,6 +200,33 @@ class SqlStore:
                     turn_count=row.turn_count,
                     assistant=row.assistant,
                 )
+                for row in rows
+            ]
+
+    async def search(self, owner: str, text: str, limit: int) -> list[Found]:
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        query = (
+            select(
+                turns.c.conversation_id,
+                conversations.c.title,
+                turns.c.question,
+                turns.c.text,
+                turns.c.asked_at,
+            )
+            .join(conversations, conversations.c.id == turns.c.conversation_id)
+            .where(conversations.c.owner == owner)
+            .where(
+                turns.c.question.ilike(pattern, escape="\\")
+                | turns.c.text.ilike(pattern, escape="\\")
+            )
+            .order_by(turns.c.asked_at.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(query)
+            return [
+                Found(row.conversation_id, row.title, row.question, row.text, _aware(row.asked_at))
                 for row in rows
             ]
 

@@ -1,0 +1,1 @@
+"""Chains to serve with `CHAT_CHAIN`: each runs offline, as written, and has its own test."""

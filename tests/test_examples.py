@@ -1,0 +1,116 @@
+"""The examples in `examples/`, served as the README says, against the fake model (and the
+docs example against the embedded model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes.openai_server import Behaviour, FakeUpstream
+from tests.conftest import fake_settings
+from tests.harness import Frame, ask, connect, live_server, text_of
+from tests.test_local_model import local_settings, wait_healthy
+
+
+def steps_of(frames: list[Frame], kind: str) -> list[Frame]:
+    return [f for f in frames if f.get("step", {}).get("kind") == kind]
+
+
+async def test_the_agent_calculates_with_its_tool(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    fake.then(
+        Behaviour(tool_calls=[("calculator", {"expression": "(2 + 3) * 4"})]),
+        Behaviour(tokens=["It", " is", " 20."]),
+    )
+    with live_server(fake_settings(upstream_server, chat_chain="examples.agent:agent")) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "What is (2+3)*4?")
+    tools = steps_of(frames, "tool")
+    assert [f["step"]["status"] for f in tools] == ["started", "completed"]
+    assert tools[1]["step"]["detail"]["result"] == "20"
+    assert text_of(frames) == "It is 20."
+    system = fake.requests[-1].messages[0]
+    assert system["role"] == "system"
+    assert "Use the tools" in system["content"]
+
+
+async def test_the_agent_refuses_what_is_not_arithmetic(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    fake.then(
+        Behaviour(tool_calls=[("calculator", {"expression": "__import__('os')"})]),
+        Behaviour(tokens=["I cannot."]),
+    )
+    with live_server(fake_settings(upstream_server, chat_chain="examples.agent:agent")) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "import os")
+    # The agent's tool node hands the error back to the model, which answers.
+    assert text_of(frames) == "I cannot."
+    result = fake.requests[-1].messages[-1]
+    assert result["role"] == "tool"
+    assert "only numbers and + - * / ** % are allowed" in result["content"]
+
+
+async def test_the_agent_searches_the_users_earlier_conversations(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    with live_server(fake_settings(upstream_server, chat_chain="examples.agent:agent")) as server:
+        async with connect(server.ws) as ws:
+            fake.then(Behaviour(tokens=["Lighthouses", " guide", " ships."]))
+            await ask(ws, "What do lighthouses do?")
+        fake.then(
+            Behaviour(tool_calls=[("search_my_conversations", {"text": "LIGHTHOUSE"})]),
+            Behaviour(tokens=["You", " asked", " about", " lighthouses."]),
+        )
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "What did I ask about lighthouses?")
+    assert text_of(frames) == "You asked about lighthouses."
+    found = fake.requests[-1].messages[-1]
+    assert found["role"] == "tool"
+    assert (
+        "asked 'What do lighthouses do?', answered 'Lighthouses guide ships.'" in found["content"]
+    )
+
+
+async def test_ask_the_docs_retrieves_sections_and_rewrites_follow_ups_silently(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    settings = fake_settings(upstream_server, chat_chain="examples.docs:chain")
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            fake.then(Behaviour(tokens=["Rejoin", " with", " after."]))
+            first = await ask(ws, "How does a client resume a conversation after a reload?")
+            fake.then(
+                Behaviour(tokens=["How", " do", " SSE", " clients", " resume?"]),  # silent
+                Behaviour(tokens=["With", " Last-Event-ID."]),
+            )
+            second = await ask(ws, "And over SSE?")
+    assert text_of(first) == "Rejoin with after."
+    found = steps_of(first, "retriever")[-1]["step"]["detail"]["documents"]
+    assert found
+    assert {document["source"] for document in found} <= {
+        "README.md",
+        "docs/protocol.md",
+        "docs/benchmarks.md",
+    }
+    answered = fake.requests[-3].messages
+    assert "[1]" in answered[0]["content"]
+    assert answered[-1]["content"] == "How does a client resume a conversation after a reload?"
+    # The follow-up was rewritten first, and only the answer reached the client.
+    assert text_of(second) == "With Last-Event-ID."
+    assert (
+        steps_of(second, "retriever")[0]["step"]["detail"]["query"] == "How do SSE clients resume?"
+    )
+    assert fake.requests[-1].messages[-1]["content"] == "How do SSE clients resume?"
+
+
+@pytest.mark.model
+async def test_ask_the_docs_on_the_embedded_model() -> None:
+    with live_server(local_settings(chat_chain="examples.docs:chain")) as server:
+        await wait_healthy(server.http)
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "How do I run several workers?")
+    assert frames[-1]["status"] == "completed"
+    assert text_of(frames).strip()
+    sources = steps_of(frames, "retriever")[-1]["step"]["detail"]["documents"]
+    assert any(document["source"] == "README.md" for document in sources)
