@@ -103,3 +103,29 @@ async def test_pages_are_newest_first_and_delete_removes(store: SqlStore) -> Non
     assert not await store.delete("c" * 32)
     assert [c.id[0] for c in await store.page("", 10, 0)] == ["b", "a"]
     assert await store.load("c" * 32) is None
+
+
+async def test_search_finds_a_users_turns_in_any_case_and_only_theirs(store: SqlStore) -> None:
+    mine = conversation("a", [turn(0, "Lighthouses?", "They guide ships.", 1, True)])
+    mine.owner = "me"
+    literal = conversation("b", [turn(0, "What is 100% of _x_?", "All of it.", 1, True)], age=5)
+    literal.owner = "me"
+    theirs = conversation("c", [turn(0, "lighthouses again", "Yes.", 1, True)])
+    theirs.owner = "someone else"
+    tools = conversation("d", [turn(0, "add", "5", 1, True)])
+    tools.owner = "me"
+    tools.assistant = "agent"
+    tools.turns[0].exchanged = [{"type": "tool", "data": {"content": "5.0", "tool_call_id": "c"}}]
+    await store.save([mine, literal, theirs, tools])
+    found = await store.search("me", "LIGHTHOUSE", 10)
+    assert [(f.conversation_id, f.question, f.answer) for f in found] == [
+        ("a" * 32, "Lighthouses?", "They guide ships.")
+    ]
+    # `%` and `_` are searched for as written, not as patterns.
+    assert [f.conversation_id for f in await store.search("me", "100%", 10)] == ["b" * 32]
+    assert await store.search("me", "_y_", 10) == []
+    assert await store.search("me", "ships", 0) == []
+    loaded = await store.load("d" * 32)
+    assert loaded is not None
+    assert loaded.assistant == "agent"
+    assert loaded.turns[0].exchanged == tools.turns[0].exchanged
