@@ -11,9 +11,12 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.tools import tool
+
+from backend.config.settings import DEFAULT_SYSTEM_PROMPT
 
 
 def _last_question(state: dict[str, Any]) -> str:
@@ -125,3 +128,11 @@ async def wait_for_it(seconds: float) -> str:
 def patient_agent(model: BaseChatModel) -> Runnable[Any, Any]:
     """Waits with a tool."""
     return create_agent(model, tools=[wait_for_it])
+
+
+def like_built_in(model: BaseChatModel) -> Runnable[Any, Any]:
+    """The built-in chain's shape, as a user's chain: the protocol suite runs on it too."""
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", DEFAULT_SYSTEM_PROMPT), ("placeholder", "{messages}")]
+    )
+    return prompt | model

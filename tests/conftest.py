@@ -76,6 +76,18 @@ def deployment(
     deployed.remove()
 
 
+@pytest.fixture(scope="session")
+def chain_deployment(
+    upstream_server: FakeUpstream, postgres: Postgres, redis_server: Redis
+) -> Iterator[Deployment]:
+    """The same deployment, answering with a user's chain (`CHAT_CHAIN`) of the built-in one's
+    shape: every guarantee the protocol suite checks must hold for any chain."""
+    env = deployment_env(upstream_server, postgres, redis_server)
+    deployed = Deployment(2, {**env, "CHAT_CHAIN": "tests.chains:like_built_in"}).start()
+    yield deployed
+    deployed.remove()
+
+
 def deployment_env(fake: FakeUpstream, postgres: Postgres, redis: Redis) -> dict[str, str]:
     """The environment of a deployment's workers, pointed at the fake model."""
     return {
@@ -88,15 +100,18 @@ def deployment_env(fake: FakeUpstream, postgres: Postgres, redis: Redis) -> dict
     }
 
 
-@pytest.fixture(scope="module", params=["single", "deployment"])
+@pytest.fixture(scope="module", params=["single", "deployment", "chain"])
 def server(request: pytest.FixtureRequest, upstream_server: FakeUpstream) -> Iterator[Addressed]:
     """The server every protocol test talks to, in both shapes it is deployed in: one process
-    on SQLite, and nginx in front of two workers on Redis and PostgreSQL.
+    on SQLite, and nginx in front of two workers on Redis and PostgreSQL; and that deployment
+    again with a user's chain in place of the built-in one.
 
     A test that needs other settings, or a fresh process, starts its own with `live_server`.
     """
-    if request.param == "deployment":
-        yield request.getfixturevalue("deployment")
+    if request.param in ("deployment", "chain"):
+        yield request.getfixturevalue(
+            "deployment" if request.param == "deployment" else "chain_deployment"
+        )
         return
     with live_server(fake_settings(upstream_server)) as live:
         yield live

@@ -7,8 +7,8 @@ import pytest
 
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
-from tests.harness import Frame, ask, connect, live_server, text_of
-from tests.test_local_model import local_settings, wait_healthy
+from tests.harness import Frame, ask, connect, live_server, text_of, until_end
+from tests.test_local_model import MODEL_WAIT, local_settings, wait_healthy
 
 
 def steps_of(frames: list[Frame], kind: str) -> list[Frame]:
@@ -109,7 +109,8 @@ async def test_ask_the_docs_on_the_embedded_model() -> None:
     with live_server(local_settings(chat_chain="examples.docs:chain")) as server:
         await wait_healthy(server.http)
         async with connect(server.ws) as ws:
-            frames = await ask(ws, "How do I run several workers?")
+            await ws.send("How do I run several workers?")
+            frames = await until_end(ws, within=MODEL_WAIT)
     assert frames[-1]["status"] == "completed"
     assert text_of(frames).strip()
     sources = steps_of(frames, "retriever")[-1]["step"]["detail"]["documents"]
