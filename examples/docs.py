@@ -32,6 +32,9 @@ ANSWER = (
     "excerpts you used by their numbers, like [1].\n\n{excerpts}"
 )
 EXCERPT_CHARS = 1200
+# A rewrite longer than this is a model answering instead of rewriting (a small one does):
+# the last two questions are searched for instead.
+LONGEST_REWRITE = 300
 
 
 def markdown_files(folder: Path | None) -> list[Path]:
@@ -113,8 +116,12 @@ def chain(model: BaseChatModel) -> Runnable[Any, Any]:
         messages: list[BaseMessage] = state["messages"]
         question = str(messages[-1].content)
         if len(messages) > 1:  # a follow-up: made to stand alone first
-            rewritten = await condense.ainvoke([SystemMessage(CONDENSE), *messages])
-            question = rewritten.text.strip() or question
+            rewritten = (await condense.ainvoke([SystemMessage(CONDENSE), *messages])).text.strip()
+            if rewritten and len(rewritten) <= LONGEST_REWRITE:
+                question = rewritten
+            else:
+                earlier = [m for m in messages[:-1] if isinstance(m, HumanMessage)]
+                question = f"{earlier[-1].content if earlier else ''} {question}".strip()
         documents = await retriever.ainvoke(question)
         excerpts = "\n\n".join(
             f"[{number}] {document.metadata['title']} ({document.metadata['source']}):\n"

@@ -113,7 +113,7 @@ async def test_a_tool_that_raises_ends_with_tool_error(upstream_server: FakeUpst
         ("tests.chains:", "expected package.module:attribute"),
         ("tests.no_such_module:chain", "the module cannot be imported"),
         ("tests.chains:missing", "tests.chains has no attribute 'missing'"),
-        ("tests.chains:not_a_chain", "it is a int, not a LangChain Runnable"),
+        ("tests.chains:not_a_chain", "it is an int, not a LangChain Runnable"),
         ("tests.chains:failing_factory", "its factory failed: RuntimeError: the vector store"),
     ],
 )
@@ -431,6 +431,11 @@ async def test_the_ai_sdk_route_shows_tool_calls_as_tool_parts(
     )
     texts = [p["text"] for p in parts if p["type"] == "text"]
     assert "".join(texts) == "2 documents, 2.0"
+    # A step's start and end share an id, so the end replaces the start: one part each.
+    live_ids = [c["id"] for c in chunks if c["type"] == "data-step"]
+    assert live_ids[0] == live_ids[1] != live_ids[2] == live_ids[3]
+    kept = [(p["data"]["name"], p["data"]["status"]) for p in parts if p["type"] == "data-step"]
+    assert kept == [("Shelf", "completed"), ("polish", "completed")]
 
 
 async def test_an_agent_streams_its_tool_calls_and_keeps_them_as_history(
@@ -519,3 +524,57 @@ async def test_stop_during_an_agents_second_model_call_closes_its_request(
     # The interrupted turn goes back whole: its call, its result, and the text it got to.
     roles = [m["role"] for m in fake.requests[-1].messages]
     assert roles == ["user", "assistant", "tool", "assistant", "user"]
+
+
+async def test_usage_counts_every_model_call_when_the_server_reports_none(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    """Counted from what each call was sent and wrote, the silent rewrite included; and a
+    chain that calls no model reports no usage."""
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:condensed")
+    fake.then(
+        Behaviour(tokens=["What is up, really, in full?"], usage=False),
+        Behaviour(tokens=["All", " fine."], usage=False),
+    )
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            both = (await ask(ws, "sup"))[-1]["usage"]
+    fake.then(Behaviour(tokens=["All", " fine."], usage=False))
+    one_call = fake_settings(upstream_server, chat_chain="tests.chains:like_built_in")
+    with live_server(one_call) as server:
+        async with connect(server.ws) as ws:
+            alone = (await ask(ws, "sup"))[-1]["usage"]
+    assert both["estimated"] is True
+    assert both["completion_tokens"] > alone["completion_tokens"] > 0
+    no_model = fake_settings(upstream_server, chat_chain="tests.chains:shouting")
+    with live_server(no_model) as server:
+        async with connect(server.ws) as ws:
+            assert "usage" not in (await ask(ws, "hello"))[-1]
+
+
+async def test_a_silent_step_sends_no_info_either(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:condensed")
+    fake.then(Behaviour(tokens=["Rewritten"]), Behaviour(tokens=["Answer"]))
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            frames = await ask(ws, "sup")
+    asking = [f["message"] for f in frames if f["message"].startswith("Asking")]
+    assert asking == ["Asking fake-model (1 message of context)"]
+
+
+@pytest.mark.parametrize(
+    ("chains", "reason"),
+    [
+        (["chat=tests.chains:shouting"], "the name 'chat' is the built-in chain's"),
+        (["a=tests.chains:shouting", "a=tests.chains:broken"], "the name 'a' is taken twice"),
+        (["Loud=tests.chains:shouting"], "expected name=package.module:attribute"),
+    ],
+)
+def test_assistant_names_are_checked_at_start(
+    upstream_server: FakeUpstream, chains: list[str], reason: str
+) -> None:
+    with pytest.raises(ChainImportError) as refused:
+        create_app(fake_settings(upstream_server, chat_chains=chains))
+    assert reason in str(refused.value)

@@ -84,9 +84,11 @@ def build(spec: str, model: BaseChatModel) -> tuple[Runnable[Any, Any], str]:
                 spec, f"its factory returned {type(runnable).__name__}, not a LangChain Runnable"
             )
     else:
+        kind = type(target).__name__
         raise ChainImportError(
             spec,
-            f"it is a {type(target).__name__}, not a LangChain Runnable or a factory of one",
+            f"it is {'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}, not a LangChain Runnable "
+            "or a factory of one",
         )
     return runnable, description_of(spec, target)
 
@@ -191,6 +193,8 @@ def load_assistants(settings: Settings, model: BaseChatModel, built_in: Chain) -
         pairs.append((default_name(default), default))
         default = default_name(default)
     for name, spec in pairs:
+        if name == BUILT_IN:
+            raise ChainImportError(spec, f"the name {BUILT_IN!r} is the built-in chain's")
         if name in {assistant.name for assistant in assistants}:
             raise ChainImportError(spec, f"the name {name!r} is taken twice")
         runnable, description = build(spec, model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +19,8 @@ from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
+from backend.model.history import TokenCounter
+from backend.model.usage import counted as count_usage
 from backend.store.records import carryable
 from schemas import Step, StepDetail, StepDocument, Usage
 from schemas.frames import StepKind
@@ -49,22 +52,13 @@ def token_text(token: str | list[str | dict[str, Any]]) -> str:
 
 class StreamingHandler(AsyncCallbackHandler):
     """Hands every new token of every chat model in the chain to `on_token` (the chat-langchain
-    streaming handler, unbuffered), but for runs tagged `nostream`; and adds up the usage the
-    model server reports for each model call."""
+    streaming handler, unbuffered), but for runs tagged `nostream`."""
 
     raise_error = True
     run_inline = True
 
-    def __init__(
-        self,
-        on_token: Callable[[str], None],
-        on_exchange: Callable[[BaseMessage], None] | None = None,
-    ) -> None:
+    def __init__(self, on_token: Callable[[str], None]) -> None:
         self.on_token = on_token
-        # Given each model message that calls tools, as it ends.
-        self.on_exchange = on_exchange
-        # The tokens of every model call of the reply, as the model server reported them.
-        self.usage: Usage | None = None
 
     async def on_llm_new_token(
         self,
@@ -81,15 +75,55 @@ class StreamingHandler(AsyncCallbackHandler):
         if text:
             self.on_token(text)
 
-    async def on_llm_end(
+
+@dataclass
+class ModelCall:
+    """One chat model call of a reply: what it was sent, what it wrote, what it was charged."""
+
+    sent: list[BaseMessage]
+    parts: list[str] = field(default_factory=list)
+    reported: Usage | None = None
+
+
+class ModelCalls(AsyncCallbackHandler):
+    """Every chat model call of a user's chain, silent ones too: the usage of the reply is
+    their sum, as each model server reported it, else as counted from what each was sent and
+    wrote. Hands each model message that calls tools to `on_exchange`, for the history."""
+
+    raise_error = True
+    run_inline = True
+    ignore_chain = True
+    ignore_retriever = True
+    ignore_agent = True
+    ignore_retry = True
+    ignore_custom_event = True
+
+    def __init__(
+        self, count: TokenCounter, on_exchange: Callable[[BaseMessage], None] | None = None
+    ) -> None:
+        self.count = count
+        self.on_exchange = on_exchange
+        self.calls: dict[UUID, ModelCall] = {}
+
+    async def on_chat_model_start(
         self,
-        response: LLMResult,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
         *,
         run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        self.calls[run_id] = ModelCall([message for batch in messages for message in batch])
+
+    async def on_llm_new_token(
+        self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        call = self.calls.get(run_id)
+        if call is not None:
+            call.parts.append(token_text(token))
+
+    async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        call = self.calls.get(run_id)
         for generations in response.generations:
             for generation in generations:
                 if not isinstance(generation, ChatGeneration):
@@ -98,14 +132,34 @@ class StreamingHandler(AsyncCallbackHandler):
                 calls = getattr(message, "tool_calls", None)
                 if calls and self.on_exchange is not None:
                     self.on_exchange(AIMessage(content=message.content, tool_calls=calls))
-                metadata = getattr(message, "usage_metadata", None)
-                if not metadata:
+                if call is None:
                     continue
-                before = self.usage or Usage(prompt_tokens=0, completion_tokens=0)
-                self.usage = Usage(
-                    prompt_tokens=before.prompt_tokens + metadata.get("input_tokens", 0),
-                    completion_tokens=before.completion_tokens + metadata.get("output_tokens", 0),
-                )
+                if not call.parts:  # a model that did not stream: its whole text
+                    call.parts.append(token_text(message.content))
+                metadata = getattr(message, "usage_metadata", None)
+                if metadata:
+                    call.reported = Usage(
+                        prompt_tokens=metadata.get("input_tokens", 0),
+                        completion_tokens=metadata.get("output_tokens", 0),
+                    )
+
+    def usage(self) -> Usage | None:
+        """The sum over every call so far (a call cut short counts what it wrote); None if no
+        model was called."""
+        if not self.calls:
+            return None
+        prompt = completion = 0
+        estimated = False
+        for call in self.calls.values():
+            if call.reported is not None:
+                prompt += call.reported.prompt_tokens
+                completion += call.reported.completion_tokens
+                continue
+            estimated = True
+            counted = count_usage(call.sent, "".join(call.parts), self.count)
+            prompt += counted.prompt_tokens
+            completion += counted.completion_tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=estimated)
 
 
 class ProgressHandler(AsyncCallbackHandler):
@@ -135,8 +189,11 @@ class ProgressHandler(AsyncCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        if tags and NOSTREAM in tags:  # a silent step says nothing
+            return
         sent = sum(len(batch) for batch in messages)
-        self.on_info(f"Asking {self.model} ({sent} messages of context)")
+        plural = "s" if sent != 1 else ""
+        self.on_info(f"Asking {self.model} ({sent} message{plural} of context)")
 
 
 class StepHandler(AsyncCallbackHandler):

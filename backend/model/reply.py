@@ -17,6 +17,7 @@ from langchain_core.runnables import RunnableConfig
 from backend.config.settings import Settings
 from backend.model.assistants import Assistants
 from backend.model.callbacks import (
+    ModelCalls,
     ProgressHandler,
     StepHandler,
     StreamingHandler,
@@ -39,13 +40,17 @@ log = logging.getLogger(__name__)
 class Run:
     """One reply's run of its chain: what its callbacks saw."""
 
-    def __init__(self, chain: Chain, turn: Turn, context: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, chain: Chain, turn: Turn, context: Mapping[str, Any] | None, count: TokenCounter
+    ) -> None:
         self.chain = chain
         self.context = context
         # The model's tool calls and the tools' results, in the order they came.
         self.exchanged: list[BaseMessage] = []
-        self.tokens = StreamingHandler(turn.token, self.exchanged.append)
+        self.tokens = StreamingHandler(turn.token)
+        # A user's chain only: its steps, and its every model call.
         self.steps = StepHandler(turn.step, self.exchanged.append)
+        self.calls = ModelCalls(count, self.exchanged.append)
 
 
 class Replier:
@@ -80,13 +85,13 @@ class Replier:
         logs.reply_id.set(uuid.uuid4().hex[:12])  # on every log line of this reply
         turn.send(ChatResponse.bot("start"))
         sent: list[list[BaseMessage]] = []  # the history sent with the question, once it is
-        run = Run(self.assistants.default.chain, turn, context)
+        run = Run(self.assistants.default.chain, turn, context, self.count)
         try:
             run.chain = self._chain_of(assistant)
             reply = await self._generate(turn, history, sent, run)
             if not turn.streamed and reply.text:  # a chain whose models did not stream
                 turn.token(token_text_of(reply))
-            turn.usage = run.tokens.usage or reported(reply)
+            turn.usage = reported(reply) if run.chain.built_in else run.calls.usage()
             status = "completed"
         except asyncio.CancelledError:
             status = "interrupted"
@@ -102,9 +107,9 @@ class Replier:
         finally:
             if run.exchanged:
                 turn.exchanged[:] = messages_to_dict(answered(run.exchanged))
-            if turn.usage is None:
-                turn.usage = run.tokens.usage
-            if turn.usage is None and sent and (turn.streamed or status == "completed"):
+            if not run.chain.built_in:
+                turn.usage = run.calls.usage()
+            elif turn.usage is None and sent and (turn.streamed or status == "completed"):
                 messages = run.chain.messages(sent[0], turn.question)
                 turn.usage = counted(messages, turn.text, self.count)
             end = ChatResponse.bot("end", status=status)
@@ -149,7 +154,7 @@ class Replier:
         ]
         config = RunnableConfig(callbacks=callbacks)
         if not run.chain.built_in:
-            callbacks.append(run.steps)
+            callbacks += [run.steps, run.calls]
             config["configurable"] = dict(run.context or {})
         earlier = self._history_for(turn.question, history, run.chain)
         sent.append(earlier)  # the prompt is formatted again only if usage must be counted

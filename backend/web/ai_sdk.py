@@ -326,8 +326,9 @@ def reply_parts(turn: TurnRecord) -> list[dict[str, Any]]:
             elif step.id in tools:
                 error = (detail.error if detail else None) or ""
                 tools[step.id].update(state="output-error", errorText=error)
-        elif step is not None:
-            data.append(step_part(event.model_dump(exclude_none=True)))
+        elif step is not None:  # a step's end in place of its start, as `useChat` keeps it
+            part = step_part(event.model_dump(exclude_none=True))
+            data = [kept for kept in data if kept.get("id") != part["id"]] + [part]
         elif event.type in ("info", "error"):
             data.append(data_part(event.model_dump(exclude_none=True)))
     parts.append({"type": "text", "text": text[cursor:], "state": state})

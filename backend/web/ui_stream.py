@@ -154,7 +154,9 @@ def step_part(frame: dict[str, Any]) -> dict[str, Any]:
     step = frame["step"]
     detail = step.get("detail", {})
     if step["kind"] != "tool":
-        return {"type": "data-step", "data": {**step, **_fields(frame, "message", "seq")}}
+        # One part per step: its end replaces its start in `useChat` (same type and id).
+        data = {**step, **_fields(frame, "message", "seq")}
+        return {"type": "data-step", "id": step["id"], "data": data}
     tool = {"toolCallId": step["id"], "dynamic": True, "providerExecuted": True}
     if step["status"] == "started":
         return {
