@@ -38,6 +38,7 @@ from tests.harness import (
     until_end,
     wait_hung_up,
 )
+from tests.sdk_driver import SDK_PACKAGES, reply_text, sdk_driver
 
 
 async def test_a_chain_without_a_model_answers_with_what_it_returns(
@@ -578,3 +579,28 @@ def test_assistant_names_are_checked_at_start(
     with pytest.raises(ChainImportError) as refused:
         create_app(fake_settings(upstream_server, chat_chains=chains))
     assert reason in str(refused.value)
+
+
+@pytest.mark.parametrize("package", list(SDK_PACKAGES.values()), ids=list(SDK_PACKAGES))
+async def test_the_real_ai_package_shows_a_tool_call_as_a_tool_part(
+    upstream_server: FakeUpstream, package: str
+) -> None:
+    """`useChat`'s own state machine (the `ai` package in Node) takes our stream: the tool
+    call is a `dynamic-tool` part with its input and output, between the reply's texts."""
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:stepping")
+    with live_server(settings) as server:
+        async with sdk_driver(server.http, package) as sdk:
+            await sdk.new(uuid.uuid4().hex[:16])
+            state = await sdk.do("send", text="ships?", wait=True)
+    assert state["error"] is None
+    reply = state["messages"][-1]
+    tools = [part for part in reply["parts"] if part["type"] == "dynamic-tool"]
+    assert [(t["toolName"], t["state"], t["input"], t["output"]) for t in tools] == [
+        ("divide", "output-available", {"numerator": 6, "denominator": 3}, "2.0")
+    ]
+    assert reply_text(state) == "2 documents, 2.0"
+    steps = [part["data"] for part in reply["parts"] if part["type"] == "data-step"]
+    assert [(step["name"], step["status"]) for step in steps] == [
+        ("Shelf", "completed"),
+        ("polish", "completed"),
+    ]
