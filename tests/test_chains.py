@@ -604,3 +604,27 @@ async def test_the_real_ai_package_shows_a_tool_call_as_a_tool_part(
         ("Shelf", "completed"),
         ("polish", "completed"),
     ]
+
+
+async def test_a_chain_that_acted_is_not_run_again_on_a_retryable_failure(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    """The first model call failing before anything happened is retried, as for the built-in
+    chain; the second failing after a tool ran is not (the tool would run twice)."""
+    settings = fake_settings(upstream_server, chat_chain="tests.chains:agent")
+    fake.then(
+        Behaviour(status=503),
+        Behaviour(tool_calls=[("add", {"a": 1, "b": 2})]),
+        Behaviour(status=503),
+    )
+    with live_server(settings) as server:
+        async with connect(server.ws) as ws:
+            before = len(fake.requests)
+            frames = await ask(ws, "1+2?")
+    assert len(fake.requests) - before == 3
+    assert [s for s in steps_in(frames) if s[0] == "tool"] == [
+        ("tool", "add", "started"),
+        ("tool", "add", "completed"),
+    ]
+    errors = [f["code"] for f in frames if f["type"] == "error"]
+    assert errors == ["upstream_unavailable"]

@@ -104,6 +104,7 @@ class ModelCalls(AsyncCallbackHandler):
         self.count = count
         self.on_exchange = on_exchange
         self.calls: dict[UUID, ModelCall] = {}
+        self.answered = 0  # calls that ended with an answer
 
     async def on_chat_model_start(
         self,
@@ -123,6 +124,7 @@ class ModelCalls(AsyncCallbackHandler):
             call.parts.append(token_text(token))
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        self.answered += 1
         call = self.calls.get(run_id)
         for generations in response.generations:
             for generation in generations:
@@ -221,6 +223,7 @@ class StepHandler(AsyncCallbackHandler):
         self._open: dict[UUID, tuple[StepKind, str, float]] = {}
         # Chain runs tagged `step`: their children inherit the tag, but are not steps.
         self._tagged: set[UUID] = set()
+        self.taken = 0  # tool calls and searches begun
         self.failures: list[tuple[str, BaseException]] = []
 
     # Tools.
@@ -335,6 +338,8 @@ class StepHandler(AsyncCallbackHandler):
     # Frames.
 
     def _begin(self, kind: StepKind, name: str, run_id: UUID, said: str, **detail: Any) -> None:
+        if kind != "chain":  # a graph node around a model call has done nothing yet
+            self.taken += 1
         self._open[run_id] = (kind, name, time.perf_counter())
         step = Step(kind=kind, name=name, id=str(run_id), status="started")
         if detail:

@@ -52,6 +52,12 @@ class Run:
         self.steps = StepHandler(turn.step, self.exchanged.append)
         self.calls = ModelCalls(count, self.exchanged.append)
 
+    @property
+    def acted(self) -> bool:
+        """Whether the chain has done anything that running it again would do twice: called a
+        tool, searched, or had an answer from a model."""
+        return self.steps.taken > 0 or self.calls.answered > 0
+
 
 class Replier:
     """Answers questions with the app's assistants; shared by every connection of an app."""
@@ -162,7 +168,8 @@ class Replier:
             try:
                 return await run.chain.ainvoke(earlier, turn.question, config)
             except Exception as exc:
-                if turn.streamed or attempt == 2 or not is_retryable(exc):
+                # Not a chain that has done something already (a tool may not be idempotent).
+                if turn.streamed or attempt == 2 or not is_retryable(exc) or run.acted:
                     raise
                 reason = await self._describe(exc, False, run)
                 log.info("retrying once after: %s", reason.message)
