@@ -146,13 +146,15 @@ class ModelCalls(AsyncCallbackHandler):
                     )
 
     def usage(self) -> Usage | None:
-        """The sum over every call so far (a call cut short counts what it wrote); None if no
-        model was called."""
-        if not self.calls:
+        """The sum over every call that answered or wrote something (a call cut short counts
+        what it wrote; one that failed or was stopped before its first token, nothing, as for
+        the built-in chain); None if there was none."""
+        calls = [call for call in self.calls.values() if call.parts or call.reported]
+        if not calls:
             return None
         prompt = completion = 0
         estimated = False
-        for call in self.calls.values():
+        for call in calls:
             if call.reported is not None:
                 prompt += call.reported.prompt_tokens
                 completion += call.reported.completion_tokens
