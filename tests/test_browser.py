@@ -636,7 +636,10 @@ async def test_picking_an_assistant_begins_a_chat_with_it(
 
 
 async def test_the_picker_stays_hidden_with_one_assistant(
-    browser: BrowserContext, server: Addressed
+    browser: BrowserContext, upstream_server: FakeUpstream
 ) -> None:
-    page = await open_chat(browser, server)
-    await expect(page.locator(".assistant-picker")).to_be_hidden()
+    settings = fake_settings(upstream_server, chat_database_url=temp_database())
+    with live_server(settings) as server:
+        page = await open_chat(browser, server)
+        await expect(page.locator("#question")).to_be_enabled()
+        await expect(page.locator(".assistant-picker")).to_be_hidden()
