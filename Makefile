@@ -79,6 +79,7 @@ bench: install
 	$(PY) -m bench.cluster
 	$(PY) -m bench.guarded
 	$(PY) -m bench.sdk
+	$(PY) -m bench.chains
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/, and README's settings table from
