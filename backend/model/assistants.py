@@ -173,13 +173,20 @@ class Assistants:
         return wanted
 
 
+def offered(settings: Settings) -> tuple[list[tuple[str, str]], str]:
+    """The chains `settings` name, as (name, import string) pairs, and the default's name."""
+    pairs = named(settings.chat_chains)
+    default = settings.chat_chain or BUILT_IN
+    if ":" in default:
+        pairs.append((default_name(default), default))
+        default = default_name(default)
+    return pairs, default
+
+
 def check_importable(settings: Settings) -> None:
     """Import every chain `settings` name, without building them: `ChainImportError` for the
     first that cannot be (a parent of several workers checks before it starts them)."""
-    specs = [spec for _, spec in named(settings.chat_chains)]
-    if settings.chat_chain and ":" in settings.chat_chain:
-        specs.append(settings.chat_chain)
-    for spec in specs:
+    for _, spec in offered(settings)[0]:
         resolve(spec)
 
 
@@ -187,11 +194,7 @@ def load_assistants(settings: Settings, model: BaseChatModel, built_in: Chain) -
     """The assistants `settings` offer, each chain imported and built now: one that cannot be
     raises `ChainImportError`, naming it and why."""
     assistants = [Assistant(BUILT_IN, BUILT_IN_DESCRIPTION, built_in)]
-    pairs = named(settings.chat_chains)
-    default = settings.chat_chain or BUILT_IN
-    if ":" in default:
-        pairs.append((default_name(default), default))
-        default = default_name(default)
+    pairs, default = offered(settings)
     for name, spec in pairs:
         if name == BUILT_IN:
             raise ChainImportError(spec, f"the name {BUILT_IN!r} is the built-in chain's")

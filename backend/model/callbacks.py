@@ -81,7 +81,8 @@ class ModelCall:
     """One chat model call of a reply: what it was sent, what it wrote, what it was charged."""
 
     sent: list[BaseMessage]
-    parts: list[str] = field(default_factory=list)
+    # As the model gave them (text, or content blocks): made text only if counted.
+    parts: list[str | list[str | dict[str, Any]]] = field(default_factory=list)
     reported: Usage | None = None
 
 
@@ -121,7 +122,7 @@ class ModelCalls(AsyncCallbackHandler):
     ) -> None:
         call = self.calls.get(run_id)
         if call is not None:
-            call.parts.append(token_text(token))
+            call.parts.append(token)
 
     async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         self.answered += 1
@@ -137,7 +138,7 @@ class ModelCalls(AsyncCallbackHandler):
                 if call is None:
                     continue
                 if not call.parts:  # a model that did not stream: its whole text
-                    call.parts.append(token_text(message.content))
+                    call.parts.append(message.content)
                 metadata = getattr(message, "usage_metadata", None)
                 if metadata:
                     call.reported = Usage(
@@ -160,7 +161,8 @@ class ModelCalls(AsyncCallbackHandler):
                 completion += call.reported.completion_tokens
                 continue
             estimated = True
-            counted = count_usage(call.sent, "".join(call.parts), self.count)
+            text = "".join(token_text(part) for part in call.parts)
+            counted = count_usage(call.sent, text, self.count)
             prompt += counted.prompt_tokens
             completion += counted.completion_tokens
         return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=estimated)
@@ -322,7 +324,7 @@ class StepHandler(AsyncCallbackHandler):
         if not isinstance(name, str):
             return
         node = (metadata or {}).get("langgraph_node") == name
-        tagged = bool(tags) and STEP_TAG in tags  # type: ignore[operator]
+        tagged = STEP_TAG in (tags or ())
         if tagged:
             self._tagged.add(run_id)
         if node or (tagged and parent_run_id not in self._tagged):
