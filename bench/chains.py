@@ -1,10 +1,12 @@
-"""A user's chain served by this server and by LangServe, side by side, in one run.
+"""A user's chains served by this server and by LangServe, side by side, in one run.
 
-`python -m bench.chains [--quick]`: the same LCEL chain (`bench/served_chains.py`), on the same
-fake model, behind `python -m backend` (`CHAT_CHAIN`) and behind LangServe's `add_routes`
-under uvicorn, each in a process of its own. For each: the server's CPU time per token over
+`python -m bench.chains [--quick]`: the same objects (`bench/served_chains.py`: an LCEL chain
+and a two-step `create_agent` agent that calls a tool, then answers), on the same fake model,
+behind `python -m backend` (`CHAT_CHAINS`) and behind LangServe's `add_routes` under uvicorn,
+each in a process of its own. For each server and chain: the server's CPU time per token over
 sequential replies, and its time-to-first-token overhead over the openai SDK calling the fake
-directly, measured in the same run.
+directly, measured in the same run. LangServe streams the chain's own `/stream` and the agent's
+`/stream_events` (its `/stream` gives graph updates, not tokens).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import httpx
 from websockets.asyncio.client import connect
@@ -34,12 +37,16 @@ from bench.run import (
 TOKEN = " tok"
 
 
-async def ours_reply(url: str, tokens: int) -> tuple[float, int]:
+# Each chain's question options, and the model calls before its first token.
+CHAINS = {"lcel": ("", 1), "agent": (" tool=lookup", 2)}
+
+
+async def ours_reply(url: str, options: str, tokens: int) -> tuple[float, int]:
     """One reply through our socket: seconds to its first token, tokens received."""
     async with connect(url, compression=None, max_size=None) as ws:
         await ws.recv()  # the opening info frame
         sent = time.perf_counter()
-        await ws.send(f"bench tokens={tokens}")
+        await ws.send(f"bench tokens={tokens}{options}")
         while True:
             opening = await frame(ws)
             if opening["type"] == "stream" and opening["sender"] == "bot":
@@ -49,21 +56,38 @@ async def ours_reply(url: str, tokens: int) -> tuple[float, int]:
     return first, got
 
 
-async def langserve_reply(client: httpx.AsyncClient, url: str, tokens: int) -> tuple[float, int]:
-    """One reply through LangServe's `/stream`: seconds to its first token, tokens received."""
-    body = {"input": {"messages": [{"type": "human", "content": f"bench tokens={tokens}"}]}}
+def streamed_text(chain: str, data: object) -> str | None:
+    """The reply text in one of LangServe's `data` events: a message chunk from `/stream`, a
+    chat model's chunk among the `/stream_events` events."""
+    if not isinstance(data, dict):
+        return None
+    if chain == "lcel":
+        content = data.get("content")
+    elif data.get("event") == "on_chat_model_stream":
+        content = data["data"]["chunk"].get("content")
+    else:
+        return None
+    return content if isinstance(content, str) else None
+
+
+async def langserve_reply(
+    client: httpx.AsyncClient, url: str, chain: str, tokens: int
+) -> tuple[float, int]:
+    """One reply through LangServe: seconds to its first token, tokens received."""
+    question = f"bench tokens={tokens}{CHAINS[chain][0]}"
+    body = {"input": {"messages": [{"type": "human", "content": question}]}}
+    route = "stream" if chain == "lcel" else "stream_events"
     sent = time.perf_counter()
     first = 0.0
     got = 0
-    async with client.stream("POST", f"{url}/lcel/stream", json=body) as response:
+    async with client.stream("POST", f"{url}/{chain}/{route}", json=body) as response:
         response.raise_for_status()
         event = ""
         async for line in response.aiter_lines():
             if line.startswith("event: "):
                 event = line.removeprefix("event: ")
             elif line.startswith("data: ") and event == "data":
-                chunk = json.loads(line.removeprefix("data: "))
-                text = chunk.get("content") if isinstance(chunk, dict) else None
+                text = streamed_text(chain, json.loads(line.removeprefix("data: ")))
                 if text:
                     if not got:
                         first = time.perf_counter() - sent
@@ -93,9 +117,11 @@ async def measure(name: str, pid: int, reply: Reply, replies: int, tokens: int) 
 
 async def run(quick: bool) -> None:
     replies, tokens, trials = (5, 1000, 20) if quick else (20, 2000, 100)
+    results: dict[str, dict[str, dict[str, float]]] = {chain: {} for chain in CHAINS}
     with fake_model() as upstream:
         ours_port, theirs_port = free_port(), free_port()
-        env = server_env(upstream, CHAT_CHAIN="bench.served_chains:lcel")
+        chains = ",".join(f"{chain}=bench.served_chains:{chain}" for chain in CHAINS)
+        env = server_env(upstream, CHAT_CHAINS=chains, CHAT_CHAIN="lcel")
         with (
             process(["-m", "backend", "--port", str(ours_port)], env=env) as ours,
             process(
@@ -115,27 +141,40 @@ async def run(quick: bool) -> None:
             wait_for_port(ours_port)
             wait_for_port(theirs_port)
             direct = statistics.median(await ttft_direct(upstream, trials)) * 1000
-            url = f"ws://127.0.0.1:{ours_port}/chat"
-            ours_result = await measure(
-                "ours", ours.pid, lambda n: ours_reply(url, n), replies, tokens
-            )
             async with httpx.AsyncClient(timeout=60) as client:
                 base = f"http://127.0.0.1:{theirs_port}"
-                theirs_result = await measure(
-                    "LangServe",
-                    theirs.pid,
-                    lambda n: langserve_reply(client, base, n),
-                    replies,
-                    tokens,
-                )
-    print(f"the same LCEL chain, {replies} replies x {tokens} tokens, one at a time:")
-    for name, result in (("ours", ours_result), ("LangServe", theirs_result)):
-        print(
-            f"  {name:9} server CPU per token {result['cpu_us']:.0f} µs, time to first token "
-            f"p50 {result['ttft_ms']:.1f} ms (overhead {result['ttft_ms'] - direct:.1f} ms)"
-        )
-    ratio = theirs_result["cpu_us"] / ours_result["cpu_us"]
-    print(f"  direct SDK time to first token p50 {direct:.1f} ms; LangServe / ours CPU {ratio:.2f}")
+                for chain, (options, _) in CHAINS.items():
+                    url = f"ws://127.0.0.1:{ours_port}/chat?assistant={chain}"
+                    results[chain]["ours"] = await measure(
+                        "ours",
+                        ours.pid,
+                        partial(ours_reply, url, options),
+                        replies,
+                        tokens,
+                    )
+                    results[chain]["LangServe"] = await measure(
+                        "LangServe",
+                        theirs.pid,
+                        partial(langserve_reply, client, base, chain),
+                        replies,
+                        tokens,
+                    )
+    print(
+        f"{replies} replies x {tokens} tokens, one at a time; "
+        f"direct SDK first token p50 {direct:.1f} ms"
+    )
+    for chain, by_server in results.items():
+        calls = CHAINS[chain][1]
+        what = "LCEL chain" if chain == "lcel" else "two-step agent (a tool call, then the answer)"
+        print(f"the same {what}; overhead over {calls} direct model call(s):")
+        for name, result in by_server.items():
+            overhead = result["ttft_ms"] - calls * direct
+            print(
+                f"  {name:9} server CPU per token {result['cpu_us']:.0f} µs, time to first token "
+                f"p50 {result['ttft_ms']:.1f} ms (overhead {overhead:.1f} ms)"
+            )
+        ratio = by_server["LangServe"]["cpu_us"] / by_server["ours"]["cpu_us"]
+        print(f"  LangServe / ours CPU {ratio:.2f}")
 
 
 def main() -> None:

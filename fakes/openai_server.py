@@ -422,16 +422,20 @@ def _settle(changed: asyncio.Future[None]) -> None:
 
 def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
     """Read a behaviour from a question of the form
-    `bench tokens=N delay=S [first=S] [stamp=1]`.
+    `bench tokens=N delay=S [first=S] [stamp=1] [tool=NAME]`.
 
     Lets a process that cannot reach the fake's Python objects (a benchmark driving it over
-    HTTP) choose each reply's shape.
+    HTTP) choose each reply's shape. With `tool=NAME` the model first calls that tool (with
+    `{"query": "bench"}`), and answers the tokens once it is sent the tool's result.
     """
     messages = body.get("messages") or [{}]
-    words = str(messages[-1].get("content", "")).split()
+    asked = [m for m in messages if m.get("role") == "user"] or [{}]
+    words = str(asked[-1].get("content", "")).split()
     if not words or words[0] != "bench":
         return None
     options = dict(word.split("=", 1) for word in words[1:] if "=" in word)
+    if "tool" in options and messages[-1].get("role") != "tool":
+        return Behaviour(tool_calls=[(options["tool"], {"query": "bench"})])
     return Behaviour(
         tokens=[" tok"] * int(options.get("tokens", "20")),
         delay=float(options.get("delay", "0")),
