@@ -6,7 +6,9 @@ behind `python -m backend` (`CHAT_CHAINS`) and behind LangServe's `add_routes` u
 each in a process of its own. For each server and chain: the server's CPU time per token over
 sequential replies, and its time-to-first-token overhead over the openai SDK calling the fake
 directly, measured in the same run. LangServe streams the chain's own `/stream` and the agent's
-`/stream_events` (its `/stream` gives graph updates, not tokens).
+`/stream_events` (its `/stream` gives graph updates, not tokens). LangGraph's own server
+(`langgraph-api` in memory, as `langgraph dev` runs it; see bench/langgraph_api.py) serves the
+same two, the chain as a one-node graph, measured after the others, alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from backend.process.server import free_port
+from bench import langgraph_api
 from bench.run import (
     cpu_seconds,
     fake_model,
@@ -115,9 +118,11 @@ async def measure(name: str, pid: int, reply: Reply, replies: int, tokens: int) 
     return {"cpu_us": spent / received * 1e6, "ttft_ms": statistics.median(firsts) * 1000}
 
 
-async def run(quick: bool) -> None:
+async def run(quick: bool, langgraph: bool) -> None:
     replies, tokens, trials = (5, 1000, 20) if quick else (20, 2000, 100)
     results: dict[str, dict[str, dict[str, float]]] = {chain: {} for chain in CHAINS}
+    # Made before anything is measured: its first install takes a while.
+    python = langgraph_api.ensure_venv() if langgraph else None
     with fake_model() as upstream:
         ours_port, theirs_port = free_port(), free_port()
         chains = ",".join(f"{chain}=bench.served_chains:{chain}" for chain in CHAINS)
@@ -146,11 +151,7 @@ async def run(quick: bool) -> None:
                 for chain, (options, _) in CHAINS.items():
                     url = f"ws://127.0.0.1:{ours_port}/chat?assistant={chain}"
                     results[chain]["ours"] = await measure(
-                        "ours",
-                        ours.pid,
-                        partial(ours_reply, url, options),
-                        replies,
-                        tokens,
+                        "ours", ours.pid, partial(ours_reply, url, options), replies, tokens
                     )
                     results[chain]["LangServe"] = await measure(
                         "LangServe",
@@ -159,6 +160,21 @@ async def run(quick: bool) -> None:
                         replies,
                         tokens,
                     )
+        if python is not None:
+            # Alone, after the others: its run queue polls twice a second even when idle.
+            graph_port = free_port()
+            with langgraph_api.serve(python, upstream, graph_port) as graphs:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    base = f"http://127.0.0.1:{graph_port}"
+                    for chain, (options, _) in CHAINS.items():
+                        question = f"bench tokens={{tokens}}{options}"
+                        results[chain]["LangGraph"] = await measure(
+                            "LangGraph",
+                            graphs.pid,
+                            partial(langgraph_api.reply, client, base, chain, question=question),
+                            replies,
+                            tokens,
+                        )
     print(
         f"{replies} replies x {tokens} tokens, one at a time; "
         f"direct SDK first token p50 {direct:.1f} ms"
@@ -169,18 +185,25 @@ async def run(quick: bool) -> None:
         print(f"the same {what}; overhead over {calls} direct model call(s):")
         for name, result in by_server.items():
             overhead = result["ttft_ms"] - calls * direct
+            ratio = result["cpu_us"] / by_server["ours"]["cpu_us"]
             print(
-                f"  {name:9} server CPU per token {result['cpu_us']:.0f} µs, time to first token "
-                f"p50 {result['ttft_ms']:.1f} ms (overhead {overhead:.1f} ms)"
+                f"  {name:9} server CPU per token {result['cpu_us']:.0f} µs ({ratio:.2f}x ours), "
+                f"time to first token p50 {result['ttft_ms']:.1f} ms (overhead {overhead:.1f} ms)"
             )
-        ratio = by_server["LangServe"]["cpu_us"] / by_server["ours"]["cpu_us"]
-        print(f"  LangServe / ours CPU {ratio:.2f}")
+    if langgraph and python is None:
+        print("LangGraph's server was not measured: its virtualenv could not be made.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer and shorter replies")
-    asyncio.run(run(parser.parse_args().quick))
+    parser.add_argument(
+        "--no-langgraph",
+        action="store_true",
+        help="leave out LangGraph's server (its virtualenv, .venv-langgraph, takes a while)",
+    )
+    args = parser.parse_args()
+    asyncio.run(run(args.quick, not args.no_langgraph))
 
 
 if __name__ == "__main__":
