@@ -84,11 +84,15 @@ class SectionRetriever(BaseRetriever):
     def of(cls, folder: Path | None) -> SectionRetriever:
         """An index of the sections of `folder` (None: this repository's docs)."""
         base = folder or REPOSITORY
+        if folder is not None and not folder.is_dir():
+            raise ValueError(f"DOCS_FOLDER {str(folder)!r} is not a folder")
         documents = [
             document
             for path in markdown_files(folder)
             for document in sections(path, str(path.relative_to(base)))
         ]
+        if not documents:
+            raise ValueError(f"DOCS_FOLDER {str(folder)!r} holds no Markdown (.md) file")
         index = bm25s.BM25()
         texts = [document.page_content for document in documents]
         index.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)

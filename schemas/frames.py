@@ -30,7 +30,7 @@ ErrorCode = Literal[
 
 
 StepKind = Literal["tool", "retriever", "chain"]
-StepStatus = Literal["started", "completed", "error"]
+StepStatus = Literal["started", "completed", "error", "interrupted"]
 
 
 class StepDocument(BaseModel):

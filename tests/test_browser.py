@@ -643,3 +643,24 @@ async def test_the_picker_stays_hidden_with_one_assistant(
         page = await open_chat(browser, server)
         await expect(page.locator("#assistant option")).to_have_count(1)  # the list came
         await expect(page.locator(".assistant-picker")).to_be_hidden()
+
+
+async def test_an_assistant_no_longer_offered_gives_way_to_one_that_is(
+    browser: BrowserContext, upstream_server: FakeUpstream
+) -> None:
+    database = temp_database()
+    chains = ["shout=tests.chains:shouting"]
+    with live_server(
+        fake_settings(upstream_server, chat_database_url=database, chat_chains=chains)
+    ) as server:
+        page = await open_chat(browser, server)
+        await page.locator("#assistant").select_option("shout")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        port = server.port
+    # Restarted without it: the page's next socket asks for an assistant that is gone.
+    with live_server(fake_settings(upstream_server, chat_database_url=database), port=port):
+        await expect(page.locator(".bubble.error")).to_contain_text("No assistant 'shout'")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        await expect(page.locator("#assistant")).to_have_value("chat")
+        await ask(page, "still here?")
+        await expect(last_reply(page)).to_have_text("You said: still here?")

@@ -499,6 +499,22 @@ async def test_stop_during_a_tool_run_cancels_the_tool(
             assert frames[-1]["status"] == "interrupted"
             assert SLOW_TOOL["cancelled"] is True
             assert stopped - SLOW_TOOL["started"] < UNIT
+            # Every step under way is closed as interrupted, just before the `end`.
+            steps = [f["step"] for f in frames if "step" in f]
+            assert {s["status"] for s in steps if s["kind"] == "tool"} == {
+                "started",
+                "interrupted",
+            }
+            assert steps[-1]["status"] == "interrupted"
+            assert steps[-1]["detail"]["error"] == "Stopped before it finished."
+            assert kinds(frames)[-2:] == ["info", "end"]
+            async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+                stored = await client.get(f"/api/conversations/{conversation_of(ws)}")
+            listed = stored.json()["messages"][1]["steps"]
+            assert listed
+            assert "started" not in {s["status"] for s in listed}
+            assert listed[-1]["status"] == "interrupted"
+            assert "error" not in {s["status"] for s in listed}
             # The call never had its result, and nothing was said: no history goes with the
             # next question (a call without its result would be refused by the model).
             await ask(ws, "next")

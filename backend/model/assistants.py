@@ -115,7 +115,8 @@ def named(entries: Sequence[str]) -> list[tuple[str, str]]:
         name = name.strip()
         if not equals or not NAME.fullmatch(name):
             raise ChainImportError(
-                entry, "expected name=package.module:attribute, the name in a-z, 0-9, _ and -"
+                entry,
+                "expected name=package.module:attribute, the name up to 32 of a-z, 0-9, _ and -",
             )
         pairs.append((name, spec.strip()))
     return pairs

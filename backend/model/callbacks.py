@@ -8,6 +8,7 @@ gathered in a new task per token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -202,6 +203,9 @@ class ProgressHandler(AsyncCallbackHandler):
         self.on_info(f"Asking {self.model} ({sent} message{plural} of context)")
 
 
+STOPPED = "Stopped before it finished."
+
+
 class StepHandler(AsyncCallbackHandler):
     """Reports the steps of a user's chain as `info` frames with a `step`: each tool call,
     retrieval, LangGraph node, and sub-chain tagged `step`, once as it starts and once as it
@@ -360,7 +364,26 @@ class StepHandler(AsyncCallbackHandler):
         step.detail = StepDetail(duration_ms=took, **detail)
         self.on_step(f"{said(name)} ({took:g} ms)", step)
 
+    def interrupted(self) -> None:
+        """The reply is being stopped: every step still under way ends `interrupted`, the
+        innermost first."""
+        for run_id in reversed(list(self._open)):
+            self._stopped(run_id)
+
+    def _stopped(self, run_id: UUID) -> None:
+        opened = self._open.pop(run_id, None)
+        if opened is None:
+            return
+        kind, name, began = opened
+        took = round((time.perf_counter() - began) * 1000, 1)
+        step = Step(kind=kind, name=name, id=str(run_id), status="interrupted")
+        step.detail = StepDetail(duration_ms=took, error=STOPPED)
+        self.on_step(f"{name} stopped ({took:g} ms)", step)
+
     def _failed(self, run_id: UUID, error: BaseException) -> None:
+        if isinstance(error, asyncio.CancelledError):  # the reply is being stopped
+            self._stopped(run_id)
+            return
         opened = self._open.pop(run_id, None)
         if opened is None:
             return

@@ -101,6 +101,7 @@ class Replier:
             status = "completed"
         except asyncio.CancelledError:
             status = "interrupted"
+            run.steps.interrupted()
             raise
         except Exception as exc:
             error = await self._describe(exc, turn.streamed, run)

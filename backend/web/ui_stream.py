@@ -165,7 +165,7 @@ def step_part(frame: dict[str, Any]) -> dict[str, Any]:
             "toolName": step["name"],
             "input": detail.get("arguments"),
         }
-    if step["status"] == "error":
+    if step["status"] in ("error", "interrupted"):
         return {"type": "tool-output-error", **tool, "errorText": detail.get("error", "")}
     return {"type": "tool-output-available", **tool, "output": detail.get("result")}
 

@@ -27,6 +27,8 @@ const RETRY_MAX_MS = 8000;
 
 let socket = null;
 let retryMs = RETRY_FIRST_MS;
+// Why the page moved to a new conversation on its own, said once that conversation opens.
+let notice = null;
 let reply = null; // { node, text } while a reply streams
 let renderQueued = false;
 let followBottom = true;
@@ -220,7 +222,9 @@ function applyFrame(frame) {
       clearView();
       showInUrl(null);
       markCurrent();
+      if (notice) bubble("error", notice).setAttribute("role", "alert");
     }
+    notice = null;
     return;
   }
   if (frame.seq !== undefined) {
@@ -273,11 +277,13 @@ async function connect() {
   }
   const current = new WebSocket(socketUrl(ticket));
   socket = current;
-  current.addEventListener("open", () => {
+  current.addEventListener("open", () => setConnection("open", "Connected"));
+  current.addEventListener("message", (event) => {
+    // Joined (a socket refused after its handshake is closed before any frame): the next
+    // drop is retried soon again.
     retryMs = RETRY_FIRST_MS;
-    setConnection("open", "Connected");
+    applyFrame(JSON.parse(event.data));
   });
-  current.addEventListener("message", (event) => applyFrame(JSON.parse(event.data)));
   current.addEventListener("close", (event) => {
     if (socket !== current) return; // replaced on purpose
     if (event.code === CLOSE_UNAUTHORIZED) {
@@ -294,6 +300,18 @@ async function connect() {
       clearView();
       showInUrl(null);
       connect();
+      return;
+    }
+    if (event.code === 1008 && /assistant/i.test(event.reason)) {
+      // The assistant picked is no longer offered: a new chat with one that is, saying why.
+      shownAssistant = null;
+      notice = event.reason;
+      loadAssistants().then(() => openConversation(null));
+      return;
+    }
+    if (event.code === 1008) {
+      // Refused for what it asked: asking again the same way would be refused again.
+      setConnection("closed", event.reason || "The server refused this connection.");
       return;
     }
     reconnectLater();
