@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import socket
 
+from pydantic import ValidationError
+
 from backend.config.settings import Settings
 from backend.model.assistants import ChainImportError, check_importable
 from backend.observe import logs
@@ -30,7 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     # A worker started by `--workers`: serve on the listening socket it inherited.
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as invalid:
+        # Each problem by the variable it is in, without the value given: it may be a secret.
+        problems = "".join(
+            f"\n  {'.'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+            for error in invalid.errors(include_input=False, include_url=False)
+        )
+        parser.exit(2, f"python -m backend: the settings are not valid:{problems}\n")
     logs.configure(settings.chat_log_format)  # again once uvicorn has set up its loggers
     if args.workers < 1:
         parser.error("--workers must be at least 1")

@@ -10,6 +10,7 @@ from pydantic import TypeAdapter
 
 from schemas.conversations import AssistantList, Conversation, ConversationPage
 from schemas.frames import CHAT_RESPONSE, CLIENT_MESSAGE
+from schemas.webhooks import DeliveryList, WebhookEvent
 
 SCHEMA_DIR = Path(__file__).parent
 SCHEMA_FILES: dict[str, Any] = {
@@ -18,6 +19,8 @@ SCHEMA_FILES: dict[str, Any] = {
     "conversation.schema.json": TypeAdapter(Conversation),
     "conversation_page.schema.json": TypeAdapter(ConversationPage),
     "assistant_list.schema.json": TypeAdapter(AssistantList),
+    "webhook_event.schema.json": TypeAdapter(WebhookEvent),
+    "webhook_deliveries.schema.json": TypeAdapter(DeliveryList),
 }
 
 

@@ -96,8 +96,9 @@ async def test_deleting_closes_the_sockets_and_stops_the_reply(
 async def test_openapi_lists_the_conversation_routes(server: Addressed) -> None:
     async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
         paths = (await client.get("/openapi.json")).json()["paths"]
-    assert set(paths["/api/conversations"]) == {"get"}
+    assert set(paths["/api/conversations"]) == {"get", "post"}
     assert set(paths["/api/conversations/{conversation_id}"]) == {"get", "delete"}
+    assert set(paths["/api/conversations/{conversation_id}/messages"]) == {"post"}
 
 
 async def test_sse_joins_and_resumes_with_last_event_id(

@@ -3,11 +3,24 @@ docs example against the embedded model)."""
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 
+from deploy.services import environment_without_settings
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import fake_settings
-from tests.harness import Frame, ask, connect, live_server, text_of, until_end
+from tests.harness import (
+    UNIT,
+    Frame,
+    ask,
+    connect,
+    live_server,
+    python_process,
+    text_of,
+    until_end,
+)
 from tests.test_local_model import MODEL_WAIT, local_settings, wait_healthy
 
 
@@ -70,6 +83,46 @@ async def test_the_agent_searches_the_users_earlier_conversations(
     assert (
         "asked 'What do lighthouses do?', answered 'Lighthouses guide ships.'" in found["content"]
     )
+    assert "What did I ask" not in found["content"]  # the turn being answered is not earlier
+
+
+async def test_the_agent_searches_from_a_one_off_stream_too(
+    upstream_server: FakeUpstream, fake: FakeUpstream
+) -> None:
+    with live_server(fake_settings(upstream_server, chat_chain="examples.agent:agent")) as server:
+        async with connect(server.ws) as ws:
+            fake.then(Behaviour(tokens=["Owls", " hoot."]))
+            await ask(ws, "What do owls do?")
+        fake.then(
+            Behaviour(tool_calls=[("search_my_conversations", {"text": "owls"})]),
+            Behaviour(tokens=["About", " owls."]),
+        )
+        async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+            answer = await client.get("/stream", params={"prompt": "What did I ask about owls?"})
+    assert answer.text == "About owls.\n"
+    found = fake.requests[-1].messages[-1]
+    assert "asked 'What do owls do?', answered 'Owls hoot.'" in found["content"]
+
+
+@pytest.mark.parametrize(
+    ("folder", "said"),
+    [("/nonexistent/docs", "is not a folder"), ("/proc/self/fdinfo", "holds no Markdown")],
+)
+async def test_ask_the_docs_refuses_a_folder_without_docs(folder: str, said: str) -> None:
+    env = {**environment_without_settings(), "CHAT_CHAIN": "examples.docs:chain"}
+    env["DOCS_FOLDER"] = folder
+    async with python_process(
+        "-m",
+        "backend",
+        "--port",
+        "1",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    ) as process:
+        _, err = await asyncio.wait_for(process.communicate(), UNIT * 10)
+    assert process.returncode == 2
+    assert said in err.decode()
 
 
 async def test_ask_the_docs_retrieves_sections_and_rewrites_follow_ups_silently(

@@ -30,10 +30,19 @@ from backend.model.reply import Replier
 from backend.model.turn import Turn
 from backend.observe import logs
 from backend.protocol.errors import SHARED_STATE_ERRORS, ChatError
-from backend.store.records import ConversationRecord, Found, TurnRecord, now, title_for
+from backend.store.records import (
+    ConversationRecord,
+    DeliveryRecord,
+    Found,
+    TurnRecord,
+    now,
+    title_for,
+)
 from backend.store.write_behind import WriteBehind
 from backend.users.quotas import Held, Quotas
+from backend.webhooks.events import Webhooks
 from schemas import ChatResponse
+from schemas.webhooks import Timings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,18 @@ def report_failure(task: asyncio.Task[Any]) -> None:
         log.error("background work of a conversation failed", exc_info=failure)
 
 
+def chain_context(writer: WriteBehind, owner: str, thread_id: str | None) -> dict[str, Any]:
+    """What a user's chain is told of the conversation it answers in (its config's
+    `configurable`): its id (None for a one-off reply), its owner, and a search over the
+    owner's finished turns, for the chain's tools."""
+
+    async def search_conversations(text: str, limit: int = 5) -> list[Found]:
+        await writer.flush()
+        return await writer.store.search(owner, text, limit)
+
+    return {"thread_id": thread_id, "user": owner, "search_conversations": search_conversations}
+
+
 @dataclass(frozen=True)
 class Services:
     """What every conversation of an app shares."""
@@ -62,6 +83,8 @@ class Services:
     relay: RelayFactory
     # Called when a conversation has no clients and no reply: it may leave memory.
     on_idle: Callable[[Conversation], None]
+    # The webhook endpoints, and the events a reply's end makes for them.
+    webhooks: Webhooks
 
 
 class LiveTurn:
@@ -71,6 +94,8 @@ class LiveTurn:
         self.conversation = conversation
         self.record = record
         self.regenerate = regenerate
+        self.started = time.monotonic()
+        self.first_token: float | None = None
 
     def send(self, frame: ChatResponse) -> None:
         if frame.type == "start" and self.regenerate:
@@ -85,11 +110,23 @@ class LiveTurn:
             self.record.status = frame.status
         self.record.events.append(frame)
         self.conversation.emit(frame)
+        if frame.type == "end":
+            self.conversation.ended(self.record, self.timings())
+
+    def timings(self) -> Timings:
+        """How long the reply took, to its first token and to its end."""
+        return Timings(
+            first_token_seconds=(
+                None if self.first_token is None else round(self.first_token - self.started, 6)
+            ),
+            duration_seconds=round(time.monotonic() - self.started, 6),
+        )
 
     def token(self, text: str) -> None:
         conversation = self.conversation
         if self.record.text_base is None:
             self.record.text_base = conversation.seq
+            self.first_token = time.monotonic()
         conversation.seq += len(text)
         conversation.relay.token(text, conversation.seq)
 
@@ -134,6 +171,8 @@ class Conversation:
         self._clients_changed = asyncio.Event()
         self.idle_since = 0.0  # `time.monotonic()` when it last had no client and no reply
         self._background: set[asyncio.Task[Any]] = set()
+        # Webhook events of replies that ended, to be stored with the next snapshot.
+        self._deliveries: list[DeliveryRecord] = []
 
     @property
     def stored(self) -> bool:
@@ -254,16 +293,23 @@ class Conversation:
 
     # Acting on the conversation.
 
-    async def ask(self, question: str, who: str) -> None:
+    async def ask(
+        self, question: str, who: str, webhook: str | None = None, background: bool = False
+    ) -> None:
         """Answer `question` from `who` (a user, or a client address), pre-empting the reply
-        in flight; `RateLimited` if `who`'s quotas refuse it."""
-        await self._take_turn(question, who)
+        in flight; `RateLimited` if `who`'s quotas refuse it. `webhook` names the endpoint to
+        call when the reply ends; a `background` reply runs on with no client watching."""
+        await self._take_turn(question, who, webhook, background)
 
-    async def regenerate(self, who: str) -> bool:
+    async def regenerate(
+        self, who: str, webhook: str | None = None, background: bool = False
+    ) -> bool:
         """Answer the last question again in place of its reply; False if nothing was asked."""
-        return await self._take_turn(None, who)
+        return await self._take_turn(None, who, webhook, background)
 
-    async def _take_turn(self, question: str | None, who: str) -> bool:
+    async def _take_turn(
+        self, question: str | None, who: str, webhook: str | None, background: bool
+    ) -> bool:
         # The quotas are asked while the turn is taken, but nothing is stopped, here or
         # elsewhere, until they have said yes.
         admitted = asyncio.ensure_future(self.services.quotas.check(who))
@@ -275,7 +321,7 @@ class Conversation:
                 if self._releasing is not None:  # a reply of ours gives its turn back as it ends
                     await self._releasing
                 await self.relay.hold(admitted)
-                return await self._start_turn(question, who, admitted)
+                return await self._start_turn(question, who, admitted, webhook, background)
         finally:
             if not admitted.done():
                 admitted.cancel()
@@ -283,7 +329,12 @@ class Conversation:
                 admitted.exception()  # raised above, or moot: the turn failed before it
 
     async def _start_turn(
-        self, question: str | None, who: str, admitted: asyncio.Future[None]
+        self,
+        question: str | None,
+        who: str,
+        admitted: asyncio.Future[None],
+        webhook: str | None,
+        background: bool,
     ) -> bool:
         """With the turn held: the quotas' answer, then the turn, or the turn given back."""
         quotas = self.services.quotas
@@ -309,6 +360,8 @@ class Conversation:
                 self.seq += 1
                 record = TurnRecord(position=len(self.turns), question=question, echo_seq=self.seq)
                 self.turns.append(record)
+            record.webhook = webhook
+            record.background = background
             self.updated_at = now()
             self.relay.begin(record, regenerate=question is None)
             if question is not None:
@@ -369,13 +422,18 @@ class Conversation:
         self._streaming = record
         self._changed.add(record.position)
         writer.streaming(self, on=True)
-        grace = asyncio.create_task(self._mind_the_grace(), name=f"grace-{self.id}")
+        grace = (
+            None
+            if record.background
+            else asyncio.create_task(self._mind_the_grace(), name=f"grace-{self.id}")
+        )
         sink = LiveTurn(self, record, regenerate)
         turn = Turn(record.question, sink, record.parts, record.exchanged)
         try:
             await self.services.replier.answer(turn, history, self.assistant, self._context())
         finally:
-            grace.cancel()
+            if grace is not None:
+                grace.cancel()
             self._streaming = None
             self.updated_at = now()
             self._changed.add(record.position)
@@ -392,16 +450,7 @@ class Conversation:
 
     def _context(self) -> dict[str, Any]:
         """What a user's chain is told of the conversation (its config's `configurable`)."""
-        return {
-            "thread_id": self.id,
-            "user": self.owner,
-            "search_conversations": self._search_conversations,
-        }
-
-    async def _search_conversations(self, text: str, limit: int = 5) -> list[Found]:
-        """The owner's stored turns that hold `text`, newest first: for a chain's tools."""
-        await self.services.writer.flush()
-        return await self.services.writer.store.search(self.owner, text, limit)
+        return chain_context(self.services.writer, self.owner, self.id)
 
     async def _release(self) -> None:
         try:
@@ -432,6 +481,20 @@ class Conversation:
         return True
 
     # Storage.
+
+    def ended(self, record: TurnRecord, timings: Timings) -> None:
+        """A reply's `end` is out: the webhook events it makes are stored, soon."""
+        told = self.services.webhooks.for_reply(
+            self.id, self.owner, self.assistant, record, timings
+        )
+        if told:
+            self._deliveries.extend(told)
+            self.services.writer.soon()
+
+    def take_deliveries(self) -> list[DeliveryRecord]:
+        """The webhook events not stored yet, to be stored by whoever takes them."""
+        taken, self._deliveries = self._deliveries, []
+        return taken
 
     def adopt(self, record: TurnRecord) -> None:
         """A turn as it was ended elsewhere, in place of the one in memory."""
@@ -469,11 +532,13 @@ class Conversation:
             turns=turns,
             owner=self.owner,
             assistant=self.assistant,
+            deliveries=self.take_deliveries(),
         )
 
     def unsaved(self, record: ConversationRecord) -> None:
         self._changed.update(turn.position for turn in record.turns)
         self._saved_length = (-1, -1)
+        self._deliveries[:0] = record.deliveries
 
 
 def hello(conversation: Conversation) -> ChatResponse:

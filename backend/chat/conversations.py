@@ -18,10 +18,11 @@ from backend.config.settings import Settings
 from backend.config.timings import CLOSE_WAIT, LINGER
 from backend.model.assistants import UnknownAssistant
 from backend.model.reply import Replier
-from backend.store.records import ConversationRecord, title_for
+from backend.store.records import ConversationRecord, DeliveryRecord, title_for
 from backend.store.sql import Store
 from backend.store.write_behind import WriteBehind
 from backend.users.quotas import Quotas
+from backend.webhooks.events import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,27 @@ class Conversations:
     stored, `LINGER` seconds more.
     """
 
-    def __init__(self, replier: Replier, settings: Settings, store: Store, relays: Relays) -> None:
+    def __init__(
+        self,
+        replier: Replier,
+        settings: Settings,
+        store: Store,
+        relays: Relays,
+        webhooks: Webhooks | None = None,
+    ) -> None:
         self.store = store
         self.writer = WriteBehind(store)
         # Shared with the app's routes, which count connections and one-off replies.
         self.quotas = Quotas(settings, relays.redis, replier.metrics)
+        self.webhooks = webhooks if webhooks is not None else Webhooks(settings.chat_webhooks)
         self.services = Services(
-            replier, settings, self.writer, self.quotas, relays.relay, self._on_idle
+            replier,
+            settings,
+            self.writer,
+            self.quotas,
+            relays.relay,
+            self._on_idle,
+            self.webhooks,
         )
         self.relays = relays
         self.assistants = replier.assistants
@@ -258,18 +273,23 @@ class Conversations:
         if conversation is not None and (not conversation.stored or conversation.owner != owner):
             return False  # an id nothing was asked in is not a conversation yet
         found = conversation is not None
+        told: list[DeliveryRecord] = []
         if conversation is None:
             # Not in memory here: stored, or begun on another worker and not stored yet.
-            found = await self.read(conversation_id, owner) is not None
-            if not found:
+            record = await self.read(conversation_id, owner)
+            if record is None:
                 return False
-        if conversation is not None:
+            found, turns = True, record.turns
+        else:
             del self._live[conversation_id]
             conversation.deleted = True
             await conversation.stop()
             conversation.close_all(status.WS_1008_POLICY_VIOLATION, DELETED)
+            # The stopped reply's own events, if any, go with the deletion's.
+            told, turns = conversation.take_deliveries(), conversation.turns
+        told += self.webhooks.for_deletion(conversation_id, owner, (t.webhook for t in turns))
         await self.relays.forget(conversation_id)
-        removed = await self.writer.delete(conversation_id)
+        removed = await self.writer.delete(conversation_id, told)
         return removed or found
 
     async def drain(self, grace: float) -> None:

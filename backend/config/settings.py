@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from limits import parse
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from backend.config.webhook_endpoints import WebhookEndpoint, check_endpoints
 
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_SYSTEM_PROMPT = (
@@ -201,6 +203,45 @@ class Settings(BaseSettings):
         "(SIGTERM, Ctrl-C)",
     )
 
+    # Webhooks (backend/webhooks/): endpoints called when replies end.
+    chat_webhook_allow_http: bool = Field(
+        default=False,
+        description="allow plain-http webhook URLs off this machine (on loopback they always are)",
+    )
+    chat_webhooks: list[WebhookEndpoint] = Field(
+        default=[],
+        description='webhook endpoints, a JSON list of `{"name", "url", "secret"}` '
+        "(optional `events`, `every_conversation`); a background question names one to be "
+        "called when its reply ends (see docs/protocol.md, Webhooks)",
+    )
+    chat_webhook_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="seconds one webhook delivery attempt may take"
+    )
+    chat_webhook_retry_for: float = Field(
+        default=86400.0,
+        gt=0,
+        description="seconds a webhook delivery is retried for before it is kept as failed",
+    )
+    chat_webhook_first_retry: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds before a failed webhook delivery is first retried; each retry "
+        "waits about twice as long as the one before (at most an hour)",
+    )
+    chat_webhook_concurrency: int = Field(
+        default=16, ge=1, le=1000, description="webhook deliveries in flight at once, per worker"
+    )
+    chat_webhook_allow_private: bool = Field(
+        default=False,
+        description="deliver webhooks to private, loopback and link-local addresses too (a URL "
+        "that names `localhost` or `127.0.0.1` itself always may)",
+    )
+    chat_admins: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="comma-separated users who may list and redeliver webhook deliveries "
+        "(`key:NAME` for an API key's); with `CHAT_AUTH=none`, everyone",
+    )
+
     # The embedded model, used when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set.
     local_model_path: str | None = Field(
         default=None,
@@ -227,6 +268,21 @@ class Settings(BaseSettings):
     def _split_chains(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("chat_admins", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("chat_webhooks")
+    @classmethod
+    def _webhook_endpoints(
+        cls, value: list[WebhookEndpoint], info: ValidationInfo
+    ) -> list[WebhookEndpoint]:
+        check_endpoints(value, bool(info.data.get("chat_webhook_allow_http")))
         return value
 
     @field_validator("chat_allowed_origins", mode="before")

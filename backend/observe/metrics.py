@@ -26,6 +26,7 @@ MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # Seconds: a local model's first token can take a while; a stop should take milliseconds.
 FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 STOP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 Limit = str  # "questions", "tokens", "replies", "connections"
@@ -83,6 +84,19 @@ class Metrics:
         )
         self.quota_refusals = Counter(
             "chat_quota_refusals", "Requests a quota refused, by limit.", ["limit"], registry=own
+        )
+        self.webhook_attempts = Counter(
+            "chat_webhook_attempts",
+            "Webhook delivery attempts, by event and outcome (delivered, retrying, failed).",
+            ["event", "outcome"],
+            registry=own,
+        )
+        self.webhook_latency = Histogram(
+            "chat_webhook_delivery_seconds",
+            "From an event to its delivery, retries included, by event.",
+            ["event"],
+            buckets=WEBHOOK_BUCKETS,
+            registry=own,
         )
 
     def reply_ended(

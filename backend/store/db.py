@@ -74,6 +74,33 @@ turns = Table(
     Column("status", String(16), nullable=True),
     # The tool calls and results of the reply (see `TurnRecord.exchanged`); NULL: none.
     Column("exchanged", JSON, nullable=True),
+    # The webhook endpoint the question asked to be called when the reply ends; NULL: none.
+    Column("webhook", String(64), nullable=True),
+)
+
+# Webhook events waiting to be delivered, delivered, or given up on (backend/webhooks/).
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # The `webhook-id` of every attempt: the same on each retry, so receivers drop repeats.
+    Column("id", String(64), primary_key=True),
+    Column("endpoint", String(64), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("conversation_id", String(ID_LENGTH), nullable=False),
+    Column("owner", String(255), nullable=False),
+    # The body, as sent and signed: the same bytes on every attempt.
+    Column("payload", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("status", String(16), nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+    # While a worker attempts it: until when the others leave it alone.
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
+    Column("last_attempt_at", DateTime(timezone=True), nullable=True),
+    Column("last_response", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
 )
 
 

@@ -61,6 +61,15 @@ class TurnRecord:
     # The tool calls the reply's model made and their results, in order, as LangChain message
     # dicts (`messages_to_dict`): complete calls only, sent back as history with the turn.
     exchanged: list[dict[str, Any]] = field(default_factory=list)
+    # The webhook endpoint the question asked to be called when the reply ends.
+    webhook: str | None = None
+    # Asked with no client attached (`POST /api/conversations`): no resume grace stops it.
+    background: bool = False
+
+    @property
+    def first_seq(self) -> int:
+        """The `seq` of the reply's first frame (its `start`), or of the question said back."""
+        return (self.events[0].seq or self.echo_seq) if self.events else self.echo_seq
 
     @property
     def text(self) -> str:
@@ -132,6 +141,22 @@ class ConversationRecord:
     owner: str = ""
     # The assistant that answers it (see backend/model/assistants.py); None: the default.
     assistant: str | None = None
+    # Webhook events to store with it, in the same transaction (see `DeliveryRecord`).
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A webhook event for one endpoint, to be delivered. Its id is made from what it tells
+    of (the reply or the deletion, and the endpoint), so storing it twice stores it once."""
+
+    id: str
+    endpoint: str
+    event: str
+    conversation_id: str
+    owner: str
+    payload: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
@@ -11,10 +11,11 @@ from sqlalchemy import Insert, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from backend.store.db import conversations, create_engine, migrate, turns
+from backend.store.db import conversations, create_engine, migrate, turns, webhook_deliveries
 from backend.store.records import (
     ConversationRecord,
     ConversationSummary,
+    DeliveryRecord,
     Found,
     TurnRecord,
     carryable,
@@ -41,7 +42,8 @@ class Store(Protocol):
         """Return once the store answers; raise if it cannot be reached."""
 
     async def save(self, records: Sequence[ConversationRecord]) -> None:
-        """Write each conversation's row and the turns it carries, in one transaction."""
+        """Write each conversation's row, the turns and the webhook deliveries it carries, in
+        one transaction."""
 
     async def load(self, conversation_id: str) -> ConversationRecord | None:
         """A conversation with all its turns, or None."""
@@ -49,14 +51,16 @@ class Store(Protocol):
     async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
         """`owner`'s conversations, most recently updated first."""
 
-    async def delete(self, conversation_id: str) -> bool:
-        """Remove a conversation and its turns; False if there was none."""
+    async def delete(self, conversation_id: str, deliveries: Sequence[DeliveryRecord] = ()) -> bool:
+        """Remove a conversation and its turns, storing `deliveries` in the same transaction;
+        False if there was none."""
 
     async def search(self, owner: str, text: str, limit: int) -> list[Found]:
-        """`owner`'s turns whose question or reply holds `text` (any case), newest first."""
+        """`owner`'s finished turns whose question or reply holds `text` (any case), newest
+        first."""
 
 
-def _aware(moment: datetime) -> datetime:
+def aware(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; every time stored is UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
@@ -78,6 +82,22 @@ def _turn_row(conversation_id: str, turn: TurnRecord) -> dict[str, Any]:
         "text_base": turn.text_base,
         "status": turn.status,
         "exchanged": turn.exchanged or None,
+        "webhook": turn.webhook,
+    }
+
+
+def _delivery_row(delivery: DeliveryRecord) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "endpoint": delivery.endpoint,
+        "event": delivery.event,
+        "conversation_id": delivery.conversation_id,
+        "owner": delivery.owner,
+        "payload": delivery.payload,
+        "created_at": delivery.created_at,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": delivery.created_at,
     }
 
 
@@ -86,19 +106,25 @@ def _turn_from(row: Any) -> TurnRecord:
         position=row.position,
         question=row.question,
         echo_seq=row.echo_seq,
-        asked_at=_aware(row.asked_at),
+        asked_at=aware(row.asked_at),
         events=[ChatResponse.model_validate(event) for event in row.events],
         parts=[row.text] if row.text else [],
         text_base=row.text_base,
         status=cast(EndStatus | None, row.status),
         exchanged=row.exchanged or [],
+        webhook=row.webhook,
     )
+
+
+# What a reply cut off by a crash tells webhooks: its conversation's id, owner and assistant,
+# and the turn as closed; the deliveries to store with it.
+CutOff = Callable[[str, str, str | None, TurnRecord], list[DeliveryRecord]]
 
 
 class SqlStore:
     """A `Store` on any SQLAlchemy async engine: SQLite by default, PostgreSQL alike."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cut_off: CutOff | None = None) -> None:
         self.engine: AsyncEngine = create_engine(url)
         dialect = self.engine.dialect.name
         if dialect not in ("sqlite", "postgresql"):
@@ -106,6 +132,10 @@ class SqlStore:
         self._insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
         self._conversation_upsert = self._upsert(conversations, ["id"])
         self._turn_upsert = self._upsert(turns, ["conversation_id", "position"])
+        self._delivery_insert = self._insert(webhook_deliveries).on_conflict_do_nothing(
+            index_elements=["id"]
+        )
+        self.cut_off = cut_off
 
     async def start(self) -> None:
         await migrate(self.engine)
@@ -149,11 +179,17 @@ class SqlStore:
             for record in records
         ]
         turn_rows = [_turn_row(record.id, turn) for record in records for turn in record.turns]
-        # One statement for all conversations and one for all turns, however many there are.
+        delivery_rows = [
+            _delivery_row(delivery) for record in records for delivery in record.deliveries
+        ]
+        # One statement for all conversations, one for all turns and one for all deliveries,
+        # however many there are.
         async with self.engine.begin() as connection:
             await connection.execute(self._conversation_upsert, rows)
             if turn_rows:
                 await connection.execute(self._turn_upsert, turn_rows)
+            if delivery_rows:
+                await connection.execute(self._delivery_insert, delivery_rows)
 
     async def load(self, conversation_id: str) -> ConversationRecord | None:
         async with self.engine.connect() as connection:
@@ -172,8 +208,8 @@ class SqlStore:
             return ConversationRecord(
                 id=row.id,
                 title=row.title,
-                created_at=_aware(row.created_at),
-                updated_at=_aware(row.updated_at),
+                created_at=aware(row.created_at),
+                updated_at=aware(row.updated_at),
                 last_seq=row.last_seq,
                 turn_count=row.turn_count,
                 turns=[_turn_from(turn) for turn in rows],
@@ -195,8 +231,8 @@ class SqlStore:
                 ConversationSummary(
                     id=row.id,
                     title=row.title,
-                    created_at=_aware(row.created_at),
-                    updated_at=_aware(row.updated_at),
+                    created_at=aware(row.created_at),
+                    updated_at=aware(row.updated_at),
                     turn_count=row.turn_count,
                     assistant=row.assistant,
                 )
@@ -215,7 +251,7 @@ class SqlStore:
                 turns.c.asked_at,
             )
             .join(conversations, conversations.c.id == turns.c.conversation_id)
-            .where(conversations.c.owner == owner)
+            .where(conversations.c.owner == owner, turns.c.status.is_not(None))
             .where(
                 turns.c.question.ilike(pattern, escape="\\")
                 | turns.c.text.ilike(pattern, escape="\\")
@@ -226,12 +262,16 @@ class SqlStore:
         async with self.engine.connect() as connection:
             rows = await connection.execute(query)
             return [
-                Found(row.conversation_id, row.title, row.question, row.text, _aware(row.asked_at))
+                Found(row.conversation_id, row.title, row.question, row.text, aware(row.asked_at))
                 for row in rows
             ]
 
-    async def delete(self, conversation_id: str) -> bool:
+    async def delete(self, conversation_id: str, deliveries: Sequence[DeliveryRecord] = ()) -> bool:
         async with self.engine.begin() as connection:
+            if deliveries:
+                await connection.execute(
+                    self._delivery_insert, [_delivery_row(delivery) for delivery in deliveries]
+                )
             await connection.execute(
                 delete(turns).where(turns.c.conversation_id == conversation_id)
             )
@@ -251,9 +291,14 @@ class SqlStore:
     async def _close_cut_off(
         self, connection: AsyncConnection, turn: TurnRecord, conversation_id: str
     ) -> None:
-        last_seq = await connection.scalar(
-            select(conversations.c.last_seq).where(conversations.c.id == conversation_id)
-        )
+        conversation = (
+            await connection.execute(
+                select(
+                    conversations.c.last_seq, conversations.c.owner, conversations.c.assistant
+                ).where(conversations.c.id == conversation_id)
+            )
+        ).first()
+        last_seq = conversation.last_seq if conversation else 0
         seq = max(int(last_seq or 0), turn.last_seq) + CRASH_GAP
         end = ChatResponse.bot("end", status="interrupted")
         end.seq = seq
@@ -267,3 +312,9 @@ class SqlStore:
         await connection.execute(
             update(conversations).where(conversations.c.id == conversation_id).values(last_seq=seq)
         )
+        if self.cut_off is not None and conversation is not None:
+            told = self.cut_off(conversation_id, conversation.owner, conversation.assistant, turn)
+            if told:
+                await connection.execute(
+                    self._delivery_insert, [_delivery_row(delivery) for delivery in told]
+                )

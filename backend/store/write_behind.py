@@ -9,12 +9,14 @@ the next tick too: a batch a second costs less than a transaction per reply.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from backend.store.records import ConversationRecord
+from backend.store.records import ConversationRecord, DeliveryRecord
 from backend.store.sql import Store
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ class WriteBehind:
         # Saves and deletes one at a time, so a delete is never undone by a save in flight.
         self._lock = asyncio.Lock()
         self._flushed = asyncio.Event()
+        self._soon = asyncio.Event()
+        # Called once a save stored webhook deliveries: they can be attempted.
+        self.on_deliveries: Callable[[], None] | None = None
 
     def changed(self, conversation: Snapshotting) -> None:
         """`conversation` has something to store, on the next tick."""
@@ -68,6 +73,11 @@ class WriteBehind:
         else:
             self._streaming.pop(conversation.id, None)
             self.changed(conversation)
+
+    def soon(self) -> None:
+        """Store what changed now rather than at the next tick (a reply ended that webhooks
+        are waiting to hear of)."""
+        self._soon.set()
 
     def pending(self, conversation_id: str) -> bool:
         """Whether a conversation has changes not yet stored."""
@@ -85,7 +95,9 @@ class WriteBehind:
     async def run(self) -> None:
         """Flush every `interval` seconds until cancelled."""
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._soon.wait(), self.interval)
+            self._soon.clear()
             try:
                 await self.flush()
             except Exception:
@@ -115,6 +127,7 @@ class WriteBehind:
         them one by one, so that one conversation it cannot take does not hold up the rest."""
         try:
             await self.store.save([record for _, record in records])
+            self._stored_deliveries(record for _, record in records)
             return
         except BaseException as failure:
             if len(records) == 1 or unreachable(failure):
@@ -125,6 +138,7 @@ class WriteBehind:
         for conversation, record in records:
             try:
                 await self.store.save([record])
+                self._stored_deliveries([record])
             except Exception:
                 log.exception("could not store conversation %s; will retry", conversation.id)
                 self._unsaved([(conversation, record)])
@@ -132,14 +146,22 @@ class WriteBehind:
         if refused and len(refused) == len(records):
             raise batch_failure
 
+    def _stored_deliveries(self, records: Iterable[ConversationRecord]) -> None:
+        if self.on_deliveries is not None and any(record.deliveries for record in records):
+            self.on_deliveries()
+
     def _unsaved(self, records: list[tuple[Snapshotting, ConversationRecord]]) -> None:
         for conversation, record in records:
             conversation.unsaved(record)
             self._changed.setdefault(conversation.id, conversation)
 
-    async def delete(self, conversation_id: str) -> bool:
-        """Forget a conversation's pending changes and remove it from the store."""
+    async def delete(self, conversation_id: str, deliveries: Sequence[DeliveryRecord] = ()) -> bool:
+        """Forget a conversation's pending changes and remove it from the store, storing the
+        webhook `deliveries` that tell of it in the same transaction."""
         async with self._lock:
             self._changed.pop(conversation_id, None)
             self._streaming.pop(conversation_id, None)
-            return await self.store.delete(conversation_id)
+            removed = await self.store.delete(conversation_id, deliveries)
+        if deliveries and self.on_deliveries is not None:
+            self.on_deliveries()
+        return removed

@@ -42,6 +42,7 @@ from backend.store.records import ConversationRecord, TurnRecord
 from backend.users.auth import Principal
 from backend.users.quotas import RateLimited
 from backend.web.access import Access, Slot
+from backend.web.http_errors import refusal, unprocessable
 from backend.web.sse import EventStream
 from backend.web.ui_stream import (
     HEADERS,
@@ -163,17 +164,6 @@ REFUSALS = {
 def conversation_id_for(chat_id: str, owner: str) -> str:
     """The conversation a chat id stands for: derived from its owner, so users cannot meet."""
     return hashlib.sha256(f"{owner}\0{chat_id}".encode()).hexdigest()[:32]
-
-
-def unprocessable(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
-
-
-def refusal(error: ChatError) -> HTTPException:
-    """A failure to start a reply, before any of the stream went out."""
-    if error.code == "unavailable":
-        return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, error.message)
-    return unprocessable(error.message)
 
 
 async def chat_request(request: Request) -> ChatRequest:

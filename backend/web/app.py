@@ -29,14 +29,19 @@ from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE
 from backend.protocol.inbound import parse_seq
 from backend.speedups import usable
 from backend.speedups.model_transport import model_transport
+from backend.store.deliveries import DeliveryQueue
 from backend.store.sql import SqlStore
 from backend.users.auth import Authenticator, Principal, Tickets
 from backend.web import ai_sdk, http_errors
 from backend.web.access import Access
 from backend.web.api import build_api, build_assistants_route
+from backend.web.background import build_background_router
 from backend.web.http_stream import build_router
 from backend.web.metrics_route import build_metrics_route
 from backend.web.session import ChatSession
+from backend.web.webhooks_route import build_webhooks_route
+from backend.webhooks.deliverer import Deliverer
+from backend.webhooks.events import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,11 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
     assistants = load_assistants(settings, built_in.model, built_in)
     replier = Replier(settings, assistants, upstream, metrics)
     relays = relays if relays is not None else choose_relays(settings)
-    conversations = Conversations(replier, settings, SqlStore(settings.chat_database_url), relays)
+    webhooks = Webhooks(settings.chat_webhooks)
+    store = SqlStore(settings.chat_database_url, cut_off=webhooks.for_reply)
+    conversations = Conversations(replier, settings, store, relays, webhooks)
+    deliveries = DeliveryQueue(store.engine)
+    deliverer = Deliverer(deliveries, webhooks, settings, metrics) if webhooks else None
     access = Access(
         Authenticator(settings),
         Tickets(relays.redis),
@@ -94,6 +103,9 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await conversations.start()
+        if deliverer is not None:
+            conversations.writer.on_deliveries = deliverer.wake
+            deliverer.start()
         await upstream.start()
         # Everything made so far (modules, the chain, the app) lives as long as the process:
         # out of the collector's sight, it is not traversed again at every full collection.
@@ -103,7 +115,11 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
         finally:
             await upstream.stop()
             await http_client.aclose()
-            await conversations.close()
+            try:
+                if deliverer is not None:
+                    await deliverer.close()
+            finally:
+                await conversations.close()
 
     app = FastAPI(
         title="Streaming chat server", docs_url="/docs", redoc_url=None, lifespan=lifespan
@@ -112,6 +128,8 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
     http_errors.install(app)
     app.include_router(build_router(replier, conversations, settings, access))
     app.include_router(build_api(conversations, access))
+    app.include_router(build_background_router(conversations, settings, access, webhooks))
+    app.include_router(build_webhooks_route(deliveries, deliverer, settings, access))
     app.include_router(build_assistants_route(assistants, access))
     app.include_router(ai_sdk.build_router(conversations, settings, access, metrics))
     app.include_router(access.router())

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from backend.chat.conversations import PastTheEnd, UnknownConversation
 from backend.model.assistants import UnknownAssistant
 from backend.observe.logs import Throttled
-from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE, Draining
+from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE, ChatError, Draining
 from backend.users.auth import Unauthorized
 from backend.users.quotas import RateLimited
 from backend.web.origin import ForeignOrigin
+from backend.webhooks.events import UnknownWebhook
 
 log = logging.getLogger(__name__)
 # Refusals are the client's doing, and anyone can provoke them as fast as they like.
@@ -42,6 +45,7 @@ REFUSALS = (
     UnknownConversation,
     PastTheEnd,
     UnknownAssistant,
+    UnknownWebhook,
 )
 
 
@@ -55,11 +59,28 @@ def answer(refused: BaseException) -> tuple[int, str, dict[str, str]]:
         return status.HTTP_429_TOO_MANY_REQUESTS, refused.message, refused.headers
     if isinstance(refused, UnknownConversation):
         return status.HTTP_404_NOT_FOUND, str(refused), {}
-    if isinstance(refused, (PastTheEnd, UnknownAssistant)):
+    if isinstance(refused, (PastTheEnd, UnknownAssistant, UnknownWebhook)):
         return status.HTTP_422_UNPROCESSABLE_CONTENT, str(refused), {}
     if isinstance(refused, Draining):
         return status.HTTP_503_SERVICE_UNAVAILABLE, str(refused), {"Retry-After": "1"}
     return status.HTTP_503_SERVICE_UNAVAILABLE, UNREACHABLE, {"Retry-After": "1"}
+
+
+def described(refusals: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these refusals (status: why), each a `{"detail": "..."}`."""
+    return {code: {"description": why} for code, why in refusals.items()}
+
+
+def unprocessable(message: str) -> HTTPException:
+    """A 422 that says, in `message`, what is wrong with the request."""
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+
+
+def refusal(error: ChatError) -> HTTPException:
+    """A failure to start a reply, before anything of it went out."""
+    if error.code == "unavailable":
+        return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, error.message)
+    return unprocessable(error.message)
 
 
 def logged(refused: BaseException, where: str) -> None:
@@ -114,6 +135,20 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# FastAPI's own answer to a body its JSON parser gave up on (nested too deep, say): not a
+# sentence that says what to change.
+UNPARSED_BODY = "There was an error parsing the body"
+
+
+async def http_refusal(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, StarletteHTTPException) and exc.detail == UNPARSED_BODY:
+        exc = StarletteHTTPException(
+            exc.status_code,
+            "The body could not be read as JSON: it nests too deeply or is cut short.",
+        )
+    return await http_exception_handler(request, cast(StarletteHTTPException, exc))
+
+
 async def client_gone(request: Request, exc: Exception) -> Response:
     # The client left while its body was being read (or was refused as too large): there is
     # no one to answer, and nothing went wrong here.
@@ -123,6 +158,7 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 def install(app: FastAPI) -> None:
     """Answer every refusal and malformed request to `app` with a sentence."""
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_refusal)
     app.add_exception_handler(ClientDisconnect, client_gone)
     for kind in (*REFUSALS, *SHARED_STATE_ERRORS):
         app.add_exception_handler(kind, refusal_response)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from backend.chat.conversation import Conversation, hello
+from backend.chat.conversation import Conversation, chain_context, hello
 from backend.chat.conversations import Conversations
 from backend.chat.outbox import Close, Outbox, Raw, TokenRun, seq_of
 from backend.config.settings import Settings
@@ -67,9 +68,11 @@ class OneOff:
         quotas: Quotas,
         held: Held | None,
         assistant: str | None,
+        context: dict[str, Any],
     ) -> None:
         self.replier = replier
         self.assistant = assistant
+        self.context = context
         self.history = history
         self.quotas = quotas
         self.held = held
@@ -81,7 +84,8 @@ class OneOff:
         """Everything the reply produces, as it is produced."""
         sink = self.sink
         self.task = task = asyncio.create_task(
-            self.replier.answer(self.turn, self.history, self.assistant), name="http-reply"
+            self.replier.answer(self.turn, self.history, self.assistant, self.context),
+            name="http-reply",
         )
         task.add_done_callback(lambda _: sink.queue.put_nowait(None))
         try:
@@ -187,7 +191,8 @@ def build_router(
         await quotas.check(who)
         held = await quotas.begin_reply(who)
         history = History(settings.chat_history_tokens)
-        return OneOff(replier, question, history, quotas, held, assistant)
+        context = chain_context(conversations.writer, caller.user, None)
+        return OneOff(replier, question, history, quotas, held, assistant, context)
 
     @router.get(
         "/stream",

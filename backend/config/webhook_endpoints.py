@@ -1,0 +1,116 @@
+"""The webhook endpoints an operator registers (`CHAT_WEBHOOKS`), checked at start.
+
+`CHAT_WEBHOOKS` is a JSON list of endpoints, each with a `name` questions use to ask for it,
+the `url` it is called at, one or more `secrets` it is signed with (two during a rotation: each
+delivery then carries both signatures), the `events` it wants and whether it hears of every
+conversation (`every_conversation`) or only of the questions that name it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from schemas.webhooks import EVENT_TYPES, WEBHOOK_NAME, WebhookEventType
+
+SECRET_PREFIX = "whsec_"
+LOOPBACK_NAMES = {"localhost"}
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a URL's host is this machine by name or address (`localhost`, `127.0.0.1`,
+    `::1`), as written, not as any name server might resolve it."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def secret_bytes(secret: str) -> bytes:
+    """The key a Standard Webhooks secret stands for (`whsec_` then base64)."""
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "==", validate=False)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) < 16:
+        raise ValueError(
+            "a webhook secret is 'whsec_' and at least 16 random bytes in base64: make one "
+            "with: python -c \"import base64, os; print('whsec_' + "
+            'base64.b64encode(os.urandom(32)).decode())"'
+        )
+    return key
+
+
+class WebhookEndpoint(BaseModel):
+    """One endpoint of `CHAT_WEBHOOKS`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=WEBHOOK_NAME)]
+    url: str
+    secrets: list[SecretStr] = Field(min_length=1, max_length=4)
+    events: list[WebhookEventType] = Field(default_factory=lambda: list(EVENT_TYPES))
+    every_conversation: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_secret(cls, value: object) -> object:
+        # `"secret": "whsec_..."` for the usual one, `"secrets": [...]` during a rotation.
+        if isinstance(value, dict) and "secret" in value and "secrets" not in value:
+            value = {**value, "secrets": value["secret"]}
+            del value["secret"]
+        return value
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("secrets")
+    @classmethod
+    def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for secret in value:
+            secret_bytes(secret.get_secret_value())
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError(
+                "a webhook URL carries no user or password: the signature is the proof"
+            )
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def plain_http(self) -> bool:
+        return urlsplit(self.url).scheme == "http"
+
+
+def check_endpoints(endpoints: list[WebhookEndpoint], allow_http: bool) -> None:
+    """Refuse names used twice, and plain http off loopback unless it is allowed."""
+    names = [endpoint.name for endpoint in endpoints]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"webhook endpoint names must differ: {', '.join(twice)} is used twice")
+    for endpoint in endpoints:
+        if endpoint.plain_http and not allow_http and not loopback_host(endpoint.host):
+            raise ValueError(
+                f"webhook endpoint {endpoint.name!r} is plain http off this machine: use https, "
+                "or set CHAT_WEBHOOK_ALLOW_HTTP=true on a network you trust"
+            )

@@ -1,0 +1,1 @@
+"""Webhooks: the events replies and deletions make, and their signed, retried delivery."""
