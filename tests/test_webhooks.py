@@ -517,6 +517,8 @@ async def test_a_delivery_pending_at_a_kill_is_delivered_after_restart(
         await healthy(base)
         await ask_in_background(base)
         [failed] = await receiver.until(1, UNIT * 2)
+        pending = await until_delivery(base, "pending")
+        assert pending["last_response"] == 503  # the failure is recorded: due again in ~1 s
         first.send_signal(signal.SIGKILL)
         await first.wait()
     async with backend_process(port, **env):
@@ -524,6 +526,29 @@ async def test_a_delivery_pending_at_a_kill_is_delivered_after_restart(
         calls = await receiver.until(2, UNIT * 3)
     assert calls[1].id == failed.id
     assert calls[1].verified(SECRET)["type"] == "reply.completed"
+
+
+async def test_a_delivery_whose_worker_died_mid_attempt_is_attempted_again(
+    fake: FakeUpstream, receiver: Receiver
+) -> None:
+    """Its claim runs out (the attempt's timeout and five seconds), then it is claimed again."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**process_env(fake, receiver), "CHAT_WEBHOOK_TIMEOUT": "1"}
+    receiver.then(Answer(delay=3.0))
+    async with backend_process(port, **env) as first:
+        await healthy(base)
+        await ask_in_background(base)
+        [held] = await receiver.until(1, UNIT * 2)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    async with backend_process(port, **env):
+        await healthy(base)
+        calls = await receiver.until(2, UNIT * 5)
+        delivered = await until_delivery(base, "delivered")
+    assert calls[1].id == held.id
+    assert 5.5 < calls[1].at - held.at < UNIT * 5
+    assert delivered["attempts"] == 2
 
 
 async def test_a_reply_cut_off_by_a_kill_is_told_as_interrupted_after_restart(

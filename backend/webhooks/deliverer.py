@@ -33,8 +33,10 @@ JITTER = 0.2  # each backoff is drawn within this fraction either side
 # Seconds between looks at the store when nothing is due: deliveries another worker stored,
 # or claimed and never finished (it died), are found this late at worst.
 IDLE_LOOK = 5.0
-# Seconds a claim outlives the attempt's timeout, before another worker may take it over.
-CLAIM_MARGIN = 30.0
+# Seconds a claim outlives the attempt's timeout (time to record how it went), before another
+# worker may take it over: how late, at worst, a delivery whose worker died mid-attempt is
+# attempted again.
+CLAIM_MARGIN = 5.0
 STORE_RETRY = 1.0
 
 
@@ -143,8 +145,6 @@ class Deliverer:
         except (SQLAlchemyError, OSError) as failed:
             # Its claim runs out and it is attempted again: at least once, never lost.
             log.warning("could not record webhook delivery %s: %s", delivery.id, failed)
-        # The loop slept as if this one were claimed for its whole lease: it looks again.
-        self.wake()
 
     async def _record(self, delivery: Claimed, outcome: Outcome) -> None:
         if outcome.delivered:
@@ -161,6 +161,8 @@ class Deliverer:
         at = now() + timedelta(seconds=wait)
         if outcome.retry and at <= give_up_at:
             await self.queue.again(delivery.id, at, outcome.response, error)
+            # The loop slept as if this one were claimed for its whole lease: it looks again.
+            self.wake()
             self.metrics.webhook_attempts.labels(delivery.event, "retrying").inc()
             log.info(
                 "webhook %s to %s failed (attempt %d), retrying in %.1f s: %s",
