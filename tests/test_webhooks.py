@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import signal
 from collections.abc import Iterator
@@ -170,8 +171,9 @@ async def test_retry_after_is_honoured(make_settings: SettingsFactory, receiver:
 
 
 async def test_a_receiver_down_past_the_retry_period_ends_failed_and_listed(
-    make_settings: SettingsFactory, receiver: Receiver
+    make_settings: SettingsFactory, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     receiver.default = Answer(500)
     settings = make_settings(
         chat_webhooks=[endpoint(receiver.url())],
@@ -188,6 +190,10 @@ async def test_a_receiver_down_past_the_retry_period_ends_failed_and_listed(
     assert failed["last_response"] == 500
     assert failed["last_error"].startswith(f"Gave up after {failed['attempts']} attempts.")
     assert failed["next_attempt"] is None
+    # Each failure is logged, with the delivery's id and why; never with the secret.
+    assert f"webhook {failed['id']} to bot failed" in caplog.text
+    assert "retrying in" in caplog.text
+    assert SECRET.removeprefix("whsec_")[:16] not in caplog.text
 
 
 async def test_a_receiver_too_slow_is_retried(

@@ -24,7 +24,7 @@ from backend.model.history import TokenCounter
 from backend.model.usage import counted as count_usage
 from backend.store.records import carryable
 from schemas import Step, StepDetail, StepDocument, Usage
-from schemas.frames import StepKind
+from schemas.frames import StepKind, StepStatus
 
 # The tag of a model run whose tokens are not the reply (LangGraph's convention): a step
 # that rewrites the question, or routes it, stays silent.
@@ -355,14 +355,7 @@ class StepHandler(AsyncCallbackHandler):
         self.on_step(said, step)
 
     def _end(self, run_id: UUID, said: Callable[[str], str], **detail: Any) -> None:
-        opened = self._open.pop(run_id, None)
-        if opened is None:
-            return
-        kind, name, began = opened
-        took = round((time.perf_counter() - began) * 1000, 1)
-        step = Step(kind=kind, name=name, id=str(run_id), status="completed")
-        step.detail = StepDetail(duration_ms=took, **detail)
-        self.on_step(f"{said(name)} ({took:g} ms)", step)
+        self._close(run_id, "completed", lambda name, took: f"{said(name)} ({took:g} ms)", detail)
 
     def interrupted(self) -> None:
         """The reply is being stopped: every step still under way ends `interrupted`, the
@@ -371,28 +364,32 @@ class StepHandler(AsyncCallbackHandler):
             self._stopped(run_id)
 
     def _stopped(self, run_id: UUID) -> None:
-        opened = self._open.pop(run_id, None)
-        if opened is None:
-            return
-        kind, name, began = opened
-        took = round((time.perf_counter() - began) * 1000, 1)
-        step = Step(kind=kind, name=name, id=str(run_id), status="interrupted")
-        step.detail = StepDetail(duration_ms=took, error=STOPPED)
-        self.on_step(f"{name} stopped ({took:g} ms)", step)
+        said = "{} stopped ({:g} ms)".format
+        self._close(run_id, "interrupted", said, {"error": STOPPED})
 
     def _failed(self, run_id: UUID, error: BaseException) -> None:
         if isinstance(error, asyncio.CancelledError):  # the reply is being stopped
             self._stopped(run_id)
             return
+        raised = quoted(error)
+        self._close(run_id, "error", lambda name, _: f"{name} failed: {raised}", {"error": raised})
+
+    def _close(
+        self,
+        run_id: UUID,
+        status: StepStatus,
+        said: Callable[[str, float], str],
+        detail: dict[str, Any],
+    ) -> None:
+        """The second frame of a step under way: how it ended, and how long it took."""
         opened = self._open.pop(run_id, None)
         if opened is None:
             return
         kind, name, began = opened
         took = round((time.perf_counter() - began) * 1000, 1)
-        raised = quoted(error)
-        step = Step(kind=kind, name=name, id=str(run_id), status="error")
-        step.detail = StepDetail(duration_ms=took, error=raised)
-        self.on_step(f"{name} failed: {raised}", step)
+        step = Step(kind=kind, name=name, id=str(run_id), status=status)
+        step.detail = StepDetail(duration_ms=took, **detail)
+        self.on_step(said(name, took), step)
 
 
 def shortened(text: str, longest: int) -> str:

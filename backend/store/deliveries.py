@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from backend.store.db import webhook_deliveries as table
 from backend.store.records import now
 from backend.store.sql import aware
+from schemas.webhooks import Delivery
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,6 @@ class Claimed:
     payload: str
     attempts: int  # this attempt included
     created_at: datetime
-
-
-@dataclass(frozen=True)
-class DeliveryRow:
-    """A delivery as the admin's list shows it."""
-
-    id: str
-    endpoint: str
-    event: str
-    conversation_id: str
-    status: str
-    attempts: int
-    created_at: datetime
-    last_attempt_at: datetime | None
-    last_response: int | None
-    last_error: str | None
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None
 
 
 def _maybe(moment: datetime | None) -> datetime | None:
@@ -161,7 +144,7 @@ class DeliveryQueue:
 
     async def recent(
         self, limit: int, status: str | None = None, endpoint: str | None = None
-    ) -> list[DeliveryRow]:
+    ) -> list[Delivery]:
         """The latest deliveries first, optionally of one status or endpoint."""
         query = select(table).order_by(table.c.created_at.desc(), table.c.id).limit(limit)
         if status is not None:
@@ -171,19 +154,19 @@ class DeliveryQueue:
         async with self.engine.connect() as connection:
             rows = (await connection.execute(query)).all()
         return [
-            DeliveryRow(
+            Delivery(
                 id=row.id,
                 endpoint=row.endpoint,
                 event=row.event,
-                conversation_id=row.conversation_id,
+                conversation=row.conversation_id,
                 status=row.status,
                 attempts=row.attempts,
-                created_at=aware(row.created_at),
-                last_attempt_at=_maybe(row.last_attempt_at),
+                created=aware(row.created_at),
+                last_attempt=_maybe(row.last_attempt_at),
                 last_response=row.last_response,
                 last_error=row.last_error,
-                next_attempt_at=_maybe(row.next_attempt_at),
-                delivered_at=_maybe(row.delivered_at),
+                next_attempt=_maybe(row.next_attempt_at) if row.status == "pending" else None,
+                delivered=_maybe(row.delivered_at),
             )
             for row in rows
         ]

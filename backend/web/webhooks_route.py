@@ -8,34 +8,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from backend.config.settings import Settings
-from backend.store.deliveries import DeliveryQueue, DeliveryRow
+from backend.store.deliveries import DeliveryQueue
 from backend.users.auth import Principal
 from backend.web.access import Access
 from backend.web.http_errors import described
 from backend.webhooks.deliverer import Deliverer
-from schemas.webhooks import Delivery, DeliveryList, DeliveryStatus
+from schemas.webhooks import DeliveryList, DeliveryStatus
 
 ADMINS_ONLY = (
     "Only the admins named in CHAT_ADMINS may see or redeliver webhook deliveries "
     "(an API key's user is `key:NAME`)."
 )
-
-
-def delivery_of(row: DeliveryRow) -> Delivery:
-    return Delivery(
-        id=row.id,
-        endpoint=row.endpoint,
-        event=row.event,
-        conversation=row.conversation_id,
-        status=row.status,
-        attempts=row.attempts,
-        created=row.created_at,
-        last_attempt=row.last_attempt_at,
-        last_response=row.last_response,
-        last_error=row.last_error,
-        next_attempt=row.next_attempt_at if row.status == "pending" else None,
-        delivered=row.delivered_at,
-    )
 
 
 def build_webhooks_route(
@@ -58,7 +41,7 @@ def build_webhooks_route(
         caller: Principal = Depends(admin),  # noqa: B008
     ) -> DeliveryList:
         rows = await queue.recent(limit, status, endpoint)
-        return DeliveryList(deliveries=[delivery_of(row) for row in rows])
+        return DeliveryList(deliveries=rows)
 
     @router.post(
         "/deliveries/{delivery_id}/redeliver",
