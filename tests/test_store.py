@@ -7,8 +7,13 @@ from datetime import timedelta
 
 import pytest
 import pytest_asyncio
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection
 
-from backend.store.records import ConversationRecord, TurnRecord, now
+from backend.store.db import metadata
+from backend.store.deliveries import DeliveryQueue
+from backend.store.records import ConversationRecord, DeliveryRecord, TurnRecord, now
 from backend.store.sql import CRASH_GAP, SqlStore
 from schemas import ChatResponse
 from tests.harness import temp_database
@@ -129,3 +134,39 @@ async def test_search_finds_a_users_turns_in_any_case_and_only_theirs(store: Sql
     assert loaded is not None
     assert loaded.assistant == "agent"
     assert loaded.turns[0].exchanged == tools.turns[0].exchanged
+
+
+async def test_the_migrations_make_the_tables_the_code_describes(store: SqlStore) -> None:
+    """Alembic's own comparison finds nothing between the migrated database and `db.py`."""
+
+    def differences(connection: Connection) -> list[object]:
+        found: list[object] = compare_metadata(MigrationContext.configure(connection), metadata)
+        return found
+
+    async with store.engine.connect() as connection:
+        assert await connection.run_sync(differences) == []
+
+
+async def test_deliveries_are_stored_with_the_turn_once_and_claimed_once(store: SqlStore) -> None:
+    """A delivery saved twice (a snapshot saved again) is one row; a claimed one is not
+    claimed again until its claim runs out or is given back."""
+    moment = now()
+    delivery = DeliveryRecord("msg_1", "bot", "reply.completed", "a" * 32, "", "{}", moment)
+    record = conversation("a", [turn(0, "q", "a", 1, ended=True)])
+    record.deliveries = [delivery]
+    await store.save([record])
+    await store.save([record])
+    queue = DeliveryQueue(store.engine)
+    [claimed] = await queue.claim(10, lease=60)
+    assert (claimed.id, claimed.attempts, claimed.payload) == ("msg_1", 1, "{}")
+    assert await queue.claim(10, lease=60) == []
+    due = await queue.next_due()
+    assert due is not None
+    assert due > now() + timedelta(seconds=50)
+    await queue.release(["msg_1"])
+    [again] = await queue.claim(10, lease=60)
+    assert again.attempts == 2
+    await queue.delivered("msg_1", 204)
+    assert await queue.next_due() is None
+    [listed] = await queue.recent(10)
+    assert (listed.status, listed.attempts, listed.last_response) == ("delivered", 2, 204)
