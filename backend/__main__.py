@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from backend.config.settings import Settings
 from backend.model.assistants import ChainImportError, check_importable
@@ -15,6 +16,22 @@ from backend.process.server import chat_server
 from backend.process.workers import scale_out_problem, serve_workers
 from backend.users.auth import anonymous_refusal
 from backend.web.app import create_app
+
+
+def settings_problems(invalid: ValidationError | SettingsError) -> str:
+    """Each problem with the settings on a line of its own, by the variable it is in (and the
+    place in its JSON), without the value given: it may be a secret."""
+    if isinstance(invalid, SettingsError):
+        # A value that is not JSON where JSON is expected: the parser's own words say where.
+        field = str(invalid).split('"')[1] if '"' in str(invalid) else "a setting"
+        return f"\n  {field.upper()}: not valid JSON ({invalid.__cause__})"
+    lines = []
+    for error in invalid.errors(include_input=False, include_url=False):
+        variable, *place = (str(part) for part in error["loc"])
+        where = variable.upper() + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in place)
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"\n  {where}: {message}")
+    return "".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,13 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = Settings()
-    except ValidationError as invalid:
-        # Each problem by the variable it is in, without the value given: it may be a secret.
-        problems = "".join(
-            f"\n  {'.'.join(map(str, error['loc'])).upper()}: {error['msg']}"
-            for error in invalid.errors(include_input=False, include_url=False)
+    except (ValidationError, SettingsError) as invalid:
+        parser.exit(
+            2, f"python -m backend: the settings are not valid:{settings_problems(invalid)}\n"
         )
-        parser.exit(2, f"python -m backend: the settings are not valid:{problems}\n")
     logs.configure(settings.chat_log_format)  # again once uvicorn has set up its loggers
     if args.workers < 1:
         parser.error("--workers must be at least 1")

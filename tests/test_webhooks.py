@@ -390,6 +390,7 @@ async def test_background_questions_are_refused_with_a_sentence(
             ({"question": "hi", "webhook": "nobody"}, "No webhook endpoint 'nobody'"),
             ({"question": "  "}, "The question is empty."),
             ({"question": "hi", "regenerate": True}, "not both"),
+            ({"webhook": "bot"}, "Send a `question`"),
             ({"regenerate": True}, "nothing to regenerate"),
             ({"question": "hi", "assistant": "nobody"}, "nobody"),
             ({"question": "hi", "extra": 1}, "extra"),
@@ -398,6 +399,14 @@ async def test_background_questions_are_refused_with_a_sentence(
             answer = await client.post("/api/conversations", json=body)
             assert answer.status_code == 422, (body, answer.text)
             assert said in answer.json()["detail"], (body, answer.text)
+        for content, said in [
+            ("not json", "The body is not valid JSON: send a JSON object."),
+            ('"a string"', "The body must be a JSON object"),
+        ]:
+            answer = await client.post(
+                "/api/conversations", content=content, headers={"Content-Type": "application/json"}
+            )
+            assert (answer.status_code, answer.json()["detail"][: len(said)]) == (422, said)
         missing = await client.post(
             "/api/conversations/0123456789abcdef0123456789abcdef/messages", json={"question": "hi"}
         )
@@ -616,21 +625,39 @@ async def test_two_workers_deliver_each_event_once(
     assert questions == {f"q{n}" for n in range(100)}
 
 
-async def test_plain_http_off_this_machine_refuses_to_start() -> None:
-    hook = endpoint("http://hooks.example.com/in")
+@pytest.mark.parametrize(
+    ("hooks", "said"),
+    [
+        (json.dumps([endpoint("http://hooks.example.com/in")]), "plain http off this machine"),
+        (json.dumps([endpoint("http://127.0.0.1:9/")])[:-2], "CHAT_WEBHOOKS: not valid JSON"),
+        ('[{"name": "me", "url": "http://127.0.0.1:9/"}]', "[0]: each endpoint needs a `secret`"),
+        (
+            json.dumps([{**endpoint("http://127.0.0.1:9/"), "secrets": [SECRET]}]),
+            "`secret` or `secrets` (two, while rotating), not both",
+        ),
+        (json.dumps([endpoint("http://127.0.0.1:9/", name="-x")]), "[0].name: '-x' is not"),
+        (
+            json.dumps([{**endpoint("http://127.0.0.1:9/"), "secret": "a-password-1234567890"}]),
+            "[0].secrets: a webhook secret starts with 'whsec_'",
+        ),
+    ],
+    ids=["plain-http", "not-json", "no-secret", "both", "bad-name", "not-whsec"],
+)
+async def test_a_bad_chat_webhooks_refuses_to_start_with_a_sentence(hooks: str, said: str) -> None:
     async with python_process(
         "-m",
         "backend",
-        env={"CHAT_WEBHOOKS": json.dumps([hook]), "PATH": "/usr/bin:/bin"},
+        env={"CHAT_WEBHOOKS": hooks, "PATH": "/usr/bin:/bin"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     ) as process:
         _, err = await asyncio.wait_for(process.communicate(), UNIT * 5)
     assert process.returncode == 2
-    said = err.decode()
-    assert "CHAT_WEBHOOKS" in said
-    assert "plain http off this machine" in said
-    assert SECRET.removeprefix("whsec_")[:12] not in said
+    told = err.decode()
+    assert told.startswith("python -m backend: the settings are not valid:\n  CHAT_WEBHOOKS")
+    assert said in told
+    assert "Traceback" not in told
+    assert SECRET.removeprefix("whsec_")[:12] not in told
 
 
 def readme_recipe() -> tuple[str, str, str]:

@@ -25,6 +25,8 @@ def shown_default(field: FieldInfo) -> str:
     value = field.default
     if value is None or value == []:
         return "—"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"  # as it is written in the environment
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return f"`{value}`"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from typing import Annotated
+import re
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -20,6 +20,10 @@ from schemas.webhooks import EVENT_TYPES, WEBHOOK_NAME, WebhookEventType
 
 SECRET_PREFIX = "whsec_"
 LOOPBACK_NAMES = {"localhost"}
+HOW_TO_MAKE = (
+    "; make one with: python -c \"import base64, os; print('whsec_' + "
+    'base64.b64encode(os.urandom(32)).decode())"'
+)
 
 
 def loopback_host(host: str) -> bool:
@@ -35,6 +39,8 @@ def loopback_host(host: str) -> bool:
 
 def secret_bytes(secret: str) -> bytes:
     """The key a Standard Webhooks secret stands for (`whsec_` then base64)."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"a webhook secret starts with '{SECRET_PREFIX}'{HOW_TO_MAKE}")
     encoded = secret.removeprefix(SECRET_PREFIX)
     try:
         key = base64.b64decode(encoded + "==", validate=False)
@@ -42,9 +48,8 @@ def secret_bytes(secret: str) -> bytes:
         key = b""
     if len(key) < 16:
         raise ValueError(
-            "a webhook secret is 'whsec_' and at least 16 random bytes in base64: make one "
-            "with: python -c \"import base64, os; print('whsec_' + "
-            'base64.b64encode(os.urandom(32)).decode())"'
+            f"a webhook secret is '{SECRET_PREFIX}' and at least 16 random bytes in base64"
+            + HOW_TO_MAKE
         )
     return key
 
@@ -54,19 +59,37 @@ class WebhookEndpoint(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(pattern=WEBHOOK_NAME)]
+    name: str
     url: str
-    secrets: list[SecretStr] = Field(min_length=1, max_length=4)
-    events: list[WebhookEventType] = Field(default_factory=lambda: list(EVENT_TYPES))
+    secrets: list[SecretStr] = Field(min_length=1, max_length=2)
+    events: list[WebhookEventType] = Field(default_factory=lambda: list(EVENT_TYPES), min_length=1)
     every_conversation: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _one_secret(cls, value: object) -> object:
-        # `"secret": "whsec_..."` for the usual one, `"secrets": [...]` during a rotation.
-        if isinstance(value, dict) and "secret" in value and "secrets" not in value:
+        # `"secret": "whsec_..."` for the usual one, `"secrets": [old, new]` during a rotation.
+        if not isinstance(value, dict):
+            return value
+        if "secret" in value and "secrets" in value:
+            raise ValueError(
+                "give an endpoint `secret` or `secrets` (two, while rotating), not both"
+            )
+        if "secret" not in value and "secrets" not in value:
+            raise ValueError("each endpoint needs a `secret` (whsec_...) to sign its deliveries")
+        if "secret" in value:
             value = {**value, "secrets": value["secret"]}
             del value["secret"]
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(WEBHOOK_NAME, value):
+            raise ValueError(
+                f"{value[:40]!r} is not an endpoint name: up to 32 characters, a-z, 0-9, _ and "
+                "-, starting with a letter or digit"
+            )
         return value
 
     @field_validator("secrets", mode="before")

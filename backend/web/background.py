@@ -26,7 +26,8 @@ from backend.webhooks.events import Webhooks
 from schemas.webhooks import Accepted, BackgroundQuestion
 
 NOTHING_TO_REGENERATE = "Nothing was asked in this conversation yet, so nothing to regenerate."
-QUESTION_OR_REGENERATE = 'Send either a `question` or `"regenerate": true`, not both.'
+BOTH = 'Send either a `question` or `"regenerate": true`, not both.'
+NEITHER = 'Send a `question` (or `"regenerate": true` to answer the last one again).'
 
 
 def build_background_router(
@@ -46,8 +47,10 @@ def build_background_router(
     )
 
     def question_of(body: BackgroundQuestion) -> str | None:
-        if (body.question is None) == (not body.regenerate):
-            raise unprocessable(QUESTION_OR_REGENERATE)
+        if body.question is not None and body.regenerate:
+            raise unprocessable(BOTH)
+        if body.question is None and not body.regenerate:
+            raise unprocessable(NEITHER)
         if body.question is None:
             return None
         try:

@@ -119,6 +119,10 @@ def validation_sentence(errors: Sequence[Any]) -> str:
         return "The request is malformed."
     first = errors[0]
     location = [str(part) for part in first.get("loc", ())]
+    if first.get("type") == "json_invalid":
+        return "The body is not valid JSON: send a JSON object."
+    if location == ["body"] and first.get("type") in ("model_attributes_type", "dict_type"):
+        return "The body must be a JSON object, sent with Content-Type: application/json."
     place = PLACES.get(location[0], location[0]) if location else "request"
     name = ".".join(location[1:])
     message = str(first.get("msg", "is not valid")).rstrip(".")

@@ -30,7 +30,7 @@ NO_TIMINGS = Timings(first_token_seconds=None, duration_seconds=None)
 
 
 class UnknownWebhook(ValueError):
-    """A question named an endpoint that is not registered; the message says which are."""
+    """A question named an endpoint that is not registered."""
 
 
 def delivery_id(subject: str, endpoint: str) -> str:
@@ -51,8 +51,9 @@ class Webhooks:
         """Raise `UnknownWebhook` unless `name` is None or a registered endpoint."""
         if name is None or name in self.endpoints:
             return
-        offered = ", ".join(sorted(self.endpoints)) or "none is registered (CHAT_WEBHOOKS)"
-        raise UnknownWebhook(f"No webhook endpoint {name[:64]!r}; the endpoints are: {offered}.")
+        raise UnknownWebhook(
+            f"No webhook endpoint {name[:64]!r} is registered on this server (CHAT_WEBHOOKS)."
+        )
 
     def _hearing(self, event: WebhookEventType, named: Iterable[str | None]) -> list[str]:
         wanted = set(named)

@@ -97,7 +97,12 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             if kind is None or self.allow_private or (named_loopback and kind == "loopback"):
                 allowed.append(text)
             elif not refusal:
-                refusal = f"{host} is {text}, a {kind} address"
+                named = host.strip("[]")
+                refusal = (
+                    f"{text} is a {kind} address"
+                    if named == text
+                    else (f"{host} is {text}, a {kind} address")
+                )
         if not allowed:
             raise RefusedAddress(
                 f"{refusal}: webhooks go to public addresses only, unless "
@@ -229,7 +234,7 @@ class Sender:
                 delivered=False, retry=True, error=f"The receiver timed out after {spent:.1f} s."
             )
         except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as failed:
-            reason = str(failed) or type(failed).__name__
+            reason = (str(failed) or type(failed).__name__).rstrip(".")
             return Outcome(
                 delivered=False, retry=True, error=f"Could not reach the receiver: {reason}."
             )
