@@ -111,7 +111,7 @@ class LiveTurn:
         self.record.events.append(frame)
         self.conversation.emit(frame)
         if frame.type == "end":
-            self.conversation.ended(self.record, self.timings())
+            self.conversation.ended(self.record, self.timings)
 
     def timings(self) -> Timings:
         """How long the reply took, to its first token and to its end."""
@@ -482,11 +482,12 @@ class Conversation:
 
     # Storage.
 
-    def ended(self, record: TurnRecord, timings: Timings) -> None:
+    def ended(self, record: TurnRecord, timings: Callable[[], Timings]) -> None:
         """A reply's `end` is out: the webhook events it makes are stored, soon."""
-        told = self.services.webhooks.for_reply(
-            self.id, self.owner, self.assistant, record, timings
-        )
+        webhooks = self.services.webhooks
+        if not webhooks:
+            return
+        told = webhooks.for_reply(self.id, self.owner, self.assistant, record, timings())
         if told:
             self._deliveries.extend(told)
             self.services.writer.soon()
