@@ -81,6 +81,7 @@ bench: install
 	$(PY) -m bench.sdk
 	$(PY) -m bench.chains
 	$(PY) -m bench.webhooks
+	$(PY) -m bench.page
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/, and README's settings table from

@@ -422,11 +422,12 @@ def _settle(changed: asyncio.Future[None]) -> None:
 
 def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
     """Read a behaviour from a question of the form
-    `bench tokens=N delay=S [first=S] [stamp=1] [tool=NAME]`.
+    `bench tokens=N delay=S [first=S] [stamp=1] [tool=NAME] [para=N]`.
 
     Lets a process that cannot reach the fake's Python objects (a benchmark driving it over
     HTTP) choose each reply's shape. With `tool=NAME` the model first calls that tool (with
-    `{"query": "bench"}`), and answers the tokens once it is sent the tool's result.
+    `{"query": "bench"}`), and answers the tokens once it is sent the tool's result. With
+    `para=N` a blank line follows every Nth token.
     """
     messages = body.get("messages") or [{}]
     asked = [m for m in messages if m.get("role") == "user"] or [{}]
@@ -436,8 +437,14 @@ def behaviour_from_question(body: dict[str, Any]) -> Behaviour | None:
     options = dict(word.split("=", 1) for word in words[1:] if "=" in word)
     if "tool" in options and messages[-1].get("role") != "tool":
         return Behaviour(tool_calls=[(options["tool"], {"query": "bench"})])
+    tokens = [" tok"] * int(options.get("tokens", "20"))
+    paragraph = int(options.get("para", "0"))
+    if paragraph:  # a blank line after every `paragraph` tokens, as prose has
+        tokens = [
+            f"{token}\n\n" if (n + 1) % paragraph == 0 else token for n, token in enumerate(tokens)
+        ]
     return Behaviour(
-        tokens=[" tok"] * int(options.get("tokens", "20")),
+        tokens=tokens,
         delay=float(options.get("delay", "0")),
         first_delay=float(options.get("first", "0")),
         stamp=options.get("stamp") == "1",

@@ -13,6 +13,7 @@ from schemas.frames import (
     StepDetail,
     StepDocument,
     Stop,
+    Timings,
     Usage,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "StepDetail",
     "StepDocument",
     "Stop",
+    "Timings",
     "Usage",
 ]

@@ -92,6 +92,21 @@ class Usage(BaseModel):
     )
 
 
+class Timings(BaseModel):
+    """How long a reply took, from its start (its `start` frame)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first_token_seconds: float | None = Field(
+        default=None,
+        description="To its first text; absent (null in webhooks) when none came, or for a "
+        "reply cut off by a crash.",
+    )
+    duration_seconds: float | None = Field(
+        default=None, description="To its end; absent (null) for a reply cut off by a crash."
+    )
+
+
 class ChatResponse(BaseModel):
     """One frame from server to client."""
 
@@ -127,6 +142,11 @@ class ChatResponse(BaseModel):
     )
     usage: Usage | None = Field(
         default=None, description="On `end` frames: the model tokens the reply took."
+    )
+    timings: Timings | None = Field(
+        default=None,
+        description="On `end` frames: seconds from the reply's start to its first text and to "
+        "its end (tokens per second: `usage.completion_tokens` over the time between them).",
     )
     step: Step | None = Field(
         default=None,

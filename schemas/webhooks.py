@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.frames import EndStatus, ErrorCode, Usage
+from schemas.frames import EndStatus, ErrorCode, Timings, Usage
 
 WebhookEventType = Literal[
     "reply.completed", "reply.failed", "reply.interrupted", "conversation.deleted"
@@ -78,17 +78,6 @@ class SeqRange(BaseModel):
 
     first: int
     last: int
-
-
-class Timings(BaseModel):
-    """How long a reply took."""
-
-    first_token_seconds: float | None = Field(
-        description="From the reply's start to its first token; null when none came."
-    )
-    duration_seconds: float | None = Field(
-        description="From the reply's start to its end; null for one cut off by a crash."
-    )
 
 
 class ReplyData(BaseModel):

@@ -265,8 +265,9 @@ async def close_of(ws: ClientConnection, within: float = UNIT * 2) -> tuple[int,
 
 
 def bare(frame: Frame) -> Frame:
-    """`frame` without its `seq`, to compare with what a frame says."""
-    return {key: value for key, value in frame.items() if key != "seq"}
+    """`frame` without its `seq` and `timings` (which differ from run to run), to compare with
+    what a frame says."""
+    return {key: value for key, value in frame.items() if key not in ("seq", "timings")}
 
 
 def text_of(frames: list[Frame]) -> str:

@@ -27,6 +27,8 @@ async def test_question_frames_in_order(server: Addressed, fake: FakeUpstream) -
     assert text == "You said: hello there"
     # Reply text advances `seq` by its length, so a `seq` says where in the text it ends.
     assert frames[-2]["seq"] == 3 + len(text)
+    timings = frames[-1].pop("timings")
+    assert 0 < timings["first_token_seconds"] <= timings["duration_seconds"] < 2
     assert frames[-1] == {
         "sender": "bot",
         "message": "",

@@ -42,7 +42,6 @@ from backend.store.write_behind import WriteBehind
 from backend.users.quotas import Held, Quotas
 from backend.webhooks.events import Webhooks
 from schemas import ChatResponse
-from schemas.webhooks import Timings
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,6 @@ class LiveTurn:
         self.conversation = conversation
         self.record = record
         self.regenerate = regenerate
-        self.started = time.monotonic()
-        self.first_token: float | None = None
 
     def send(self, frame: ChatResponse) -> None:
         if frame.type == "start" and self.regenerate:
@@ -111,22 +108,12 @@ class LiveTurn:
         self.record.events.append(frame)
         self.conversation.emit(frame)
         if frame.type == "end":
-            self.conversation.ended(self.record, self.timings)
-
-    def timings(self) -> Timings:
-        """How long the reply took, to its first token and to its end."""
-        return Timings(
-            first_token_seconds=(
-                None if self.first_token is None else round(self.first_token - self.started, 6)
-            ),
-            duration_seconds=round(time.monotonic() - self.started, 6),
-        )
+            self.conversation.ended(self.record)
 
     def token(self, text: str) -> None:
         conversation = self.conversation
         if self.record.text_base is None:
             self.record.text_base = conversation.seq
-            self.first_token = time.monotonic()
         conversation.seq += len(text)
         conversation.relay.token(text, conversation.seq)
 
@@ -482,12 +469,12 @@ class Conversation:
 
     # Storage.
 
-    def ended(self, record: TurnRecord, timings: Callable[[], Timings]) -> None:
+    def ended(self, record: TurnRecord) -> None:
         """A reply's `end` is out: the webhook events it makes are stored, soon."""
         webhooks = self.services.webhooks
         if not webhooks:
             return
-        told = webhooks.for_reply(self.id, self.owner, self.assistant, record, timings())
+        told = webhooks.for_reply(self.id, self.owner, self.assistant, record)
         if told:
             self._deliveries.extend(told)
             self.services.writer.soon()

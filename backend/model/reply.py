@@ -32,7 +32,7 @@ from backend.model.usage import counted, reported
 from backend.observe import logs
 from backend.observe.metrics import Metrics
 from backend.protocol.errors import ChatError, describe_upstream, is_retryable
-from schemas import ChatResponse, EndStatus, ErrorCode
+from schemas import ChatResponse, EndStatus, ErrorCode, Timings
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +119,20 @@ class Replier:
             elif turn.usage is None and sent and (turn.streamed or status == "completed"):
                 messages = run.chain.messages(sent[0], turn.question)
                 turn.usage = counted(messages, turn.text, self.count)
+            first = turn.first_token_at
+            first_token = None if first is None else first - started
             end = ChatResponse.bot("end", status=status)
             end.usage = turn.usage
+            end.timings = Timings(
+                first_token_seconds=None if first_token is None else round(first_token, 6),
+                duration_seconds=round(time.perf_counter() - started, 6),
+            )
             turn.send(end)
             log.info("reply %s, %d characters", status, len(turn.text))
-            first = turn.first_token_at
             self.metrics.reply_ended(
                 status,
                 failure,
-                None if first is None else first - started,
+                first_token,
                 turn.pieces,
                 turn.usage,
             )

@@ -275,6 +275,9 @@ def assistant_message(conversation_id: str, turn: TurnRecord) -> dict[str, Any] 
         metadata["status"] = turn.status
     if turn.usage is not None:
         metadata["usage"] = turn.usage.model_dump()
+    ended = turn.events[-1] if turn.status is not None and turn.events else None
+    if ended is not None and ended.timings is not None:
+        metadata["timings"] = ended.timings.model_dump()
     return {
         "id": message_id(start.seq),
         "role": "assistant",

@@ -51,6 +51,9 @@ STATIC_DIR = FRONTEND_DIR / "static"
 VENDOR_FILES = {
     "markdown-it.mjs": "markdown-it/dist/browser/markdown-it.esm.min.mjs",
     "purify.mjs": "dompurify/dist/purify.es.mjs",
+    "highlight.mjs": "@highlightjs/cdn-assets/es/highlight.min.js",
+    "highlight-light.css": "@highlightjs/cdn-assets/styles/github.min.css",
+    "highlight-dark.css": "@highlightjs/cdn-assets/styles/github-dark.min.css",
 }
 
 
@@ -199,7 +202,8 @@ def create_app(settings: Settings, relays: Relays | None = None) -> FastAPI:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"{name} is not installed; run `make install`."
             )
-        return FileResponse(path, media_type="text/javascript")
+        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        return FileResponse(path, media_type=kind)
 
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="frontend")
     return app

@@ -125,7 +125,7 @@ class ReplyStream:
         elif kind == "end":
             status = frame.get("status", "completed")
             metadata = {"conversation": self.conversation_id, "status": status}
-            metadata.update(_fields(frame, "usage", "seq"))
+            metadata.update(_fields(frame, "usage", "timings", "seq"))
             if self.text_open:
                 out.append(chunk({"type": "text-end", "id": self.text_id}))
             out.append(

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from backend.config.webhook_endpoints import WebhookEndpoint
 from backend.store.records import DeliveryRecord, TurnRecord, now
+from schemas.frames import Timings
 from schemas.webhooks import (
     REPLY_EVENTS,
     DeletedData,
@@ -22,7 +23,6 @@ from schemas.webhooks import (
     ReplyData,
     ReplyEvent,
     SeqRange,
-    Timings,
     WebhookEventType,
 )
 
@@ -69,7 +69,6 @@ class Webhooks:
         owner: str,
         assistant: str | None,
         turn: TurnRecord,
-        timings: Timings = NO_TIMINGS,
     ) -> list[DeliveryRecord]:
         """The events of a reply that has just ended (`turn.status` is set)."""
         if not self.endpoints or turn.status is None:
@@ -99,7 +98,7 @@ class Webhooks:
                     else None
                 ),
                 usage=ended.usage if ended is not None else None,
-                timings=timings,
+                timings=(ended.timings if ended is not None else None) or NO_TIMINGS,
             ),
         ).model_dump_json()
         subject = f"reply {conversation_id} {turn.first_seq} {turn.asked_at.isoformat()}"

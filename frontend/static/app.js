@@ -6,10 +6,9 @@
 // and the last `seq` it rendered, and reconnects with `?conversation=ID&after=SEQ`, so a
 // dropped connection or a server restart carries on where it was, with nothing repeated.
 
-import markdownit from "./vendor/markdown-it.mjs";
-import DOMPurify from "./vendor/purify.mjs";
-
-const markdown = markdownit({ html: false, linkify: true, breaks: true });
+import { ReplyView, copyText } from "./render.js";
+import { StepList } from "./steps.js";
+import { setUpTheme } from "./theme.js";
 
 const messages = document.getElementById("messages");
 const statusLine = document.getElementById("status");
@@ -29,8 +28,7 @@ let socket = null;
 let retryMs = RETRY_FIRST_MS;
 // Why the page moved to a new conversation on its own, said once that conversation opens.
 let notice = null;
-let reply = null; // { node, text } while a reply streams
-let renderQueued = false;
+let reply = null; // { node, view, steps } while a reply streams
 let followBottom = true;
 // The conversation shown, and the last of its frames rendered (0: none yet).
 let conversationId = new URL(location.href).searchParams.get("conversation");
@@ -145,28 +143,46 @@ function bubble(kind, text) {
   return append(node);
 }
 
-function renderMarkdown(node, text) {
-  node.innerHTML = DOMPurify.sanitize(markdown.render(text));
-}
-
-/** Re-render the streaming reply at most once per frame. */
-function queueRender() {
-  if (renderQueued) return;
-  renderQueued = true;
-  requestAnimationFrame(() => {
-    renderQueued = false;
-    if (reply) {
-      renderMarkdown(reply.node, reply.text);
-      scrollToEnd();
+/** Under a finished reply: Copy (its markdown), and what it cost, from its `end` frame. */
+function replyFooter(text, end) {
+  const footer = document.createElement("div");
+  footer.className = "reply-meta";
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "copy-reply";
+  copy.textContent = "Copy";
+  copy.setAttribute("aria-label", "Copy the reply as markdown");
+  copy.addEventListener("click", () => copyText(copy, text));
+  footer.append(copy);
+  const facts = [];
+  const usage = end.usage;
+  if (usage) {
+    const about = usage.estimated ? "about " : "";
+    facts.push(`${about}${usage.prompt_tokens} + ${usage.completion_tokens} tokens`);
+  }
+  const timings = end.timings;
+  if (timings && timings.first_token_seconds != null) {
+    facts.push(`first token ${timings.first_token_seconds.toFixed(2)} s`);
+    const writing = timings.duration_seconds - timings.first_token_seconds;
+    if (usage && usage.completion_tokens > 1 && writing > 0) {
+      facts.push(`${(usage.completion_tokens / writing).toFixed(1)} tokens/s`);
     }
-  });
+  }
+  if (facts.length) {
+    const said = document.createElement("span");
+    said.className = "facts";
+    said.textContent = facts.join(" · ");
+    footer.append(said);
+  }
+  return footer;
 }
 
 /** Only the last reply, once finished, offers to be answered again. */
 function updateRegenerate() {
   for (const row of messages.querySelectorAll(".reply-actions")) row.remove();
   const last = messages.lastElementChild;
-  if (reply || !last || !last.matches(".bubble.bot[data-status], .bubble.error")) return;
+  const finished = ".bubble.bot[data-status], .reply-meta, .bubble.error";
+  if (reply || !last || !last.matches(finished)) return;
   const row = document.createElement("div");
   row.className = "reply-actions";
   const button = document.createElement("button");
@@ -179,13 +195,15 @@ function updateRegenerate() {
 }
 
 /** The one way a reply ends: its `end` frame. */
-function finishReply(status) {
+function finishReply(end) {
+  const status = end.status;
   statusLine.textContent = "";
   if (reply) {
-    renderMarkdown(reply.node, reply.text);
+    reply.view.finish();
     reply.node.classList.remove("streaming");
     reply.node.removeAttribute("aria-busy");
     reply.node.dataset.status = status;
+    reply.node.after(replyFooter(reply.view.text, end));
     if (status === "interrupted") {
       reply.node.classList.add("interrupted");
       const note = document.createElement("span");
@@ -212,6 +230,16 @@ function clearView() {
   setStreaming(false);
 }
 
+/** A new reply's bubble: its steps (if it has any) above its text. */
+function startReply() {
+  const node = bubble("bot streaming", "");
+  node.setAttribute("aria-busy", "true");
+  const steps = new StepList(node);
+  const view = new ReplyView(node);
+  view.onRendered = scrollToEnd;
+  return { node, view, steps };
+}
+
 /** Update the page for one frame from the server. */
 function applyFrame(frame) {
   if (frame.conversation) {
@@ -234,8 +262,7 @@ function applyFrame(frame) {
   switch (frame.type) {
     case "start":
       if (frame.regenerate) removeLastReply();
-      reply = { node: bubble("bot streaming", ""), text: "" };
-      reply.node.setAttribute("aria-busy", "true");
+      reply = startReply();
       setStreaming(true);
       break;
     case "stream":
@@ -243,19 +270,19 @@ function applyFrame(frame) {
         bubble("you", frame.message);
         showInUrl(conversationId);
       } else if (reply) {
-        reply.text += frame.message;
-        queueRender();
+        reply.view.add(frame.message);
       }
       break;
     case "info":
       statusLine.textContent = frame.message;
+      if (frame.step && reply) reply.steps.update(frame);
       break;
     case "error":
       bubble("error", frame.message).setAttribute("role", "alert");
       updateRegenerate();
       break;
     case "end":
-      finishReply(frame.status);
+      finishReply(frame);
       refreshList();
       break;
     default:
@@ -428,6 +455,14 @@ input.addEventListener("keydown", (event) => {
 
 stopButton.addEventListener("click", () => send({ type: "stop" }));
 
+// Esc stops the reply, wherever the focus is.
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && reply && !event.isComposing) {
+    event.preventDefault();
+    send({ type: "stop" });
+  }
+});
+
 newChatButton.addEventListener("click", () => {
   // The server moves this socket to a new conversation, with the same assistant; its
   // acknowledgement clears the view. Another assistant's needs a socket of its own.
@@ -487,6 +522,7 @@ async function start() {
   refreshList();
 }
 
+setUpTheme(document.getElementById("theme"));
 setStreaming(false);
 start();
 input.focus();
