@@ -107,7 +107,9 @@ async def test_sse_sends_frames_start_to_end(server: Addressed, fake: FakeUpstre
     assert [e["message"] for e in events if e["type"] == "stream"] == ["a", "b", "c"]
     # The fake reports a prompt token per word sent (system prompt and question), and a
     # completion token per token.
-    assert set(events[-1].pop("timings")) == {"first_token_seconds", "duration_seconds"}
+    timings = events[-1].pop("timings")
+    assert isinstance(timings, dict)
+    assert set(timings) == {"first_token_seconds", "duration_seconds"}
     assert events[-1] == {
         "sender": "bot",
         "message": "",
