@@ -62,7 +62,8 @@ test-deps:
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
 			--no-install-recommends $(TEST_PACKAGES))
 
-# Refresh the README's picture (docs/screenshot.png) with the browser test that takes it.
+# Refresh the README's pictures (docs/screenshot.png, docs/screenshot-dark.png) with the browser
+# test that takes them.
 screenshot: install test-deps
 	SCREENSHOT_TO=docs/screenshot.png $(PY) -m pytest -q tests/test_browser.py -k screenshot
 

@@ -153,6 +153,11 @@ class ChatResponse(BaseModel):
         description="On `info` frames about a step of the assistant's chain (a tool call, a "
         "retrieval, a graph node); `message` says the same in words.",
     )
+    replaces: int | None = Field(
+        default=None,
+        description="On a question said back (`sender: you`): it replaces the question that "
+        "was said back with this `seq`, and everything after it (an edit).",
+    )
     retry_after: float | None = Field(
         default=None,
         ge=0,
@@ -178,9 +183,12 @@ class ChatResponse(BaseModel):
         return cls(sender="bot", message=text, type="stream", seq=seq)
 
     @classmethod
-    def echo(cls, question: str, seq: int | None = None) -> ChatResponse:
-        """The user's question, said back before the reply starts."""
-        return cls(sender="you", message=question, type="stream", seq=seq)
+    def echo(
+        cls, question: str, seq: int | None = None, replaces: int | None = None
+    ) -> ChatResponse:
+        """The user's question, said back before the reply starts (in place of the one said
+        back at `replaces`, for an edit)."""
+        return cls(sender="you", message=question, type="stream", seq=seq, replaces=replaces)
 
     def to_json(self) -> str:
         """Serialise without the fields that do not apply to this frame type."""
@@ -207,9 +215,15 @@ class Reset(BaseModel):
 
 
 class Regenerate(BaseModel):
-    """Answer the last question again, replacing the last reply (interrupted if streaming)."""
+    """Answer the last question again, replacing the last reply (interrupted if streaming);
+    with a `message`, the last question is first replaced by it (an edit)."""
 
     type: Literal["regenerate"]
+    message: str | None = Field(
+        default=None,
+        description="The last question's new text: it replaces the question and its reply, "
+        "in the conversation and in what the model is sent from now on.",
+    )
 
 
 ClientMessage = Annotated[Question | Stop | Reset | Regenerate, Field(discriminator="type")]

@@ -356,7 +356,13 @@ async def test_narrow_screen_and_screenshot(
     browser: BrowserContext, server: Addressed, fake: FakeUpstream, tmp_path: Path
 ) -> None:
     fake.then(
-        Behaviour(tokens=["Streams can be **stopped** at any time.\n\n", "- stop\n- ask again"]),
+        Behaviour(
+            tokens=[
+                "Streams can be **stopped** at any time.\n\n",
+                "- stop\n- ask again\n\n",
+                "```python\nasync for token in chain.astream(question):\n    print(token)\n```\n",
+            ]
+        ),
         Behaviour(tokens=[" A long answer"] * 300, delay=0.02),
     )
     page = await open_chat(browser, server, width=375)
@@ -372,6 +378,12 @@ async def test_narrow_screen_and_screenshot(
     screenshot = Path(SCREENSHOT_TO) if SCREENSHOT_TO else tmp_path / "screenshot.png"
     await page.screenshot(path=str(screenshot))
     assert screenshot.read_bytes().startswith(b"\x89PNG")
+    # The same page in the dark theme, as a system set to dark shows it.
+    await page.emulate_media(color_scheme="dark")
+    await expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+    dark = screenshot.with_name(f"{screenshot.stem}-dark.png")
+    await page.screenshot(path=str(dark))
+    assert dark.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.model

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
+import httpx
+
 from backend.config.settings import LOCAL_TEMPERATURE
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.harness import (
+    UNIT,
     IsolatedSettings,
     SettingsFactory,
     ask,
     connect,
+    conversation_of,
     kinds,
     live_server,
+    recv,
     text_of,
     until_end,
+    until_reply_text,
 )
 
 
@@ -115,3 +123,46 @@ def test_embedded_model_samples_cooler_unless_told() -> None:
     assert local.temperature == LOCAL_TEMPERATURE == 0.2
     assert IsolatedSettings(local_model_path="/m.gguf", chat_temperature=0.9).temperature == 0.9
     assert IsolatedSettings(openai_base_url="http://127.0.0.1:1/v1").temperature == 0.7
+
+
+async def test_an_edited_question_replaces_the_last_turn(
+    server: Addressed, fake: FakeUpstream
+) -> None:
+    """`regenerate` with a `message`: the last question and its reply are replaced, in the
+    frames, in the store, in what a resuming client is sent, and in the model's history."""
+    async with connect(server.ws) as ws:
+        await ask(ws, "the first question")
+        fake.then(Behaviour(tokens=[" x"] * 300, delay=0.01))
+        await ws.send("a question with a typo")
+        typo = await recv(ws)
+        await until_reply_text(ws)
+        await ws.send(json.dumps({"type": "regenerate", "message": "a typo-free question"}))
+        interrupted = await until_end(ws)  # the reply in flight ends first
+        edited = await until_end(ws)
+        conversation = conversation_of(ws)
+    assert interrupted[-1]["status"] == "interrupted"
+    echo = next(f for f in edited if f["sender"] == "you")
+    assert echo["message"] == "a typo-free question"
+    assert echo["replaces"] == typo["seq"]
+    start = next(f for f in edited if f["type"] == "start" and f["seq"] > echo["seq"])
+    assert start["regenerate"] is True
+    assert edited[-1]["status"] == "completed"
+    sent = [(m["role"], m["content"]) for m in fake.requests[-1].messages[1:]]
+    assert sent == [
+        ("user", "the first question"),
+        ("assistant", "You said: the first question"),
+        ("user", "a typo-free question"),
+    ]
+    async with connect(f"{server.ws}?conversation={conversation}") as again:
+        replayed = await until_end(again)
+        replayed += await until_end(again)
+    questions = [f["message"] for f in replayed if f["sender"] == "you"]
+    assert questions == ["the first question", "a typo-free question"]
+    async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+        stored = (await client.get(f"/api/conversations/{conversation}")).json()
+    assert [m["text"] for m in stored["messages"]] == [
+        "the first question",
+        "You said: the first question",
+        "a typo-free question",
+        "You said: a typo-free question",
+    ]

@@ -189,3 +189,26 @@ async def test_no_serious_accessibility_violations(
         assert found == []
     finally:
         await made.close()
+
+
+async def test_the_last_question_is_edited_and_asked_again(
+    context: BrowserContext, page_server: LiveServer, fake: FakeUpstream
+) -> None:
+    page = await open_chat(context, page_server)
+    await ask(page, "first")
+    await expect(last_reply(page)).to_have_text("You said: first")
+    await ask(page, "secnod")
+    await expect(last_reply(page)).to_have_text("You said: secnod")
+    questions = page.locator(".bubble.you")
+    await expect(questions.first.locator(".edit-question")).to_have_count(0)  # the last only
+    await questions.last.locator(".edit-question").click()
+    await expect(page.locator("#question")).to_have_value("secnod")
+    await page.locator("#question").fill("second")
+    await page.locator("#question").press("Enter")
+    await expect(last_reply(page)).to_have_text("You said: second")
+    await expect(questions).to_have_text(["first", "second"])
+    await expect(page.locator(".bubble.bot")).to_have_count(2)
+    sent = [(m["role"], m["content"]) for m in fake.requests[-1].messages[1:]]
+    assert sent == [("user", "first"), ("assistant", "You said: first"), ("user", "second")]
+    await page.reload()  # as stored
+    await expect(page.locator(".bubble.you")).to_have_text(["first", "second"])

@@ -289,13 +289,23 @@ class Conversation:
         await self._take_turn(question, who, webhook, background)
 
     async def regenerate(
-        self, who: str, webhook: str | None = None, background: bool = False
+        self,
+        who: str,
+        webhook: str | None = None,
+        background: bool = False,
+        edited: str | None = None,
     ) -> bool:
-        """Answer the last question again in place of its reply; False if nothing was asked."""
-        return await self._take_turn(None, who, webhook, background)
+        """Answer the last question again in place of its reply (its text replaced by
+        `edited`, if given); False if nothing was asked."""
+        return await self._take_turn(None, who, webhook, background, edited)
 
     async def _take_turn(
-        self, question: str | None, who: str, webhook: str | None, background: bool
+        self,
+        question: str | None,
+        who: str,
+        webhook: str | None,
+        background: bool,
+        edited: str | None = None,
     ) -> bool:
         # The quotas are asked while the turn is taken, but nothing is stopped, here or
         # elsewhere, until they have said yes.
@@ -308,7 +318,7 @@ class Conversation:
                 if self._releasing is not None:  # a reply of ours gives its turn back as it ends
                     await self._releasing
                 await self.relay.hold(admitted)
-                return await self._start_turn(question, who, admitted, webhook, background)
+                return await self._start_turn(question, who, admitted, webhook, background, edited)
         finally:
             if not admitted.done():
                 admitted.cancel()
@@ -322,6 +332,7 @@ class Conversation:
         admitted: asyncio.Future[None],
         webhook: str | None,
         background: bool,
+        edited: str | None = None,
     ) -> bool:
         """With the turn held: the quotas' answer, then the turn, or the turn given back."""
         quotas = self.services.quotas
@@ -340,6 +351,12 @@ class Conversation:
             if question is None:
                 record = self.turns[-1]
                 record.restart()
+                if edited is not None:
+                    record.replaces, record.question = record.echo_seq, edited
+                    self.seq += 1
+                    record.echo_seq = self.seq
+                    if record.position == 0:
+                        self.title = title_for(edited)
             else:
                 if self.title is None:
                     self.title = title_for(question)
@@ -350,9 +367,11 @@ class Conversation:
             record.webhook = webhook
             record.background = background
             self.updated_at = now()
-            self.relay.begin(record, regenerate=question is None)
-            if question is not None:
-                self.relay.send(ChatResponse.echo(question, seq=record.echo_seq))
+            # An edit is said back anew, as a question is; a regenerated question is not.
+            self.relay.begin(record, regenerate=question is None and edited is None)
+            if question is not None or edited is not None:
+                echo = ChatResponse.echo(record.question, record.echo_seq, record.replaces)
+                self.relay.send(echo)
             self._start(record, regenerate=question is None, held=held)
         except BaseException:
             await quotas.end_reply(held, None)

@@ -91,7 +91,9 @@ def turn_from(entries: list[Entry]) -> TurnRecord | None:
     for entry in entries:
         frame = ChatResponse.model_validate(json.loads(entry.frame))
         if frame.sender == "you":
-            record = TurnRecord(entry.turn, frame.message, echo_seq=entry.seq)
+            record = TurnRecord(
+                entry.turn, frame.message, echo_seq=entry.seq, replaces=frame.replaces
+            )
         elif record is None:
             continue
         elif frame.type == "stream":

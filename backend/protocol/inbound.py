@@ -54,6 +54,8 @@ def _from_object(data: dict[str, Any], max_chars: int) -> ClientMessage:
         raise bad_request(f"Invalid {kind!r} message: {exc.errors()[0]['msg']}.") from exc
     if isinstance(message, Question):
         check_question(message.message, max_chars)
+    if isinstance(message, Regenerate) and message.message is not None:
+        check_question(message.message, max_chars)
     return message
 
 

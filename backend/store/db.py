@@ -76,6 +76,8 @@ turns = Table(
     Column("exchanged", JSON, nullable=True),
     # The webhook endpoint the question asked to be called when the reply ends; NULL: none.
     Column("webhook", String(64), nullable=True),
+    # For an edited question: the `seq` its earlier text was said back with; NULL: not edited.
+    Column("replaces", BigInteger, nullable=True),
 )
 
 # Webhook events waiting to be delivered, delivered, or given up on (backend/webhooks/).

@@ -65,6 +65,8 @@ class TurnRecord:
     webhook: str | None = None
     # Asked with no client attached (`POST /api/conversations`): no resume grace stops it.
     background: bool = False
+    # For a question that was edited: the `seq` its earlier text was said back with.
+    replaces: int | None = None
 
     @property
     def first_seq(self) -> int:
@@ -104,7 +106,7 @@ class TurnRecord:
     def frames_after(self, after: int) -> Iterator[ChatResponse]:
         """This turn's frames with `seq` above `after`, in order; the text as one frame."""
         if self.echo_seq > after:
-            yield ChatResponse.echo(self.question, seq=self.echo_seq)
+            yield ChatResponse.echo(self.question, seq=self.echo_seq, replaces=self.replaces)
         text_pending = self.text_base is not None
         for event in self.events:
             if text_pending and (event.seq or 0) > (self.text_base or 0):

@@ -83,6 +83,7 @@ def _turn_row(conversation_id: str, turn: TurnRecord) -> dict[str, Any]:
         "status": turn.status,
         "exchanged": turn.exchanged or None,
         "webhook": turn.webhook,
+        "replaces": turn.replaces,
     }
 
 
@@ -113,6 +114,7 @@ def _turn_from(row: Any) -> TurnRecord:
         status=cast(EndStatus | None, row.status),
         exchanged=row.exchanged or [],
         webhook=row.webhook,
+        replaces=row.replaces,
     )
 
 

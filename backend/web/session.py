@@ -139,8 +139,8 @@ class ChatSession:
                     self.reply_only(
                         ChatResponse.bot("info", "No reply is in progress; nothing to stop.")
                     )
-            case Regenerate():
-                if not await conversation.regenerate(self.who):
+            case Regenerate(message=edited):
+                if not await conversation.regenerate(self.who, edited=edited):
                     self.reply_only(
                         ChatError("bad_request", "There is no question to answer again.").frame()
                     )

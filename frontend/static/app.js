@@ -29,6 +29,7 @@ let retryMs = RETRY_FIRST_MS;
 // Why the page moved to a new conversation on its own, said once that conversation opens.
 let notice = null;
 let reply = null; // { node, view, steps } while a reply streams
+let editing = false; // the composer holds an edit of the last question
 let followBottom = true;
 // The conversation shown, and the last of its frames rendered (0: none yet).
 let conversationId = new URL(location.href).searchParams.get("conversation");
@@ -126,8 +127,16 @@ function setStreaming(streaming) {
   updateRegenerate();
 }
 
+// Scrolling reads the layout: done once per frame, however many frames arrived in it, so a
+// conversation replayed at once is laid out once rather than once per message.
+let scrollQueued = false;
 function scrollToEnd() {
-  if (followBottom) messages.scrollTop = messages.scrollHeight;
+  if (scrollQueued || !followBottom) return;
+  scrollQueued = true;
+  requestAnimationFrame(() => {
+    scrollQueued = false;
+    if (followBottom) messages.scrollTop = messages.scrollHeight;
+  });
 }
 
 function append(node) {
@@ -177,8 +186,13 @@ function replyFooter(text, end) {
   return footer;
 }
 
-/** Only the last reply, once finished, offers to be answered again. */
+/** Only the last question offers to be edited, and the last reply, once finished, to be
+ * answered again. */
 function updateRegenerate() {
+  for (const button of messages.querySelectorAll(".edit-question")) button.remove();
+  const questions = messages.querySelectorAll(".bubble.you");
+  const lastQuestion = questions[questions.length - 1];
+  if (lastQuestion) lastQuestion.append(editButton(lastQuestion));
   for (const row of messages.querySelectorAll(".reply-actions")) row.remove();
   const last = messages.lastElementChild;
   const finished = ".bubble.bot[data-status], .reply-meta, .bubble.error";
@@ -192,6 +206,28 @@ function updateRegenerate() {
   button.addEventListener("click", () => send({ type: "regenerate" }));
   row.append(button);
   append(row);
+}
+
+/** Edit: the question goes back to the composer; sending it replaces the question and its
+ * reply (`regenerate` with a `message`), interrupting the reply if it still streams. */
+function editButton(question) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "edit-question";
+  button.setAttribute("aria-label", "Edit this question");
+  button.addEventListener("click", () => {
+    input.value = question.firstChild?.textContent ?? "";
+    editing = true;
+    form.dataset.editing = "true";
+    statusLine.textContent = "Editing your last question: Enter sends it, Esc cancels.";
+    input.focus();
+  });
+  return button;
+}
+
+function stopEditing() {
+  editing = false;
+  delete form.dataset.editing;
 }
 
 /** The one way a reply ends: its `end` frame. */
@@ -267,8 +303,16 @@ function applyFrame(frame) {
       break;
     case "stream":
       if (frame.sender === "you") {
-        bubble("you", frame.message);
+        if (frame.replaces !== undefined) {
+          // An edit: the question it replaces goes, and everything after it.
+          const old = messages.querySelector(`.bubble.you[data-seq="${frame.replaces}"]`);
+          while (old && old.nextSibling) old.nextSibling.remove();
+          old?.remove();
+          reply = null;
+        }
+        bubble("you", frame.message).dataset.seq = String(frame.seq);
         showInUrl(conversationId);
+        updateRegenerate();
       } else if (reply) {
         reply.view.add(frame.message);
       }
@@ -443,7 +487,12 @@ form.addEventListener("submit", (event) => {
   const text = input.value;
   if (!text.trim()) return;
   followBottom = true;
-  if (send({ type: "question", message: text })) input.value = "";
+  const message = editing ? { type: "regenerate", message: text } : { type: "question", message: text };
+  if (send(message)) {
+    input.value = "";
+    if (editing) statusLine.textContent = "";
+    stopEditing();
+  }
 });
 
 input.addEventListener("keydown", (event) => {
@@ -455,9 +504,15 @@ input.addEventListener("keydown", (event) => {
 
 stopButton.addEventListener("click", () => send({ type: "stop" }));
 
-// Esc stops the reply, wherever the focus is.
+// Esc cancels an edit, or else stops the reply, wherever the focus is.
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && reply && !event.isComposing) {
+  if (event.key !== "Escape" || event.isComposing) return;
+  if (editing) {
+    event.preventDefault();
+    stopEditing();
+    input.value = "";
+    statusLine.textContent = "";
+  } else if (reply) {
     event.preventDefault();
     send({ type: "stop" });
   }
