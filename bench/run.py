@@ -56,7 +56,7 @@ def process(
     proc = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL if not os.environ.get("BENCH_STDERR") else None,
+        stderr=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
         cwd=cwd,

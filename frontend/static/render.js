@@ -132,11 +132,3 @@ export class ReplyView {
     this.rendered = this.text.length;
   }
 }
-
-/** A stored reply (or any finished markdown) rendered whole into `node`. */
-export function renderInto(node, text) {
-  const content = document.createElement("div");
-  content.className = "content";
-  content.append(fragmentOf(text));
-  node.replaceChildren(content);
-}
