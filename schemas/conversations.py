@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.frames import Step, Usage
 
@@ -23,7 +23,10 @@ class ConversationSummary(BaseModel):
     """One entry of the conversation list."""
 
     id: str
-    title: str = Field(description="The conversation's first question, on one line, shortened.")
+    title: str = Field(
+        description="The name its owner gave it, or else its first question, on one line, "
+        "shortened."
+    )
     created: datetime
     updated: datetime
     messages: int = Field(description="Questions and replies, counted separately.")
@@ -37,6 +40,32 @@ class ConversationPage(BaseModel):
     next_offset: int | None = Field(
         description="The `offset` of the next page; null on the last page."
     )
+
+
+MAX_TITLE = 200
+
+
+class Rename(BaseModel):
+    """`PATCH /api/conversations/{id}`: a new title, kept from then on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(
+        description=f"1 to {MAX_TITLE} characters once leading and trailing spaces are cut; "
+        "one line."
+    )
+
+    @field_validator("title")
+    @classmethod
+    def one_line(cls, title: str) -> str:
+        title = title.strip()
+        if not title:
+            raise ValueError("The title is empty.")
+        if len(title) > MAX_TITLE:
+            raise ValueError(f"The title is longer than {MAX_TITLE} characters.")
+        if any(ord(c) < 32 or ord(c) == 127 for c in title):
+            raise ValueError("The title must be one line, without control characters.")
+        return title
 
 
 class Message(BaseModel):

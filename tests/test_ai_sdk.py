@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from backend.chat.conversation import ONLY_THE_LAST
 from backend.users.auth import REFUSED
 from backend.web.ai_sdk import EMPTY_QUESTION
 from deploy.services import Addressed
@@ -219,6 +220,51 @@ async def test_regenerate_replaces_the_last_reply(
     async with httpx.AsyncClient(timeout=UNIT) as client:
         messages = (await client.get(f"{server.http}/api/chat/{chat}")).json()["messages"]
     assert [text_of(m) for m in messages] == ["tell me", "second take"]
+
+
+async def test_editing_the_last_question_replaces_the_turn(
+    server: Addressed, fake: FakeUpstream, sdk_package: str
+) -> None:
+    """`sendMessage` with the last question's `messageId` edits it: the question and its reply
+    are replaced in the store and in what the model is sent; an earlier one is refused."""
+    fake.then(
+        Behaviour(tokens=["about ", "cats"]),
+        Behaviour(tokens=["about ", "dogs"]),
+        Behaviour(tokens=["more ", "dogs"]),
+        Behaviour(tokens=["dogs ", "again"]),
+    )
+    chat = chat_id()
+    async with sdk_driver(server.http, sdk_package) as sdk:
+        await sdk.new(chat)
+        await sdk.do("send", text="tell me about cats", wait=True)
+        edited = await sdk.do("edit", index=-1, text="tell me about dogs")
+        assert edited["error"] is None
+        assert [text_of(m) for m in edited["messages"]] == ["tell me about dogs", "about dogs"]
+        await sdk.do("send", text="more", wait=True)
+        refused = await sdk.do("edit", index=0, text="tell me about birds")
+        assert refused["error"] == ONLY_THE_LAST
+        # Started from the server's messages (as after a reload), the ids are the server's.
+        async with httpx.AsyncClient(timeout=UNIT) as client:
+            loaded = (await client.get(f"{server.http}/api/chat/{chat}")).json()["messages"]
+        await sdk.do("new", "b", id=chat, api=sdk.api, headers={}, messages=loaded)
+        again = await sdk.do("edit", "b", index=-1, text="dogs, again")
+        assert again["error"] is None
+    assert fake.requests[1].messages[-1] == {"role": "user", "content": "tell me about dogs"}
+    assert "cats" not in json.dumps(fake.requests[2].messages)
+    assert len(fake.requests) == 4
+    assert fake.requests[3].messages[-3:] == [
+        {"role": "user", "content": "tell me about dogs"},
+        {"role": "assistant", "content": "about dogs"},
+        {"role": "user", "content": "dogs, again"},
+    ]
+    async with httpx.AsyncClient(timeout=UNIT) as client:
+        messages = (await client.get(f"{server.http}/api/chat/{chat}")).json()["messages"]
+    assert [text_of(m) for m in messages] == [
+        "tell me about dogs",
+        "about dogs",
+        "dogs, again",
+        "dogs again",
+    ]
 
 
 # The protocol itself, from a plain HTTP client.

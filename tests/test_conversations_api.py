@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -21,6 +22,7 @@ from tests.harness import (
     live_server,
     recv,
     text_of,
+    until_end,
     until_reply_text,
 )
 
@@ -75,6 +77,59 @@ async def test_list_get_and_delete(make_settings: SettingsFactory, fake: FakeUps
             assert (await close_of(ws))[0] == 1008
 
 
+async def test_search_and_rename(server: Addressed, fake: FakeUpstream) -> None:
+    """A conversation is found by a word of a reply; renamed, it keeps its name as it goes on,
+    wherever it is answered, and is found by it; bad names and ids are refused."""
+    word = f"zebra{uuid.uuid4().hex[:8]}"
+    async with connect(server.ws) as ws:
+        found_id = conversation_of(ws)
+        await ask(ws, f"Tell me about the {word}s")  # answered "You said: ..."
+    async with connect(server.ws) as ws:
+        other_id = conversation_of(ws)
+        await ask(ws, "Something else")
+    async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+
+        async def search(q: str) -> list[str]:
+            response = await client.get("/api/conversations", params={"q": q, "limit": 100})
+            assert response.status_code == 200, response.text
+            return [c["id"] for c in response.json()["conversations"]]
+
+        assert await search(word.upper()) == [found_id]
+        assert await search(f"{word[:-2]} tell") == [found_id]
+        assert await search(f"{word} else") == []
+        renamed = await client.patch(
+            f"/api/conversations/{found_id}", json={"title": f"  Stripes {word}x  "}
+        )
+        assert renamed.status_code == 200, renamed.text
+        assert renamed.json()["title"] == f"Stripes {word}x"
+        assert renamed.json()["messages"] == 2
+        for bad, sentence in [
+            ({"title": "   "}, "empty"),
+            ({"title": "x" * 201}, "200 characters"),
+            ({"title": "two\nlines"}, "one line"),
+            ({"name": "x"}, "title"),
+            ([], "JSON object"),
+        ]:
+            refused = await client.patch(f"/api/conversations/{other_id}", json=bad)
+            assert refused.status_code == 422, (bad, refused.text)
+            assert sentence in refused.json()["detail"], refused.text
+        for missing in ("a" * 32, "not-an-id"):
+            absent = await client.patch(f"/api/conversations/{missing}", json={"title": "x"})
+            assert absent.status_code == 404
+    # Going on (and an edit of the first question) never retitles it.
+    async with connect(f"{server.ws}?conversation={found_id}") as ws:
+        await ws.send(json.dumps({"type": "regenerate", "message": "Edited first question"}))
+        await until_end(ws)
+        await ask(ws, "More please")
+    async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
+        [listed] = (
+            await client.get("/api/conversations", params={"q": f"stripes {word}x"})
+        ).json()["conversations"]
+        assert (listed["id"], listed["title"]) == (found_id, f"Stripes {word}x")
+        long_query = await client.get("/api/conversations", params={"q": "x" * 201})
+        assert long_query.status_code == 422
+
+
 async def test_deleting_closes_the_sockets_and_stops_the_reply(
     server: Addressed, fake: FakeUpstream
 ) -> None:
@@ -97,7 +152,7 @@ async def test_openapi_lists_the_conversation_routes(server: Addressed) -> None:
     async with httpx.AsyncClient(base_url=server.http, timeout=UNIT) as client:
         paths = (await client.get("/openapi.json")).json()["paths"]
     assert set(paths["/api/conversations"]) == {"get", "post"}
-    assert set(paths["/api/conversations/{conversation_id}"]) == {"get", "delete"}
+    assert set(paths["/api/conversations/{conversation_id}"]) == {"get", "patch", "delete"}
     assert set(paths["/api/conversations/{conversation_id}/messages"]) == {"post"}
 
 

@@ -107,6 +107,7 @@ async def test_every_route_on_conversations_refuses_another_sites_page(
         ("GET", "/api/conversations"),
         ("GET", f"/api/conversations/{conversation}"),
         ("DELETE", f"/api/conversations/{conversation}"),
+        ("PATCH", f"/api/conversations/{conversation}"),
         ("POST", "/api/ws-ticket"),
         ("GET", f"/api/chat/{conversation}"),
         ("GET", f"/api/chat/{conversation}/stream"),

@@ -45,6 +45,10 @@ from schemas import ChatResponse
 
 log = logging.getLogger(__name__)
 
+# Given the turns as they stand, the position of the question a client means to edit.
+Which = Callable[[list[TurnRecord]], int]
+ONLY_THE_LAST = "Only the last question can be edited; ask this one again as a new question."
+
 
 def report_failure(task: asyncio.Task[Any]) -> None:
     """Log what a background task that nobody awaits failed with, once (a shared state out of
@@ -294,10 +298,13 @@ class Conversation:
         webhook: str | None = None,
         background: bool = False,
         edited: str | None = None,
+        which: Which | None = None,
     ) -> bool:
         """Answer the last question again in place of its reply (its text replaced by
-        `edited`, if given); False if nothing was asked."""
-        return await self._take_turn(None, who, webhook, background, edited)
+        `edited`, if given); False if nothing was asked. `which` tells, from the turns as
+        they stand once the turn is held, the position of the question the client means to
+        edit: anything but the last is refused (`ChatError`, `bad_request`)."""
+        return await self._take_turn(None, who, webhook, background, edited, which)
 
     async def _take_turn(
         self,
@@ -306,6 +313,7 @@ class Conversation:
         webhook: str | None,
         background: bool,
         edited: str | None = None,
+        which: Which | None = None,
     ) -> bool:
         # The quotas are asked while the turn is taken, but nothing is stopped, here or
         # elsewhere, until they have said yes.
@@ -318,7 +326,9 @@ class Conversation:
                 if self._releasing is not None:  # a reply of ours gives its turn back as it ends
                     await self._releasing
                 await self.relay.hold(admitted)
-                return await self._start_turn(question, who, admitted, webhook, background, edited)
+                return await self._start_turn(
+                    question, who, admitted, webhook, background, edited, which
+                )
         finally:
             if not admitted.done():
                 admitted.cancel()
@@ -333,6 +343,7 @@ class Conversation:
         webhook: str | None,
         background: bool,
         edited: str | None = None,
+        which: Which | None = None,
     ) -> bool:
         """With the turn held: the quotas' answer, then the turn, or the turn given back."""
         quotas = self.services.quotas
@@ -348,6 +359,8 @@ class Conversation:
                 await quotas.end_reply(held, None)
                 await self._release()
                 return False
+            if which is not None and which(self.turns) < len(self.turns) - 1:
+                raise ChatError("bad_request", ONLY_THE_LAST)
             if question is None:
                 record = self.turns[-1]
                 record.restart()

@@ -18,7 +18,12 @@ from backend.config.settings import Settings
 from backend.config.timings import CLOSE_WAIT, LINGER
 from backend.model.assistants import UnknownAssistant
 from backend.model.reply import Replier
-from backend.store.records import ConversationRecord, DeliveryRecord, title_for
+from backend.store.records import (
+    ConversationRecord,
+    ConversationSummary,
+    DeliveryRecord,
+    title_for,
+)
 from backend.store.sql import Store
 from backend.store.write_behind import WriteBehind
 from backend.users.quotas import Quotas
@@ -266,6 +271,19 @@ class Conversations:
         record.turns = sorted([*turns, latest], key=lambda turn: turn.position)
         record.turn_count = max(record.turn_count, latest.position + 1)
         return record
+
+    async def rename(
+        self, conversation_id: str, owner: str, title: str
+    ) -> ConversationSummary | None:
+        """Give `owner`'s conversation a title of theirs (one its questions never replace);
+        None if there is no such conversation."""
+        # Written first if it is only in memory yet, so there is a row to rename.
+        await self.writer.flush()
+        renamed = await self.store.rename(conversation_id, owner, title)
+        conversation = self._live.get(conversation_id)
+        if renamed is not None and conversation is not None:
+            conversation.title = renamed.title
+        return renamed
 
     async def delete(self, conversation_id: str, owner: str) -> bool:
         """Stop, disconnect and remove `owner`'s conversation; False if there was none."""

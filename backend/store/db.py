@@ -14,6 +14,7 @@ from alembic.config import Config
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     event,
+    false,
     text,
 )
 from sqlalchemy.engine import make_url
@@ -50,6 +52,8 @@ conversations = Table(
     Column("owner", String(255), nullable=False, server_default=""),
     # The assistant that answers it; NULL: the server's default.
     Column("assistant", String(32), nullable=True),
+    # Whether its owner named it: then its title is theirs, never the first question's again.
+    Column("named", Boolean, nullable=False, server_default=false()),
     Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
 
@@ -104,6 +108,20 @@ webhook_deliveries = Table(
     Column("delivered_at", DateTime(timezone=True), nullable=True),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
 )
+
+
+# The full-text search over titles, questions and replies (migration 0006): FTS5 tables kept
+# by triggers on SQLite, GIN indexes of `to_tsvector` on PostgreSQL. The migrations own them;
+# the tables above do not describe them.
+SEARCH_TABLES = ("search_titles", "search_turns")
+SEARCH_INDEXES = ("ix_conversations_search", "ix_turns_search")
+
+
+def described(_object: object, name: str | None, kind: str, reflected: bool, _: object) -> bool:
+    """Whether Alembic's comparison should look at an object: not at the search's own."""
+    if kind == "table" and reflected and name is not None:
+        return not name.startswith(SEARCH_TABLES)
+    return not (kind == "index" and name in SEARCH_INDEXES)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Insert, delete, select, update
+from sqlalchemy import Insert, Select, case, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -20,6 +20,7 @@ from backend.store.records import (
     TurnRecord,
     carryable,
 )
+from backend.store.search import matching, words_of
 from schemas import ChatResponse, EndStatus
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,17 @@ class Store(Protocol):
     async def load(self, conversation_id: str) -> ConversationRecord | None:
         """A conversation with all its turns, or None."""
 
-    async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
-        """`owner`'s conversations, most recently updated first."""
+    async def page(
+        self, owner: str, limit: int, offset: int, search: str = ""
+    ) -> list[ConversationSummary]:
+        """`owner`'s conversations, most recently updated first; with `search`, those whose
+        title or one of whose finished turns has words starting with each of its words."""
+
+    async def rename(
+        self, conversation_id: str, owner: str, title: str
+    ) -> ConversationSummary | None:
+        """Give `owner`'s conversation a title of theirs, kept from then on; None if there is
+        no such conversation."""
 
     async def delete(self, conversation_id: str, deliveries: Sequence[DeliveryRecord] = ()) -> bool:
         """Remove a conversation and its turns, storing `deliveries` in the same transaction;
@@ -118,6 +128,17 @@ def _turn_from(row: Any) -> TurnRecord:
     )
 
 
+def _summary_from(row: Any) -> ConversationSummary:
+    return ConversationSummary(
+        id=row.id,
+        title=row.title,
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
+        turn_count=row.turn_count,
+        assistant=row.assistant,
+    )
+
+
 # What a reply cut off by a crash tells webhooks: its conversation's id, owner and assistant,
 # and the turn as closed; the deliveries to store with it.
 CutOff = Callable[[str, str, str | None, TurnRecord], list[DeliveryRecord]]
@@ -132,7 +153,7 @@ class SqlStore:
         if dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"Unsupported database {dialect!r}: use SQLite or PostgreSQL.")
         self._insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        self._conversation_upsert = self._upsert(conversations, ["id"])
+        self._conversation_upsert = self._conversation_save()
         self._turn_upsert = self._upsert(turns, ["conversation_id", "position"])
         self._delivery_insert = self._insert(webhook_deliveries).on_conflict_do_nothing(
             index_elements=["id"]
@@ -163,6 +184,19 @@ class SqlStore:
             if column.name not in keys
         }
         return statement.on_conflict_do_update(index_elements=list(keys), set_=changes)
+
+    def _conversation_save(self) -> Insert:
+        """Insert a conversation, or update all of it but a title its owner gave it."""
+        statement = self._insert(conversations)
+        changes: dict[str, Any] = {
+            column.name: statement.excluded[column.name]
+            for column in conversations.columns
+            if column.name not in ("id", "named")
+        }
+        changes["title"] = case(
+            (conversations.c.named, conversations.c.title), else_=statement.excluded.title
+        )
+        return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
 
     async def save(self, records: Sequence[ConversationRecord]) -> None:
         if not records:
@@ -219,27 +253,44 @@ class SqlStore:
                 assistant=row.assistant,
             )
 
-    async def page(self, owner: str, limit: int, offset: int) -> list[ConversationSummary]:
-        query = (
-            select(conversations)
-            .where(conversations.c.owner == owner)
-            .order_by(conversations.c.updated_at.desc(), conversations.c.id)
+    async def page(
+        self, owner: str, limit: int, offset: int, search: str = ""
+    ) -> list[ConversationSummary]:
+        query = self.page_query(owner, limit, offset, search)
+        if query is None:
+            return []
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(query)
+            return [_summary_from(row) for row in rows]
+
+    def page_query(
+        self, owner: str, limit: int, offset: int, search: str = ""
+    ) -> Select[Any] | None:
+        """The query `page` runs; None for a search without a word (nothing matches it)."""
+        query = select(conversations).where(conversations.c.owner == owner)
+        if search.strip():
+            words = words_of(search)
+            if not words:
+                return None
+            query = query.where(matching(self.engine.dialect.name, words))
+        return (
+            query.order_by(conversations.c.updated_at.desc(), conversations.c.id)
             .limit(limit)
             .offset(offset)
         )
-        async with self.engine.connect() as connection:
-            rows = await connection.execute(query)
-            return [
-                ConversationSummary(
-                    id=row.id,
-                    title=row.title,
-                    created_at=aware(row.created_at),
-                    updated_at=aware(row.updated_at),
-                    turn_count=row.turn_count,
-                    assistant=row.assistant,
-                )
-                for row in rows
-            ]
+
+    async def rename(
+        self, conversation_id: str, owner: str, title: str
+    ) -> ConversationSummary | None:
+        statement = (
+            update(conversations)
+            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+            .values(title=carryable(title), named=True)
+            .returning(*conversations.columns)
+        )
+        async with self.engine.begin() as connection:
+            row = (await connection.execute(statement)).first()
+            return None if row is None else _summary_from(row)
 
     async def search(self, owner: str, text: str, limit: int) -> list[Found]:
         escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

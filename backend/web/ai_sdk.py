@@ -31,7 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from backend.chat.conversation import Conversation
+from backend.chat.conversation import Conversation, Which
 from backend.chat.conversations import ID_PATTERN, Conversations, UnknownConversation
 from backend.chat.outbox import Outbox, SendText
 from backend.config.settings import Settings
@@ -208,6 +208,28 @@ def question_of(chat: ChatRequest, max_chars: int) -> str:
         raise unprocessable(error.message) from error
 
 
+def edited_question(chat: ChatRequest) -> Which | None:
+    """For a request that edits a question (`sendMessage` with the `messageId` of a user
+    message: the messages up to it, its new text last), how to tell which one it is.
+
+    An id this server gave (a chat started from `GET /api/chat/{id}`) names its turn. The SDK
+    keeps the id a question asked in the browser got there, which the server never saw: that
+    one is told by how many questions the request carries.
+    """
+    if chat.trigger != "submit-message" or chat.messageId is None:
+        return None
+    message_id = chat.messageId
+    asked = sum(1 for m in chat.messages if isinstance(m, dict) and m.get("role") == "user")
+
+    def which(turns: list[TurnRecord]) -> int:
+        for turn in turns:
+            if message_id in (f"u{turn.echo_seq}", f"u{turn.replaces}"):
+                return turn.position
+        return asked - 1
+
+    return which
+
+
 async def find(conversations: Conversations, chat_id: str, owner: str) -> Conversation | None:
     """The conversation of `owner`'s chat `chat_id`, or None if there is none.
 
@@ -381,7 +403,11 @@ def build_router(
         try:
             conversation = await find_or_begin(conversations, body.id, caller.user, body.assistant)
             try:
-                if question is not None:
+                which = edited_question(body)
+                if question is not None and which is not None:
+                    if not await conversation.regenerate(who, edited=question, which=which):
+                        await conversation.ask(question, who)  # nothing here to edit yet
+                elif question is not None:
                     await conversation.ask(question, who)
                 elif not await conversation.regenerate(who):
                     raise unprocessable(NOTHING_TO_REGENERATE)

@@ -16,6 +16,8 @@ from schemas import conversations as api
 
 # Past any real list, and far inside what SQLite's and PostgreSQL's OFFSET take (64 bits).
 MAX_OFFSET = 1_000_000_000
+# A search is a few words (see `backend/store/search.py`).
+MAX_SEARCH = 200
 
 
 def summary_of(row: ConversationSummary) -> api.ConversationSummary:
@@ -81,15 +83,27 @@ def build_api(conversations: Conversations, access: Access) -> APIRouter:
             status.HTTP_404_NOT_FOUND, f"No conversation {conversation_id[:64]!r}."
         )
 
-    @router.get("", summary="List conversations, most recently updated first")
+    @router.get(
+        "",
+        summary="List conversations, most recently updated first; search them with `q`",
+    )
     async def list_conversations(
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        q: Annotated[
+            str,
+            Query(
+                max_length=MAX_SEARCH,
+                description="Words to find: a conversation is listed when its title, or one "
+                "of its finished questions with its reply, has a word starting with each "
+                "(any case). Blank: every conversation.",
+            ),
+        ] = "",
         caller: Principal = Depends(access.caller),  # noqa: B008
     ) -> api.ConversationPage:
         # What is only in memory yet is written first, so the list is never behind the chat.
         await conversations.writer.flush()
-        rows = await conversations.store.page(caller.user, limit + 1, offset)
+        rows = await conversations.store.page(caller.user, limit + 1, offset, q)
         return api.ConversationPage(
             conversations=[summary_of(row) for row in rows[:limit]],
             next_offset=offset + limit if len(rows) > limit else None,
@@ -106,6 +120,23 @@ def build_api(conversations: Conversations, access: Access) -> APIRouter:
         if record is None:
             raise not_found(conversation_id)
         return conversation_of(record)
+
+    @router.patch(
+        "/{conversation_id}",
+        summary="Rename a conversation; its questions never replace the name",
+        responses={404: {"description": "No such conversation"}},
+    )
+    async def rename_conversation(
+        conversation_id: str,
+        body: api.Rename,
+        caller: Principal = Depends(access.caller),  # noqa: B008
+    ) -> api.ConversationSummary:
+        renamed = None
+        if ID_PATTERN.fullmatch(conversation_id):
+            renamed = await conversations.rename(conversation_id, caller.user, body.title)
+        if renamed is None:
+            raise not_found(conversation_id)
+        return summary_of(renamed)
 
     @router.delete(
         "/{conversation_id}",

@@ -3,9 +3,11 @@
 // named by the first argument, as pinned in frontend/package.json: `ai` (the current major)
 // or an alias of an earlier major, such as `ai6`.
 //
-//   {"op": "new", "chat": NAME, "id": CHAT_ID, "api": URL, "headers": {...}}
+//   {"op": "new", "chat": NAME, "id": CHAT_ID, "api": URL, "headers": {...}, "messages": [...]}
 //   {"op": "send", "chat": NAME, "text": TEXT, "wait": BOOL}   sendMessage
 //   {"op": "regenerate", "chat": NAME}                          regenerate
+//   {"op": "edit", "chat": NAME, "index": I, "text": TEXT}      sendMessage with the messageId
+//                                                               of the I-th user message
 //   {"op": "wait_text", "chat": NAME, "chars": N}               until the reply has N chars
 //   {"op": "abort", "chat": NAME}                               the SDK's stop(): drops the request
 //   {"op": "stop", "chat": NAME}                                our stop request, then stop()
@@ -27,10 +29,10 @@ const sdk = join(root, manifest.exports["."].import);
 const { AbstractChat, DefaultChatTransport } = await import(pathToFileURL(sdk).href);
 
 class State {
-  constructor() {
+  constructor(messages = []) {
     this.status = "ready";
     this.error = undefined;
-    this.messages = [];
+    this.messages = messages;
   }
   pushMessage = (message) => {
     this.messages = this.messages.concat(message);
@@ -46,7 +48,7 @@ class State {
 
 class Chat extends AbstractChat {
   constructor(options) {
-    const state = new State();
+    const state = new State(options.messages);
     super({ ...options, state });
     this.data = [];
   }
@@ -90,6 +92,7 @@ async function run(command) {
     const transport = new DefaultChatTransport({ api: command.api, headers: command.headers });
     const chat = new Chat({
       id: command.id,
+      messages: command.messages,
       transport,
       onData: (part) => chat.data.push(part),
     });
@@ -104,6 +107,10 @@ async function run(command) {
     else await until(() => chat.status !== "ready");
   } else if (op === "regenerate") {
     await track(name, chat.regenerate());
+  } else if (op === "edit") {
+    const questions = chat.messages.filter((message) => message.role === "user");
+    const messageId = questions.at(command.index).id;
+    await track(name, chat.sendMessage({ text: command.text, messageId }));
   } else if (op === "wait_text") {
     await until(() => replyText(chat).length >= command.chars);
   } else if (op === "abort") {

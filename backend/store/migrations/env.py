@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from alembic import context
 
-from backend.store.db import metadata
+from backend.store.db import described, metadata
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    render_as_batch=True,
+    include_object=described,
+)
 with context.begin_transaction():
     context.run_migrations()
