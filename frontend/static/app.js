@@ -6,6 +6,7 @@
 // and the last `seq` it rendered, and reconnects with `?conversation=ID&after=SEQ`, so a
 // dropped connection or a server restart carries on where it was, with nothing repeated.
 
+import { ConversationList, Drawer } from "./conversations.js";
 import { ReplyView, copyText } from "./render.js";
 import { StepList } from "./steps.js";
 import { setUpTheme } from "./theme.js";
@@ -18,8 +19,8 @@ const input = document.getElementById("question");
 const sendButton = document.getElementById("send");
 const stopButton = document.getElementById("stop");
 const newChatButton = document.getElementById("new-chat");
-const conversationList = document.getElementById("conversations");
 const assistantPicker = document.getElementById("assistant");
+const drawerToggle = document.getElementById("drawer-toggle");
 
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 8000;
@@ -130,13 +131,22 @@ function setStreaming(streaming) {
 // Scrolling reads the layout: done once per frame, however many frames arrived in it, so a
 // conversation replayed at once is laid out once rather than once per message.
 let scrollQueued = false;
+let scrolledTo = 0; // where the page last put the reader: see the scroll listener
 function scrollToEnd() {
   if (scrollQueued || !followBottom) return;
   scrollQueued = true;
   requestAnimationFrame(() => {
     scrollQueued = false;
-    if (followBottom) messages.scrollTop = messages.scrollHeight;
+    scrollNow();
   });
+}
+
+/** Scroll to the end now: for a reply's text, rendered in an animation frame already, so that
+ * it is never shown for a frame before the page follows it. */
+function scrollNow() {
+  if (!followBottom) return;
+  messages.scrollTop = messages.scrollHeight;
+  scrolledTo = messages.scrollTop;
 }
 
 function append(node) {
@@ -272,7 +282,7 @@ function startReply() {
   node.setAttribute("aria-busy", "true");
   const steps = new StepList(node);
   const view = new ReplyView(node);
-  view.onRendered = scrollToEnd;
+  view.onRendered = scrollNow;
   return { node, view, steps };
 }
 
@@ -421,65 +431,41 @@ function send(message) {
   return true;
 }
 
-// The list of earlier conversations.
+// The list of earlier conversations, and the drawer it is in on a narrow screen.
+
+const drawer = new Drawer(
+  drawerToggle,
+  document.getElementById("sidebar"),
+  document.querySelector(".chat"),
+);
+
+const conversations = new ConversationList({
+  api: apiUrl,
+  headers: authHeaders,
+  status: statusLine,
+  current: () => conversationId,
+  onOpen: (id, assistant) => {
+    openConversation(id, assistant);
+    drawer.close(input);
+  },
+  onDeleted: (id) => {
+    if (id === conversationId) openConversation(null);
+    refreshList();
+  },
+});
 
 function markCurrent() {
-  for (const item of conversationList.querySelectorAll("li")) {
-    const current = item.dataset.id === conversationId;
-    item.classList.toggle("current", current);
-    item.querySelector(".open").setAttribute("aria-current", current ? "page" : "false");
-  }
+  conversations.markCurrent();
 }
 
-function listItem(conversation) {
-  const item = document.createElement("li");
-  item.dataset.id = conversation.id;
-  const open = document.createElement("button");
-  open.type = "button";
-  open.className = "open";
-  open.textContent = conversation.title;
-  open.title = new Date(conversation.updated).toLocaleString();
-  open.addEventListener("click", () => openConversation(conversation.id, conversation.assistant));
-  const remove = document.createElement("button");
-  remove.type = "button";
-  remove.className = "delete";
-  remove.textContent = "×";
-  remove.setAttribute("aria-label", `Delete “${conversation.title}”`);
-  remove.addEventListener("click", () => deleteConversation(conversation.id));
-  item.append(open, remove);
-  return item;
-}
-
-let listRequest = 0;
+/** Load the list again; the assistant of the conversation shown, once known, is picked. */
 async function refreshList() {
-  const request = ++listRequest;
-  try {
-    const response = await fetch(apiUrl("?limit=50"), { headers: authHeaders() });
-    if (!response.ok || request !== listRequest) return;
-    const page = await response.json();
-    conversationList.replaceChildren(...page.conversations.map(listItem));
-    const shown = page.conversations.find((conversation) => conversation.id === conversationId);
-    if (shown && shown.assistant && shownAssistant === null) {
-      shownAssistant = shown.assistant;
-      assistantPicker.value = shown.assistant;
-    }
-    markCurrent();
-  } catch (error) {
-    console.warn("could not load the conversation list", error);
+  await conversations.refresh();
+  const shown = conversations.summary(conversationId);
+  if (shown && shown.assistant && shownAssistant === null) {
+    shownAssistant = shown.assistant;
+    assistantPicker.value = shown.assistant;
   }
-}
-
-async function deleteConversation(id) {
-  const response = await fetch(apiUrl(`/${id}`), {
-    method: "DELETE",
-    headers: authHeaders(),
-  });
-  if (!response.ok && response.status !== 404) {
-    statusLine.textContent = `Could not delete the conversation (HTTP ${response.status}).`;
-    return;
-  }
-  if (id === conversationId) openConversation(null);
-  refreshList();
 }
 
 form.addEventListener("submit", (event) => {
@@ -502,19 +488,33 @@ input.addEventListener("keydown", (event) => {
   }
 });
 
-stopButton.addEventListener("click", () => send({ type: "stop" }));
+/** Stop the reply: over the socket, or, while it is reconnecting, over HTTP, so a Stop is
+ * never lost (the reply runs on the server whether or not this page is connected). */
+function stopReply() {
+  if (send({ type: "stop" }) || !conversationId) return;
+  const url = new URL(`api/chat/${conversationId}/stop`, location.href);
+  fetch(url, { method: "POST", headers: authHeaders() }).catch((error) => {
+    statusLine.textContent = "Could not stop the reply: the server cannot be reached.";
+    console.warn("stop failed", error);
+  });
+}
 
-// Esc cancels an edit, or else stops the reply, wherever the focus is.
+stopButton.addEventListener("click", stopReply);
+
+// Esc closes the drawer if it is open, or else cancels an edit, or else stops the reply,
+// wherever the focus is.
 document.addEventListener("keydown", (event) => {
   if (event.key !== "Escape" || event.isComposing) return;
-  if (editing) {
+  if (drawer.close(drawerToggle)) {
+    event.preventDefault();
+  } else if (editing) {
     event.preventDefault();
     stopEditing();
     input.value = "";
     statusLine.textContent = "";
   } else if (reply) {
     event.preventDefault();
-    send({ type: "stop" });
+    stopReply();
   }
 });
 
@@ -558,9 +558,12 @@ async function loadAssistants() {
   }
 }
 
-// Follow new text only while the reader is at the bottom; scrolling up stops it.
+// Follow new text only while the reader is at the bottom; scrolling up stops it. The page's
+// own scrolling is reported a frame late, when more may have been added below: what stops the
+// following is a move up from where the page last put the reader.
 messages.addEventListener("scroll", () => {
-  followBottom = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
+  const below = messages.scrollHeight - messages.scrollTop - messages.clientHeight;
+  followBottom = below < 40 || messages.scrollTop >= scrolledTo - 1;
 });
 
 /** Whether the server wants a token (its /healthz says), then connect. */
