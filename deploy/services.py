@@ -6,6 +6,7 @@ tests bring up deployments with these."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -250,12 +251,139 @@ class Redis(Service):
             "no",
         ]
 
-    def __init__(self, folder: Path | None = None) -> None:
-        super().__init__("redis", folder)
+    def __init__(self, folder: Path | None = None, port: int = 0) -> None:
+        super().__init__("redis", folder, port)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster node whose bus port (10,000 above it) is free too."""
+    for _ in range(1000):
+        port = random.randrange(20_000, 45_000)
+        try:
+            for candidate in (port, port + 10_000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a Redis Cluster node")
+
+
+class ClusterNode(Redis):
+    """One node of a Redis Cluster: its own folder, port and `nodes.conf`."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, free_cluster_port())
+        self.name = f"redis-{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            *super().command(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.folder / "nodes.conf"),
+            # Seconds, not the default 15, before the others take a silent primary for failed.
+            "--cluster-node-timeout",
+            "2000",
+        ]
+
+
+class RedisCluster:
+    """A Redis Cluster of `primaries` primaries, each with `replicas` replicas, made with
+    `redis-cli --cluster create`; `url` for `CHAT_REDIS_URL`."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 1, folder: Path | None = None) -> None:
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="chat-redis-cluster-")).resolve()
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, UNPRIVILEGED)
+        self.replicas = replicas
+        count = primaries * (1 + replicas)
+        self.nodes = [ClusterNode(self.folder / f"node{i}") for i in range(count)]
+
+    @property
+    def url(self) -> str:
+        """Every node, as the server takes a cluster: any one of them is enough to start."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        if not (self.nodes[0].folder / "created").exists():
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            replicas = ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+            made = subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, *replicas],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if made.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {made.stdout}{made.stderr}")
+            (self.nodes[0].folder / "created").touch()
+        self.wait_ok()
+
+    def cli(self, node: ClusterNode, *command: str) -> str:
+        """A command's answer from one node, as `redis-cli` prints it."""
+        done = subprocess.run(
+            ["redis-cli", "-p", str(node.port), *command],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return done.stdout.strip()
+
+    def wait_ok(self, within: float = START_WITHIN) -> None:
+        """Return once every running node says the cluster is whole, and every running
+        replica is connected to its primary."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            running = [node for node in self.nodes if node.process is not None]
+            whole = all("cluster_state:ok" in self.cli(node, "cluster", "info") for node in running)
+            roles = [self.cli(node, "info", "replication") for node in running]
+            replicas = [role for role in roles if "role:slave" in role]
+            linked = all("master_link_status:up" in role for role in replicas)
+            everyone = len(running) == len(self.nodes)
+            expected = len(self.nodes) * self.replicas // (1 + self.replicas) if everyone else 0
+            if whole and linked and len(replicas) >= expected:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the Redis Cluster in {self.folder} did not come up whole")
+
+    def primary_of(self, key: str) -> ClusterNode:
+        """The node that serves `key` now."""
+        slot = int(self.cli(self.nodes[0], "cluster", "keyslot", key))
+        for line in self.cli(self.nodes[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for taken in fields[8:]:
+                low, _, high = taken.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(node for node in self.nodes if node.port == port)
+        raise RuntimeError(f"no primary serves slot {slot}")
+
+    def replica_of(self, primary: ClusterNode) -> ClusterNode:
+        """A replica of `primary`."""
+        for line in self.cli(
+            primary, "cluster", "replicas", self.cli(primary, "cluster", "myid")
+        ).splitlines():
+            port = int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+            return next(node for node in self.nodes if node.port == port)
+        raise RuntimeError(f"the primary on port {primary.port} has no replica")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Nginx(Service):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from backend.config.settings import Settings
-from deploy.services import Addressed, Deployment, Postgres, Redis
+from deploy.services import Addressed, Deployment, Postgres, Redis, RedisCluster
 from fakes.openai_server import FakeUpstream
 from tests.harness import IsolatedSettings, SettingsFactory, live_server
 
@@ -88,7 +88,9 @@ def chain_deployment(
     deployed.remove()
 
 
-def deployment_env(fake: FakeUpstream, postgres: Postgres, redis: Redis) -> dict[str, str]:
+def deployment_env(
+    fake: FakeUpstream, postgres: Postgres, redis: Redis | RedisCluster
+) -> dict[str, str]:
     """The environment of a deployment's workers, pointed at the fake model."""
     return {
         "OPENAI_BASE_URL": fake.url,

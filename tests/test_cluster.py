@@ -255,7 +255,7 @@ async def test_a_renewal_for_a_lease_given_back_spares_the_next_reply(
             return await execute(raise_on_error)
 
         racing.execute = give_back_then_execute  # type: ignore[method-assign]
-        cluster.redis.pipeline = lambda **_: racing  # type: ignore[method-assign]
+        cluster.redis.pipeline = lambda **_: racing  # type: ignore[method-assign,assignment]
         await cluster.renew()
         cluster.redis.pipeline = pipeline  # type: ignore[method-assign]
         assert await cluster.holder(conversation) is None

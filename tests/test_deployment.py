@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from backend.cluster.shared import Cluster
 from deploy.services import Deployment, Postgres, Redis, Worker
 from fakes.openai_server import Behaviour, FakeUpstream
 from tests.conftest import deployment_env
@@ -226,7 +227,7 @@ async def leases_held(client: aioredis.Redis, asked: list[str], count: int) -> l
     """The lease keys of the `count` conversations in `asked`, once all of them are held."""
     async with asyncio.timeout(UNIT):
         while True:
-            keys = [f"chat:lease:{conversation}" for conversation in asked]
+            keys = [Cluster.lease_key(conversation) for conversation in asked]
             if len(keys) == count and await client.exists(*keys) == count:
                 return keys
             await asyncio.sleep(0.01)

@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-import redis.asyncio as redis
-
 from backend.chat.outbox import Outbox
+from backend.config.redis_clients import SharedRedis
 from backend.protocol.errors import ClientGone
 from backend.store.records import TurnRecord
 from schemas import ChatResponse
@@ -179,7 +178,7 @@ class Relays(Protocol):
     shared: bool
 
     @property
-    def redis(self) -> redis.Redis | None:
+    def redis(self) -> SharedRedis | None:
         """The client for the rest of the shared state (quotas, tickets); None in-process."""
 
     def relay(self, conversation: Conversation) -> Relay:

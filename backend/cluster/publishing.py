@@ -57,6 +57,9 @@ class Publisher:
         self.fresh = True  # the first batch replaces the previous turn's stream
         self.expired_at = 0.0
         self.unsent: list[Entry] = []
+        # The `seq` of the stream's last entry before `unsent`; -1: not known (followers on a
+        # cluster then read the stream rather than trust the batch to follow on).
+        self.published = first - 1
         self.retrying = False  # a send failed: some of `unsent` may be in the stream already
         self.restoring = False  # the stream was lost: `unsent` is the whole turn, to write anew
         # Another worker may run the conversation now: the rest goes to the stream only while
@@ -98,6 +101,7 @@ class Publisher:
 
     def lost(self) -> None:
         """The stream is gone (Redis lost it): the turn so far is to be written anew, whole."""
+        self.published = -1
         self.take()  # all of it is in the turn already
         entries = self.so_far()
         self.unsent = [] if entries is None else entries
@@ -209,8 +213,11 @@ class Broadcaster:
         await self._drop_sent([publisher for publisher in publishers if publisher.retrying])
         publishers = [publisher for publisher in publishers if publisher.unsent]
         now = time.monotonic()
-        # All or nothing, so a batch that failed can be sent again as it is.
-        pipe = self.cluster.redis.pipeline(transaction=True)
+        # All or nothing, so a batch that failed can be sent again as it is. A cluster runs
+        # a transaction in one slot only: there, each node is sent its part, and a batch that
+        # failed is sent again less what its streams got (`_drop_sent`).
+        sharded = self.cluster.sharded
+        pipe = self.cluster.redis.pipeline(transaction=not sharded)
         firsts = []  # where each publisher's first entry is among the answers
         for publisher in publishers:
             key = Cluster.frames(publisher.conversation_id)
@@ -225,12 +232,16 @@ class Broadcaster:
             if publisher.fresh or now - publisher.expired_at > EXPIRE_EVERY:
                 pipe.expire(key, STREAM_TTL_S)
                 publisher.expired_at = now
+            self.cluster.tell_followers(
+                pipe, publisher.conversation_id, publisher.unsent, publisher.published
+            )
         answers = await pipe.execute()
         for publisher, first in zip(publishers, firsts, strict=True):
             if answers[first] is None:
                 publisher.lost()
                 continue
             publisher.fresh = False
+            publisher.published = publisher.unsent[-1].seq
             publisher.unsent.clear()
 
     async def _drop_sent(self, publishers: list[Publisher]) -> None:
@@ -243,6 +254,7 @@ class Broadcaster:
         lasts = await pipe.execute()
         for publisher, last in zip(publishers, lasts, strict=True):
             publisher.retrying = False
+            publisher.published = -1
             if publisher.fresh or not last:
                 continue
             sent = Entry.decode(last[0]).seq

@@ -20,13 +20,13 @@ import time
 from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING
 
-import redis.asyncio as redis
-
 from backend.chat.outbox import Outbox, Raw
 from backend.chat.relay import Directory
 from backend.cluster.publishing import Broadcaster, Publisher
+from backend.cluster.shard_tail import ShardTail
 from backend.cluster.shared import TEXT, TEXT_SO_FAR, Cluster, Entry, Lease
 from backend.cluster.tail import Tail
+from backend.config.redis_clients import SharedRedis
 from backend.config.timings import (
     CHECK_RUNNER_EVERY,
     RELEASE_WITHIN,
@@ -129,17 +129,17 @@ class RedisRelays:
     def __init__(
         self,
         cluster: Cluster,
-        tail: Tail | None = None,
+        tail: Tail | ShardTail | None = None,
         broadcaster: Broadcaster | None = None,
     ) -> None:
         self.cluster = cluster
-        self.tail = tail or Tail(cluster)
+        self.tail = tail or (ShardTail(cluster) if cluster.sharded else Tail(cluster))
         self.broadcaster = broadcaster or Broadcaster(cluster)
         self._directory: Directory | None = None
         self._watching: asyncio.Task[None] | None = None
 
     @property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> SharedRedis:
         """The client the worker's other shared state (quotas, tickets) uses."""
         return self.cluster.redis
 

@@ -10,6 +10,12 @@
 - **Control** messages (`stop`, `deleted`) go over pub/sub to whichever worker acts on them.
 - **Watchers**: each worker with clients of a conversation keeps its entry in a sorted set
   fresh, so the resume grace counts clients on every worker.
+
+Every key of a conversation carries its id as a hash tag (`chat:{ID}:frames`), so on a Redis
+Cluster they all live in one slot, where the scripts and transactions that touch several of
+them at once can run. On a cluster, new entries are also sent on the conversation's shard
+channel (`SPUBLISH`), which followers listen to (`backend/cluster/shard_tail.py`): a blocking
+read over many streams cannot span slots.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from typing import Any, cast
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from backend.config.redis_clients import redis_options
+from backend.config.redis_clients import (
+    ScriptClient,
+    SharedRedis,
+    is_cluster,
+    open_cluster,
+    redis_options,
+    run_script,
+)
 from backend.config.timings import LEASE_MS, RENEW_EVERY, STREAM_TTL_S, WATCH_TTL
 from backend.protocol.errors import SHARED_STATE_ERRORS
 
@@ -165,6 +178,28 @@ class Entry:
         return cls(int(entry_id.split("-", 1)[0]), fields["f"], fields["k"], int(fields["t"]))
 
 
+# A batch whose place in the stream is not known: its followers read the stream instead.
+UNKNOWN = -1
+
+
+def encode_entries(before: int, entries: Sequence[Entry]) -> str:
+    """Entries as one shard-channel message: the `seq` of the stream's entry just before them
+    (or `UNKNOWN`), then a line each, `seq kind turn frame` (a frame's JSON holds no
+    newline)."""
+    lines = (f"{e.seq} {e.kind} {e.turn} {e.frame}" for e in entries)
+    return "\n".join((str(before), *lines))
+
+
+def decode_entries(message: str) -> tuple[int, list[Entry]]:
+    """What `encode_entries` put in a message: `before`, and the entries."""
+    before, *lines = message.split("\n")
+    entries = []
+    for line in lines:
+        seq, kind, turn, frame = line.split(" ", 3)
+        entries.append(Entry(int(seq), frame, kind, int(turn)))
+    return int(before), entries
+
+
 def script_fields(entries: Sequence[Entry]) -> list[str]:
     """Entries as the scripts that add them take them: id, frame, kind, for each."""
     return [value for entry in entries for value in (entry.id, entry.frame, entry.kind)]
@@ -227,16 +262,24 @@ class Cluster:
     def __init__(self, url: str) -> None:
         self.worker = uuid.uuid4().hex[:12]
         self.url = url
-        # A burst of requests waits its turn for one of a bounded set of connections.
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=REDIS_CONNECTIONS,
-            timeout=REDIS_WAIT_S,
-            decode_responses=True,
-            health_check_interval=5,
-            **redis_options(),
-        )
-        self.redis = redis.Redis.from_pool(pool)
+        # Whether Redis is a Redis Cluster: keys are spread over its primaries by slot.
+        self.sharded = is_cluster(url)
+        self.redis: SharedRedis
+        if self.sharded:
+            self.redis = open_cluster(
+                url, REDIS_CONNECTIONS, decode_responses=True, health_check_interval=5
+            )
+        else:
+            # A burst of requests waits its turn for one of a bounded set of connections.
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=REDIS_CONNECTIONS,
+                timeout=REDIS_WAIT_S,
+                decode_responses=True,
+                health_check_interval=5,
+                **redis_options(),
+            )
+            self.redis = redis.Redis.from_pool(pool)
         self._handlers: list[ControlHandler] = []
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -248,31 +291,41 @@ class Cluster:
         self._append_to_turn = self.redis.register_script(APPEND_TO_TURN)
         self._forget_unused = self.redis.register_script(FORGET_UNUSED)
 
-    # Keys.
+    # Keys: each conversation's in one slot of a cluster (its id is their hash tag).
 
     @staticmethod
     def frames(conversation_id: str) -> str:
-        return f"chat:frames:{conversation_id}"
+        return f"chat:{{{conversation_id}}}:frames"
 
     @staticmethod
     def lease_key(conversation_id: str) -> str:
-        return f"chat:lease:{conversation_id}"
+        return f"chat:{{{conversation_id}}}:lease"
 
     @staticmethod
     def seq(conversation_id: str) -> str:
-        return f"chat:seq:{conversation_id}"
+        return f"chat:{{{conversation_id}}}:seq"
 
     @staticmethod
     def owner(conversation_id: str) -> str:
-        return f"chat:owner:{conversation_id}"
+        return f"chat:{{{conversation_id}}}:owner"
 
     @staticmethod
     def assistant(conversation_id: str) -> str:
-        return f"chat:assistant:{conversation_id}"
+        return f"chat:{{{conversation_id}}}:assistant"
 
     @staticmethod
     def watchers(conversation_id: str) -> str:
-        return f"chat:watchers:{conversation_id}"
+        return f"chat:{{{conversation_id}}}:watchers"
+
+    @staticmethod
+    def live(conversation_id: str) -> str:
+        """The shard channel its new entries are sent on, on a cluster."""
+        return f"chat:{{{conversation_id}}}:live"
+
+    @staticmethod
+    def conversation_of(key: str) -> str:
+        """The conversation a key or channel of the above is about."""
+        return key.partition("{")[2].partition("}")[0]
 
     # Life cycle.
 
@@ -342,8 +395,8 @@ class Cluster:
             return
         pipe = self.redis.pipeline(transaction=False)
         for conversation_id in held:
-            await self._release_lease(
-                keys=[self.lease_key(conversation_id)], args=[self.worker], client=pipe
+            await run_script(
+                self._release_lease, [self.lease_key(conversation_id)], [self.worker], pipe
             )
         await pipe.execute()
 
@@ -364,7 +417,7 @@ class Cluster:
         pipe = self.redis.pipeline(transaction=False)
         for conversation_id, _ in held:
             keys = [self.lease_key(conversation_id), self.frames(conversation_id)]
-            await self._renew_lease(keys=keys, args=[self.worker, LEASE_MS], client=pipe)
+            await run_script(self._renew_lease, keys, [self.worker, LEASE_MS], pipe)
         renewed = await pipe.execute()
         for (conversation_id, lease), outcome in zip(held, renewed, strict=True):
             # Only the lease that was renewed: while the round trip was out, it may have been
@@ -385,7 +438,10 @@ class Cluster:
         and nothing written, if another worker holds it."""
         keys = [self.lease_key(conversation_id), self.frames(conversation_id)]
         args: list[str | int] = [self.worker, LEASE_MS, position, STREAM_TTL_S]
-        return bool(await self._restore_turn(keys=keys, args=[*args, *script_fields(entries)]))
+        written = bool(await self._restore_turn(keys=keys, args=[*args, *script_fields(entries)]))
+        if written:
+            await self.told_followers(conversation_id, entries)
+        return written
 
     async def append_to_turn(
         self, conversation_id: str, position: int, first: int, entries: Sequence[Entry]
@@ -393,7 +449,10 @@ class Cluster:
         """Add `entries` to the stream if it still holds turn `position`, begun at `seq`
         `first`, not ended; False, and nothing added, otherwise."""
         args: list[str | int] = [position, f"{first}-0", *script_fields(entries)]
-        return bool(await self._append_to_turn(keys=[self.frames(conversation_id)], args=args))
+        added = bool(await self._append_to_turn(keys=[self.frames(conversation_id)], args=args))
+        if added:
+            await self.told_followers(conversation_id, entries)
+        return added
 
     async def release_lease(self, conversation_id: str) -> None:
         """Release the conversation's lease if this worker holds it."""
@@ -465,7 +524,27 @@ class Cluster:
         for entry in entries:
             pipe.xadd(key, entry.fields(), id=entry.id)  # type: ignore[arg-type]
         pipe.expire(key, STREAM_TTL_S)
+        self.tell_followers(pipe, conversation_id, entries)
         await pipe.execute()
+
+    def tell_followers(
+        self,
+        pipe: ScriptClient,
+        conversation_id: str,
+        entries: Sequence[Entry],
+        before: int = UNKNOWN,
+    ) -> None:
+        """On a cluster, send `entries`, just added to the stream, on the conversation's shard
+        channel too, in the same pipeline (after them, in the same slot). `before` is the
+        `seq` of the stream's entry just before them, if known."""
+        if self.sharded and entries:
+            pipe.spublish(self.live(conversation_id), encode_entries(before, entries))
+
+    async def told_followers(self, conversation_id: str, entries: Sequence[Entry]) -> None:
+        """`tell_followers` on its own, for entries a script added."""
+        if self.sharded and entries:
+            message = encode_entries(UNKNOWN, entries)
+            await cast(Awaitable[Any], self.redis.spublish(self.live(conversation_id), message))
 
     async def turn_frames(self, conversation_id: str, after: int) -> tuple[int | None, list[Entry]]:
         """The position of the turn in the stream (None if there is none) and its frames after

@@ -98,7 +98,7 @@ class Tail:
                 if key == self.wake_key:
                     woken = raws[-1][0]
                     continue
-                conversation_id = key.rsplit(":", 1)[1]
+                conversation_id = Cluster.conversation_of(key)
                 handler = self._handlers.get(conversation_id)
                 if handler is None or not raws:
                     continue

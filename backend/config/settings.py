@@ -181,8 +181,9 @@ class Settings(BaseSettings):
 
     chat_redis_url: str | None = Field(
         default=None,
-        description="Redis shared by the workers of a scaled-out deployment; unset, one "
-        "process serves alone",
+        description="Redis shared by the workers of a scaled-out deployment "
+        "(`redis://HOST:6379/0`), or a Redis Cluster (`redis+cluster://HOST:PORT,HOST:PORT`, "
+        "any of its nodes); unset, one process serves alone",
     )
     chat_resume_grace: float = Field(
         default=30.0,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import jwt
-import redis.asyncio as redis
 
+from backend.config.redis_clients import SharedRedis
 from backend.config.settings import Settings
 
 # Seconds a WebSocket ticket may wait for its handshake.
@@ -176,7 +176,7 @@ class Authenticator:
 class Tickets:
     """Single-use tickets for a WebSocket handshake, in memory or, across workers, in Redis."""
 
-    def __init__(self, shared: redis.Redis | None) -> None:
+    def __init__(self, shared: SharedRedis | None) -> None:
         # The workers' Redis client (`Cluster.redis`), when scaled out; its owner closes it.
         self.redis = shared
         self._local: dict[str, tuple[float, Principal]] = {}

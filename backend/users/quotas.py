@@ -21,11 +21,11 @@ import redis.asyncio as redis
 from fastapi import HTTPException, status
 from fastapi.responses import PlainTextResponse
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from starlette.datastructures import Address
 
-from backend.config.redis_clients import redis_options
+from backend.config.redis_clients import SharedRedis, is_cluster, redis_options
 from backend.config.settings import Settings
 from backend.config.timings import SLOT_RETRY_AFTER, TOKENS_RECHECK
 from backend.observe.metrics import Limit, Metrics
@@ -123,7 +123,7 @@ class Held:
 class Quotas:
     """The limits of one deployment; every worker of it shares their counts through Redis."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, client: SharedRedis | None, metrics: Metrics) -> None:
         self.metrics = metrics
         self.questions = (
             parse(settings.chat_quota_questions) if settings.chat_quota_questions else None
@@ -138,10 +138,21 @@ class Quotas:
         url = settings.chat_redis_url
         self.remote = url is not None  # the counts are in Redis, a round trip away
         # The rates' own connections to Redis, opened like the cluster's (and closed with us).
-        self._rates_pool = redis.ConnectionPool.from_url(url, **redis_options()) if url else None
-        pool: dict[str, Any] = {"connection_pool": self._rates_pool}
+        self._rates_pool: redis.ConnectionPool | None = None
         storage: Storage
-        if url:
+        if url and is_cluster(url):
+            # `limits` opens its own cluster client, from a URL of its form.
+            nodes = url.partition("://")[2]
+            storage = RedisClusterStorage(
+                f"async+redis+cluster://{nodes}",
+                implementation="redispy",
+                key_prefix="chat:limits",
+                ssl=url.lower().startswith("rediss"),
+                **redis_options(),
+            )
+        elif url:
+            self._rates_pool = redis.ConnectionPool.from_url(url, **redis_options())
+            pool: dict[str, Any] = {"connection_pool": self._rates_pool}
             storage = RedisStorage(
                 f"async+{url}", implementation="redispy", key_prefix="chat:limits", **pool
             )

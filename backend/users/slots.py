@@ -14,8 +14,9 @@ import logging
 from collections import defaultdict
 from typing import Any, Protocol, cast
 
-import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
+from backend.config.redis_clients import SharedRedis, run_script
 from backend.config.timings import SLOT_RENEW_EVERY, SLOT_TTL
 from backend.protocol.errors import SHARED_STATE_ERRORS
 
@@ -93,7 +94,7 @@ class MemorySlots:
 class RedisSlots:
     """Slots every worker sees, in Redis."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: SharedRedis) -> None:
         self.redis = client
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW_SLOTS)
@@ -134,12 +135,19 @@ class RedisSlots:
             if not mine:
                 continue
             try:
-                await cast(
-                    Any,
-                    self._renew(
-                        keys=[key for key, _ in mine],
-                        args=[SLOT_TTL, *(holder for _, holder in mine)],
-                    ),
-                )
+                if isinstance(self.redis, RedisCluster):
+                    # A script's keys must share a slot there: one call per slot held.
+                    pipe = self.redis.pipeline(transaction=False)
+                    for key, holder in mine:
+                        await run_script(self._renew, [key], [SLOT_TTL, holder], pipe)
+                    await pipe.execute()
+                else:
+                    await cast(
+                        Any,
+                        self._renew(
+                            keys=[key for key, _ in mine],
+                            args=[SLOT_TTL, *(holder for _, holder in mine)],
+                        ),
+                    )
             except SHARED_STATE_ERRORS as exc:
                 log.warning("cannot renew quota slots: %s", exc)
