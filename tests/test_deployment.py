@@ -8,10 +8,13 @@ import json
 import random
 import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
@@ -22,6 +25,7 @@ from tests.conftest import deployment_env
 from tests.harness import (
     UNIT,
     Frame,
+    ask,
     close_of,
     connect,
     conversation_of,
@@ -112,6 +116,105 @@ async def test_kill_9_of_the_worker_writing_a_reply(
     assert cut["status"] == "error"
     assert cut["text"] == text_of(seen)  # exactly what the clients saw
     assert fake.requests[-1].messages[2]["content"] == text_of(seen)
+
+
+async def writes_log(deployed: Deployment) -> AsyncEngine:
+    """The deployment's database, in which every insert or update of a turn is logged from
+    now on, with its conversation, in `turn_writes`."""
+    engine = create_async_engine(deployed.workers[0].env["CHAT_DATABASE_URL"])
+    async with engine.begin() as connection:
+        for statement in (
+            "CREATE TABLE IF NOT EXISTS turn_writes (conversation_id text, position int)",
+            """CREATE OR REPLACE FUNCTION log_turn_write() RETURNS trigger AS $$
+            BEGIN
+              INSERT INTO turn_writes VALUES (NEW.conversation_id, NEW.position);
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql""",
+            "DROP TRIGGER IF EXISTS turn_writes ON turns",
+            "CREATE TRIGGER turn_writes AFTER INSERT OR UPDATE ON turns "
+            "FOR EACH ROW EXECUTE FUNCTION log_turn_write()",
+        ):
+            await connection.execute(text(statement))
+    return engine
+
+
+async def query(engine: AsyncEngine, sql: str, **values: object) -> list[Any]:
+    async with engine.connect() as connection:
+        return list(await connection.execute(text(sql), values))
+
+
+async def test_a_turn_is_written_to_postgresql_once_it_ends(
+    own_deployment: Deployment, fake: FakeUpstream
+) -> None:
+    """Redis holds the turn in flight: PostgreSQL gets a first turn as it begins (so the
+    conversation is listed) and as it ends, a later one only as it ends, however long they
+    stream (a second each here, 3 s)."""
+    log = await writes_log(own_deployment)
+    try:
+        fake.then(*[Behaviour(tokens=[" s"] * 300, delay=0.01)] * 2)
+        async with connect(own_deployment.workers[0].ws) as ws:
+            conversation = conversation_of(ws)
+            first = await ask(ws, "a long story")
+            second = await ask(ws, "another")
+        assert first[-1]["status"] == second[-1]["status"] == "completed"
+        count = (
+            "SELECT position, count(*) AS writes FROM turn_writes "
+            "WHERE conversation_id = :id GROUP BY position ORDER BY position"
+        )
+        async with asyncio.timeout(UNIT * 5):  # the end is stored as the turn is given back
+            while True:
+                rows = await query(log, count, id=conversation)
+                if len(rows) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # and nothing more, at the writer's next tick
+        rows = await query(log, count, id=conversation)
+        assert [(row.position, row.writes) for row in rows] == [(0, 2), (1, 1)]
+    finally:
+        async with log.begin() as connection:
+            await connection.execute(text("DROP TRIGGER IF EXISTS turn_writes ON turns"))
+        await log.dispose()
+
+
+async def test_kill_9_mid_reply_with_nobody_watching_stores_what_the_stream_held(
+    own_deployment: Deployment, fake: FakeUpstream, redis_server: Redis
+) -> None:
+    """The worker running a reply dies while no client watches it anywhere: another worker
+    finds it dead, ends the turn and stores it, with the text its stream held."""
+    runner, other = own_deployment.workers
+    fake.then(Behaviour(tokens=[" k"] * 5000, delay=0.005))
+    async with connect(runner.ws) as asker:
+        conversation = conversation_of(asker)
+        await asker.send("go on")
+        seen: list[Frame] = []
+        await read_text(asker, seen, 40)
+    runner.kill()
+    shared = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        held = "".join(
+            json.loads(fields["f"])["message"]
+            for _, fields in await cast(Any, shared.xrange(Cluster.frames(conversation)))
+            if fields["k"] == "text"
+        )
+    finally:
+        await shared.aclose()
+    assert held.startswith(text_of(seen))
+    database = create_async_engine(other.env["CHAT_DATABASE_URL"])
+    try:
+        async with asyncio.timeout(UNIT * 30):
+            while True:
+                rows = await query(
+                    database,
+                    "SELECT status, text FROM turns WHERE conversation_id = :id",
+                    id=conversation,
+                )
+                if rows and rows[0].status is not None:
+                    break
+                await asyncio.sleep(0.5)
+        assert (rows[0].status, rows[0].text) == ("error", held)
+    finally:
+        await database.dispose()
+        runner.start()
 
 
 async def ask_until_served(ws: ClientConnection, question: str) -> list[Frame]:

@@ -164,6 +164,9 @@ class Conversation:
         self._background: set[asyncio.Task[Any]] = set()
         # Webhook events of replies that ended, to be stored with the next snapshot.
         self._deliveries: list[DeliveryRecord] = []
+        # Whether the store has its row (then a turn kept elsewhere as it streams is stored
+        # only once it ends).
+        self._ever_stored = record is not None
 
     @property
     def stored(self) -> bool:
@@ -439,8 +442,13 @@ class Conversation:
         logs.conversation_id.set(self.id)
         writer = self.services.writer
         self._streaming = record
-        self._changed.add(record.position)
-        writer.streaming(self, on=True)
+        if not self.relay.keeps_live_turn:
+            self._changed.add(record.position)
+            writer.streaming(self, on=True)  # stored every tick as it grows
+        elif not self._ever_stored:
+            # Stored once as it begins, so the conversation is listed; then once it ends.
+            self._changed.add(record.position)
+            writer.changed(self)
         grace = (
             None
             if record.background
@@ -456,7 +464,10 @@ class Conversation:
             self._streaming = None
             self.updated_at = now()
             self._changed.add(record.position)
-            writer.streaming(self, on=False)
+            if self.relay.keeps_live_turn:
+                writer.changed(self)
+            else:
+                writer.streaming(self, on=False)
             if self.reply is asyncio.current_task():
                 self.reply = None
             try:
@@ -542,6 +553,7 @@ class Conversation:
         ]
         for turn in turns:
             turn.parts = [turn.text] if turn.parts else []
+        self._ever_stored = True
         return ConversationRecord(
             id=self.id,
             title=self.title,

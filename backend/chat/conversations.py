@@ -237,6 +237,25 @@ class Conversations:
         self._live[conversation_id] = conversation
         return conversation
 
+    async def recover(self, conversation_id: str) -> None:
+        """A worker that died ran a turn of the conversation: end and store it from its
+        stream, if it was not stored (see `RedisRelay.recover`)."""
+        conversation = self._live.get(conversation_id)
+        if conversation is None:
+            record = await self.store.load(conversation_id)
+            begun = await self.relays.begun_elsewhere(conversation_id)
+            if record is None and begun is None:
+                return  # deleted, or never known to any worker
+            owner = record.owner if record is not None else begun[0] if begun else ""
+            try:
+                conversation = await self._load(conversation_id, owner)
+            except UnknownConversation:
+                return
+        try:
+            await conversation.relay.recover()
+        finally:
+            conversation.drop_if_idle()
+
     async def read(self, conversation_id: str, owner: str) -> ConversationRecord | None:
         """`owner`'s conversation as it is now, its reply in flight included, wherever that
         runs; None if nothing was ever asked in it, or it is another user's."""

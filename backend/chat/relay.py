@@ -35,6 +35,12 @@ class Relay(Protocol):
     # Seconds between checks whether clients elsewhere still watch a reply nobody here
     # watches; None when there is no elsewhere.
     recheck_every: float | None
+    # Whether a turn in flight is kept whole outside this process (a Redis stream) until it
+    # ends: then the store gets it when it ends, not every second as it grows.
+    keeps_live_turn: bool
+
+    async def recover(self) -> None:
+        """Store the turn a worker that died ran here, as far as it got (shared relays)."""
 
     # Frames.
 
@@ -92,9 +98,13 @@ class LocalRelay:
     """Every client and every reply of the conversation is in this process."""
 
     recheck_every: float | None = None
+    keeps_live_turn = False
 
     def __init__(self, conversation: Conversation) -> None:
         self.conversation = conversation
+
+    async def recover(self) -> None:
+        pass  # no other worker: a turn cut off by a crash is closed as the store starts
 
     def send(self, frame: ChatResponse) -> None:
         conversation = self.conversation
@@ -167,6 +177,9 @@ class Directory(Protocol):
 
     def deleted_elsewhere(self, conversation_id: str) -> None:
         """Another worker deleted the conversation."""
+
+    async def recover(self, conversation_id: str) -> None:
+        """A worker that died ran a turn of the conversation and may not have stored it."""
 
 
 class Relays(Protocol):

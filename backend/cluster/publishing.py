@@ -223,6 +223,7 @@ class Broadcaster:
             key = Cluster.frames(publisher.conversation_id)
             if publisher.fresh:
                 pipe.delete(key)
+                self.cluster.turn_begun(pipe, publisher.conversation_id)
             firsts.append(len(pipe))
             # Only into a stream that exists, once begun: one Redis lost is not begun again
             # from the middle of its turn.

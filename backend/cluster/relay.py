@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING
@@ -29,8 +30,10 @@ from backend.cluster.tail import Tail
 from backend.config.redis_clients import SharedRedis
 from backend.config.timings import (
     CHECK_RUNNER_EVERY,
+    DEAD_AFTER,
     RELEASE_WITHIN,
     RENEW_EVERY,
+    SWEEP_EVERY,
     TAKE_OVER_WITHIN,
     WATCH_TTL,
 )
@@ -137,6 +140,7 @@ class RedisRelays:
         self.broadcaster = broadcaster or Broadcaster(cluster)
         self._directory: Directory | None = None
         self._watching: asyncio.Task[None] | None = None
+        self._sweeping: asyncio.Task[None] | None = None
 
     @property
     def redis(self) -> SharedRedis:
@@ -154,11 +158,13 @@ class RedisRelays:
         self.tail.start()
         self.broadcaster.start()
         self._watching = asyncio.create_task(self._keep_watching(directory), name="watching")
+        self._sweeping = asyncio.create_task(self._sweep(directory), name="sweeping")
 
     async def close(self) -> None:
-        if self._watching is not None:
-            self._watching.cancel()
-            await asyncio.wait([self._watching])
+        for task in (self._watching, self._sweeping):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         await self.tail.close()
         await self.broadcaster.close()
         await self.cluster.close()
@@ -200,6 +206,25 @@ class RedisRelays:
             conversation.background(conversation.stop_here())
         elif command == "deleted":
             self._directory.deleted_elsewhere(conversation_id)
+
+    async def _sweep(self, directory: Directory) -> None:
+        """Every few seconds, store the turns of workers that died running them (from their
+        streams): the store has a turn once it ends, not as it grows."""
+        while True:
+            await asyncio.sleep(SWEEP_EVERY * random.uniform(0.5, 1.5))
+            try:
+                for worker in await self.cluster.dead_workers(DEAD_AFTER):
+                    conversations = await self.cluster.claim_turns_of(worker)
+                    if conversations is None:
+                        continue  # another worker recovers them
+                    for conversation_id in conversations:
+                        try:
+                            await directory.recover(conversation_id)
+                        except Exception:
+                            log.exception("cannot recover a turn of a worker that died")
+                    await self.cluster.recovered(worker)
+            except SHARED_STATE_ERRORS as exc:
+                log.warning("cannot look for workers that died (%s)", exc)
 
     async def _keep_watching(self, directory: Directory) -> None:
         """Tell the other workers, every few seconds, which conversations have clients here."""
@@ -251,6 +276,8 @@ class RedisRelay:
     on any."""
 
     recheck_every: float | None = RENEW_EVERY
+    # A turn in flight is in its stream: the store is written once it ends.
+    keeps_live_turn = True
 
     def __init__(self, conversation: Conversation, relays: RedisRelays) -> None:
         self.conversation = conversation
@@ -502,13 +529,19 @@ class RedisRelay:
         async with lease:
             if publisher is not None:
                 await publisher.drain()
+            stored = True
             try:
                 await self.conversation.services.writer.flush()
             except Exception:
-                # The writer keeps it and tries again at its next tick.
+                # The writer keeps it and tries again at its next tick (and should this
+                # worker die first, another stores it from the stream).
                 log.exception("cannot store a turn before giving its conversation back")
+                stored = False
             try:
-                await self.cluster.set_last_seq(self.id, self.conversation.seq)
+                if stored:
+                    await self.cluster.turn_stored(self.id, self.conversation.seq)
+                else:
+                    await self.cluster.set_last_seq(self.id, self.conversation.seq)
             except SHARED_STATE_ERRORS as exc:  # the stream has it too, while it lives
                 log.warning("cannot record a conversation's last seq (%s)", exc)
 
@@ -540,6 +573,38 @@ class RedisRelay:
         # A question asked meanwhile waits for the turn to be ended.
         async with self.conversation.turn_lock:
             await self._recover_turn()
+
+    async def recover(self) -> None:
+        """A worker that ran a turn here died before it stored the turn: end it if it had not
+        ended, and store it as the stream has it."""
+        async with self.conversation.turn_lock:
+            await self._recover_turn()
+            await self._store_ended_turn()
+
+    async def _store_ended_turn(self) -> None:
+        """Store the stream's ended turn if the store does not have it as it ended."""
+        record = turn_from(await self.cluster.whole_turn(self.id))
+        if record is None or record.status is None:
+            return
+        lease = self.cluster.lease(self.id)
+        if not await lease.acquire():
+            return  # a worker runs the conversation: it stores what it does
+        async with lease:
+            stored = await self.conversation.services.writer.store.load(self.id)
+            kept = (
+                next((turn for turn in stored.turns if turn.position == record.position), None)
+                if stored
+                else None
+            )
+            if kept is not None and kept.status == record.status and kept.text == record.text:
+                return
+            log.warning("a worker died before it stored a turn; stored from the stream")
+            await self._load()
+            conversation = self.conversation
+            conversation.adopt(record)
+            snapshot = conversation.snapshot()
+            if snapshot is not None:
+                await conversation.services.writer.store.save([snapshot])
 
     async def _recover_turn(self) -> None:
         # Nothing to end, and the lease left alone, unless the stream has a turn not ended: one

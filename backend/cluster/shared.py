@@ -45,6 +45,8 @@ from backend.protocol.errors import SHARED_STATE_ERRORS
 log = logging.getLogger(__name__)
 
 CONTROL_PATTERN = "chat:control:*"
+# Every worker's last sign of life (a sorted set: worker -> time), said every `RENEW_EVERY` s.
+WORKERS = "chat:workers"
 # Connections a worker opens to Redis at most (blocking reads have their own), and how long
 # a request waits for one before it fails.
 REDIS_CONNECTIONS = 32
@@ -323,6 +325,11 @@ class Cluster:
         return f"chat:{{{conversation_id}}}:live"
 
     @staticmethod
+    def turns_of(worker: str) -> str:
+        """The conversations whose turn a worker runs and has not stored yet (a set)."""
+        return f"chat:{{{worker}}}:turns"
+
+    @staticmethod
     def conversation_of(key: str) -> str:
         """The conversation a key or channel of the above is about."""
         return key.partition("{")[2].partition("}")[0]
@@ -340,6 +347,14 @@ class Cluster:
             if task is not None:
                 task.cancel()
                 await asyncio.wait([task])
+        try:
+            # Everything this worker ran is stored by now (it drained): nothing to recover.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(WORKERS, self.worker)
+            pipe.delete(self.turns_of(self.worker))
+            await pipe.execute()
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot say this worker is leaving (%s)", exc)
         await self.redis.aclose()
 
     async def ping(self) -> None:
@@ -401,13 +416,15 @@ class Cluster:
         await pipe.execute()
 
     async def _renew_all(self) -> None:
-        """Every `RENEW_EVERY` s, renew every lease held here, in one round trip."""
+        """Every `RENEW_EVERY` s, say this worker lives, and renew every lease held here, in
+        one round trip."""
         while True:
-            await asyncio.sleep(RENEW_EVERY)
             try:
+                await cast(Awaitable[Any], self.redis.zadd(WORKERS, {self.worker: time.time()}))
                 await self.renew()
             except SHARED_STATE_ERRORS as exc:
                 log.warning("cannot renew leases (%s); trying again", exc)
+            await asyncio.sleep(RENEW_EVERY)
 
     async def renew(self) -> None:
         """Renew every lease held here, in one round trip; `on_lost()` for those lost."""
@@ -472,6 +489,39 @@ class Cluster:
                 return False
             await asyncio.sleep(0.005)
         return True
+
+    # Turns in flight, by worker: what a worker that died leaves to be stored.
+
+    def turn_begun(self, pipe: ScriptClient, conversation_id: str) -> None:
+        """Note, in `pipe`, that this worker runs a turn of the conversation, not stored yet."""
+        key = self.turns_of(self.worker)
+        pipe.sadd(key, conversation_id)
+        pipe.expire(key, STREAM_TTL_S)
+
+    async def turn_stored(self, conversation_id: str, seq: int) -> None:
+        """The turn this worker ran is stored, the conversation's last `seq` being `seq`."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24)
+        pipe.srem(self.turns_of(self.worker), conversation_id)
+        await pipe.execute()
+
+    async def dead_workers(self, silent_for: float) -> list[str]:
+        """Workers not heard from for `silent_for` seconds."""
+        since = time.time() - silent_for
+        found = await cast(
+            Awaitable[Any], self.redis.zrangebyscore(WORKERS, "-inf", since, start=0, num=20)
+        )
+        return [str(worker) for worker in found]
+
+    async def claim_turns_of(self, worker: str) -> list[str] | None:
+        """The conversations a dead worker ran turns of, for this worker alone to recover
+        (None if another worker claimed them first)."""
+        if not await cast(Awaitable[Any], self.redis.zrem(WORKERS, worker)):
+            return None
+        return sorted(await cast(Awaitable[Any], self.redis.smembers(self.turns_of(worker))))
+
+    async def recovered(self, worker: str) -> None:
+        await cast(Awaitable[Any], self.redis.delete(self.turns_of(worker)))
 
     # Sequence numbers of conversations nobody runs.
 

@@ -81,3 +81,9 @@ RATES_SWEEP_EVERY = 1.0
 # their 1012 close), for the connections and tasks still open to end before it cancels them.
 # What is left by then ends in well under a second; this only bounds one that would not.
 GRACEFUL_SHUTDOWN_TIMEOUT = 5
+
+# A worker not heard from for this many seconds is dead: the turns it ran and had not stored
+# are stored from their streams by whichever worker claims them first, looking every
+# `SWEEP_EVERY` s (or so: each worker at its own pace).
+DEAD_AFTER = 10.0
+SWEEP_EVERY = 5.0

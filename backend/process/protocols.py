@@ -1,17 +1,27 @@
 """uvicorn's HTTP (httptools) and WebSocket (websockets, sans I/O) protocols, with the answers
-they owe requests that are too big or not HTTP at all: a 4xx with a sentence, then a close."""
+they owe requests that are too big or not HTTP at all (a 4xx with a sentence, then a close),
+and an open WebSocket's memory kept small, compression offered or not."""
 
 from __future__ import annotations
 
 import asyncio
 import http
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import httptools
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.extensions.base import Extension
+from websockets.extensions.permessage_deflate import (
+    PerMessageDeflate,
+    ServerPerMessageDeflateFactory,
+)
+from websockets.frames import CONT, CTRL_OPCODES, Frame
+from websockets.http11 import Request
+from websockets.typing import ExtensionParameter
 
 from backend.observe.logs import Throttled
 
@@ -105,6 +115,11 @@ class HttpProtocol(HttpToolsProtocol):
         self.unfinished = False
         self._watch_idle()
         super().handle_websocket_upgrade()
+        # The WebSocket protocol has the connection now. This one and its parser refer to
+        # each other: left as they are, they wait for the cyclic collector, the request's
+        # URL, scope and headers with them. (uvicorn lets go of it the same way once the
+        # connection is lost.)
+        self.parser = None  # type: ignore[assignment]
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > MAX_URL_BYTES:
@@ -190,23 +205,180 @@ def too_large() -> str:
 # websockets' own lines ("connection open", "connection rejected") repeat uvicorn's.
 logging.getLogger(f"{__name__}.websockets").setLevel(logging.WARNING)
 
+# A message this long or longer is compressed, when the client offered permessage-deflate: a
+# replayed history, a long question said back. A token's frame (under 100 bytes) would shrink
+# by a few bytes at most, for microseconds of CPU each (docs/benchmarks.md, "Memory per idle
+# socket, as browsers connect").
+DEFLATE_MIN_BYTES = 1024
+# The LZ77 window and zlib's memLevel while a message is compressed, websockets' and uvicorn's
+# defaults: 38 KB for the time of one message, where zlib's own take 262 KB.
+DEFLATE_WINDOW_BITS = 12
+DEFLATE_MEM_LEVEL = 5
+
+
+class LargeMessageDeflate(PerMessageDeflate):
+    """permessage-deflate without context takeover, compressing large messages only.
+
+    Without context takeover neither side keeps zlib state between messages: a compressor or
+    decompressor lives for one message. With it (uvicorn's choice), every socket holds both
+    for as long as it is open, 36 KiB, idle or not. Messages under `min_size` bytes are sent
+    as they are, which the extension allows (their RSV1 bit is clear).
+    """
+
+    def __init__(self, *args: Any, min_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_size = min_size
+        self.compressing = False
+
+    def encode(self, frame: Frame) -> Frame:
+        if frame.opcode in CTRL_OPCODES:
+            return frame
+        if frame.opcode is not CONT:
+            self.compressing = len(frame.data) >= self.min_size
+        compress = self.compressing
+        if frame.fin:
+            self.compressing = False
+        return super().encode(frame) if compress else frame
+
+
+class LargeMessageDeflateFactory(ServerPerMessageDeflateFactory):
+    """Accepts a client's permessage-deflate offer as `LargeMessageDeflate`."""
+
+    def __init__(self, min_size: int) -> None:
+        super().__init__(
+            server_no_context_takeover=True,
+            client_no_context_takeover=True,
+            server_max_window_bits=DEFLATE_WINDOW_BITS,
+            client_max_window_bits=DEFLATE_WINDOW_BITS,
+            compress_settings={"memLevel": DEFLATE_MEM_LEVEL},
+        )
+        self.min_size = min_size
+
+    def process_request_params(
+        self, params: Sequence[ExtensionParameter], accepted_extensions: Sequence[Extension]
+    ) -> tuple[list[ExtensionParameter], PerMessageDeflate]:
+        response, agreed = super().process_request_params(params, accepted_extensions)
+        return response, LargeMessageDeflate(
+            agreed.remote_no_context_takeover,
+            agreed.local_no_context_takeover,
+            agreed.remote_max_window_bits,
+            agreed.local_max_window_bits,
+            agreed.compress_settings,
+            min_size=self.min_size,
+        )
+
+
+# Shared by every socket: a factory keeps no state of its own.
+EXTENSIONS = (LargeMessageDeflateFactory(DEFLATE_MIN_BYTES),)
+
+
+class Inbox:
+    """What uvicorn asks of the `asyncio.Queue` of a socket's received events (`put_nowait`,
+    `get`, `empty`), kept in a list: the queue's three deques and Event cost 3 KB a socket."""
+
+    __slots__ = ("items", "waiters")
+
+    def __init__(self) -> None:
+        self.items: list[ASGIReceiveEvent] = []
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def put_nowait(self, item: ASGIReceiveEvent) -> None:
+        self.items.append(item)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def get(self) -> ASGIReceiveEvent:
+        while not self.items:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+        return self.items.pop(0)
+
+
+class Gate:
+    """An `asyncio.Event` (`set`, `clear`, `wait`) whose waiters' list exists only while
+    someone waits: the Event's deque is 760 bytes, for every socket, for a wait that happens
+    only when the client reads slower than the server writes."""
+
+    __slots__ = ("open", "waiters")
+
+    def __init__(self) -> None:
+        self.open = True
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self.open
+
+    def set(self) -> None:
+        self.open = True
+        waiters, self.waiters = self.waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.open = False
+
+    async def wait(self) -> None:
+        if self.open:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self.waiters is not None and waiter in self.waiters:
+                self.waiters.remove(waiter)
+
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol, finishing the handshakes it leaves hanging.
+    """uvicorn's sans-I/O WebSocket protocol, finishing the handshakes it leaves hanging, and
+    holding less memory per open socket.
 
     websockets parses the handshake before the app sees it, and refuses a request line or a
     header over its limits (414, 431) or a request that is not HTTP; uvicorn writes out only
     what websockets produced for a handshake that parsed, so these refusals were never sent and
     the connection stayed open, holding its memory and descriptor. And a handshake the app
     refused with an HTTP response (403, 401, 429) was logged as an error of the app.
+
+    An idle socket opened the way browsers open one (offering permessage-deflate) cost 77 KiB
+    of uvicorn's: it negotiates compression with context takeover (a zlib compressor and
+    decompressor kept per socket, 36 KiB), keeps the handshake's request and response headers
+    for as long as the socket is open, and an asyncio queue and event, four deques of 760 bytes
+    between them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn.logger = logging.getLogger(f"{__name__}.websockets")
+        if self.config.ws_per_message_deflate:
+            self.conn.available_extensions = EXTENSIONS
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Gate()  # type: ignore[assignment]
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The scope has its own copy of the headers, and the 101 response is ready: websockets'
+        # parser keeps the request for as long as the socket is open, the headers need not.
+        event.headers.clear()
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # Sent; nothing reads it again.
+            self.response.headers.clear()
         if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
             self.handshake_complete = True
 

@@ -3,7 +3,9 @@
 Tokens only append to lists in memory. This writer wakes every `interval` seconds, takes a
 snapshot of every conversation that changed or is streaming, and saves them together, so a
 crash loses at most about `interval` seconds of a reply's text. (A reply that ends is stored on
-the next tick too: a batch a second costs less than a transaction per reply.)
+the next tick too: a batch a second costs less than a transaction per reply.) Scaled out, a
+reply in flight is whole in its Redis stream, and is stored only as it ends (see
+`Relay.keeps_live_turn`).
 """
 
 from __future__ import annotations
