@@ -83,6 +83,8 @@ bench: install
 	$(PY) -m bench.chains
 	$(PY) -m bench.webhooks
 	$(PY) -m bench.page
+	$(PY) -m bench.sockets
+	$(PY) -m bench.distance
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/, and README's settings table from
