@@ -231,6 +231,7 @@ async def test_editing_the_last_question_replaces_the_turn(
         Behaviour(tokens=["about ", "cats"]),
         Behaviour(tokens=["about ", "dogs"]),
         Behaviour(tokens=["more ", "dogs"]),
+        Behaviour(tokens=["cats ", "too"]),
         Behaviour(tokens=["dogs ", "again"]),
     )
     chat = chat_id()
@@ -241,6 +242,12 @@ async def test_editing_the_last_question_replaces_the_turn(
         assert edited["error"] is None
         assert [text_of(m) for m in edited["messages"]] == ["tell me about dogs", "about dogs"]
         await sdk.do("send", text="more", wait=True)
+        # A question the server refused stays in the chat; edited, it is a new question, and
+        # the turns before it are kept.
+        too_long = await sdk.do("send", text="x" * 20_000, wait=True)
+        assert too_long["error"] is not None
+        kept = await sdk.do("edit", index=-1, text="and cats?")
+        assert kept["error"] is None
         refused = await sdk.do("edit", index=0, text="tell me about birds")
         assert refused["error"] == ONLY_THE_LAST
         # Started from the server's messages (as after a reload), the ids are the server's.
@@ -251,10 +258,10 @@ async def test_editing_the_last_question_replaces_the_turn(
         assert again["error"] is None
     assert fake.requests[1].messages[-1] == {"role": "user", "content": "tell me about dogs"}
     assert "cats" not in json.dumps(fake.requests[2].messages)
-    assert len(fake.requests) == 4
-    assert fake.requests[3].messages[-3:] == [
-        {"role": "user", "content": "tell me about dogs"},
-        {"role": "assistant", "content": "about dogs"},
+    assert len(fake.requests) == 5
+    assert fake.requests[4].messages[-3:] == [
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "more dogs"},
         {"role": "user", "content": "dogs, again"},
     ]
     async with httpx.AsyncClient(timeout=UNIT) as client:
@@ -262,9 +269,12 @@ async def test_editing_the_last_question_replaces_the_turn(
     assert [text_of(m) for m in messages] == [
         "tell me about dogs",
         "about dogs",
+        "more",
+        "more dogs",
         "dogs, again",
         "dogs again",
     ]
+    assert fake.requests[3].messages[-1] == {"role": "user", "content": "and cats?"}
 
 
 # The protocol itself, from a plain HTTP client.

@@ -306,7 +306,8 @@ class Conversation:
         """Answer the last question again in place of its reply (its text replaced by
         `edited`, if given); False if nothing was asked. `which` tells, from the turns as
         they stand once the turn is held, the position of the question the client means to
-        edit: anything but the last is refused (`ChatError`, `bad_request`)."""
+        edit: an earlier one than the last is refused (`ChatError`, `bad_request`), a later one
+        (which the conversation never took) is asked as a new question."""
         return await self._take_turn(None, who, webhook, background, edited, which)
 
     async def _take_turn(
@@ -362,8 +363,14 @@ class Conversation:
                 await quotas.end_reply(held, None)
                 await self._release()
                 return False
-            if which is not None and which(self.turns) < len(self.turns) - 1:
-                raise ChatError("bad_request", ONLY_THE_LAST)
+            if which is not None and self.turns:
+                edits, last = which(self.turns), len(self.turns) - 1
+                if edits < last:
+                    raise ChatError("bad_request", ONLY_THE_LAST)
+                if edits > last:
+                    # A question the client has and this conversation never took (one that
+                    # was refused, say): asked now, as a new one.
+                    question, edited = edited, None
             if question is None:
                 record = self.turns[-1]
                 record.restart()

@@ -144,7 +144,9 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_pre_ping=True)
+    # Pooled connections are not pinged as they are taken (three round trips each time with
+    # asyncpg): one found closed is replaced, with the whole pool (see `SqlStore._retried`).
+    return create_async_engine(url)
 
 
 def _upgrade(connection: Connection) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import Insert, Select, case, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backend.store.db import conversations, create_engine, migrate, turns, webhook_deliveries
@@ -24,6 +26,7 @@ from backend.store.search import matching, words_of
 from schemas import ChatResponse, EndStatus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A process killed mid-reply may have sent frames it never stored. Numbering of a conversation
 # found that way goes on this far above what was stored, past anything a client can have seen.
@@ -170,10 +173,30 @@ class SqlStore:
         await self.engine.dispose()
 
     async def ping(self) -> None:
-        # Taking a connection is the probe: a pooled one is pinged as it is taken (PostgreSQL's
-        # engine has `pool_pre_ping`), a new one is opened.
-        async with self.engine.connect():
-            pass
+        await self._retried(self._ping)
+
+    async def _ping(self) -> None:
+        async with self._reading() as connection:
+            await connection.execute(select(1))
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for one read statement: no transaction around it, so the statement is
+        the only round trip (a `BEGIN` and a `ROLLBACK` would be two more)."""
+        async with self.engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def _retried(self, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()`, once more if it failed on a connection the database had closed (it
+        restarted): pooled connections are not pinged before use, which would cost round
+        trips on every request, and a connection found dead has the whole pool replaced."""
+        try:
+            return await work()
+        except DBAPIError as failure:
+            if not failure.connection_invalidated:
+                raise
+            log.info("a pooled database connection was closed; trying again on a new one")
+            return await work()
 
     def _upsert(self, table: Any, keys: Sequence[str]) -> Insert:
         """Insert, or update every column but `keys` where a row with those keys exists."""
@@ -199,8 +222,11 @@ class SqlStore:
         return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
 
     async def save(self, records: Sequence[ConversationRecord]) -> None:
-        if not records:
-            return
+        if records:
+            # Written whole or not at all, and the same rows again: safe to try twice.
+            await self._retried(lambda: self._save(records))
+
+    async def _save(self, records: Sequence[ConversationRecord]) -> None:
         rows = [
             {
                 "id": record.id,
@@ -228,30 +254,34 @@ class SqlStore:
                 await connection.execute(self._delivery_insert, delivery_rows)
 
     async def load(self, conversation_id: str) -> ConversationRecord | None:
-        async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    select(conversations).where(conversations.c.id == conversation_id)
-                )
-            ).first()
-            if row is None:
-                return None
-            rows = await connection.execute(
-                select(turns)
-                .where(turns.c.conversation_id == conversation_id)
-                .order_by(turns.c.position)
+        return await self._retried(lambda: self._load(conversation_id))
+
+    async def _load(self, conversation_id: str) -> ConversationRecord | None:
+        # One statement, one round trip: the conversation's row beside each of its turns.
+        query = (
+            select(conversations, turns)
+            .select_from(
+                conversations.outerjoin(turns, turns.c.conversation_id == conversations.c.id)
             )
-            return ConversationRecord(
-                id=row.id,
-                title=row.title,
-                created_at=aware(row.created_at),
-                updated_at=aware(row.updated_at),
-                last_seq=row.last_seq,
-                turn_count=row.turn_count,
-                turns=[_turn_from(turn) for turn in rows],
-                owner=row.owner,
-                assistant=row.assistant,
-            )
+            .where(conversations.c.id == conversation_id)
+            .order_by(turns.c.position)
+        )
+        async with self._reading() as connection:
+            rows = (await connection.execute(query)).all()
+        if not rows:
+            return None
+        row = rows[0]
+        return ConversationRecord(
+            id=row.id,
+            title=row.title,
+            created_at=aware(row.created_at),
+            updated_at=aware(row.updated_at),
+            last_seq=row.last_seq,
+            turn_count=row.turn_count,
+            turns=[_turn_from(turn) for turn in rows if turn.position is not None],
+            owner=row.owner,
+            assistant=row.assistant,
+        )
 
     async def page(
         self, owner: str, limit: int, offset: int, search: str = ""
@@ -259,7 +289,10 @@ class SqlStore:
         query = self.page_query(owner, limit, offset, search)
         if query is None:
             return []
-        async with self.engine.connect() as connection:
+        return await self._retried(lambda: self._page(query))
+
+    async def _page(self, query: Select[Any]) -> list[ConversationSummary]:
+        async with self._reading() as connection:
             rows = await connection.execute(query)
             return [_summary_from(row) for row in rows]
 
