@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Literal
 
@@ -63,7 +64,7 @@ class Rename(BaseModel):
             raise ValueError("The title is empty.")
         if len(title) > MAX_TITLE:
             raise ValueError(f"The title is longer than {MAX_TITLE} characters.")
-        if any(ord(c) < 32 or ord(c) == 127 for c in title):
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in title):
             raise ValueError("The title must be one line, without control characters.")
         return title
 

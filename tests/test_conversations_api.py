@@ -107,12 +107,18 @@ async def test_search_and_rename(server: Addressed, fake: FakeUpstream) -> None:
             ({"title": "   "}, "empty"),
             ({"title": "x" * 201}, "200 characters"),
             ({"title": "two\nlines"}, "one line"),
+            ({"title": "two\u2028lines"}, "one line"),
+            ({"title": "a\u0085b"}, "one line"),
             ({"name": "x"}, "title"),
             ([], "JSON object"),
         ]:
             refused = await client.patch(f"/api/conversations/{other_id}", json=bad)
             assert refused.status_code == 422, (bad, refused.text)
             assert sentence in refused.json()["detail"], refused.text
+            assert "Value error" not in refused.json()["detail"]
+        bodiless = await client.patch(f"/api/conversations/{other_id}")
+        assert bodiless.status_code == 422
+        assert "body is missing" in bodiless.json()["detail"]
         for missing in ("a" * 32, "not-an-id"):
             absent = await client.patch(f"/api/conversations/{missing}", json={"title": "x"})
             assert absent.status_code == 404

@@ -244,6 +244,33 @@ async def test_stop_while_the_socket_reconnects_still_stops(
     await page.close()
 
 
+async def test_a_new_conversation_is_listed_as_it_is_asked(
+    context: BrowserContext, page_server: LiveServer, fake: FakeUpstream
+) -> None:
+    fake.then(Behaviour(tokens=[f" t{i}" for i in range(300)], delay=0.02))
+    page = await open_chat(context, page_server)
+    question = "a conversation listed before its reply ends"
+    await ask(page, question)
+    await expect(page.locator("#conversations .open").first).to_have_text(question)
+    await expect(last_reply(page)).to_have_attribute("aria-busy", "true")  # still streaming
+    await page.keyboard.press("Escape")
+    await page.close()
+
+
+async def test_on_a_phone_a_long_questions_edit_button_is_on_screen(
+    context: BrowserContext, page_server: LiveServer
+) -> None:
+    page = await open_chat(context, page_server, width=375)
+    await ask(page, "a rather long question that fills the width of a phone " * 3)
+    await expect(last_reply(page)).to_have_attribute("data-status", "completed")
+    box = await page.locator(".edit-question").bounding_box()
+    assert box is not None
+    assert box["x"] >= 0
+    assert box["x"] + box["width"] <= 375
+    assert await page_width(page) <= 375
+    await page.close()
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 async def test_no_serious_accessibility_violations(
     chromium: Browser, page_server: LiveServer, fake: FakeUpstream, scheme: str

@@ -123,9 +123,12 @@ def validation_sentence(errors: Sequence[Any]) -> str:
         return "The body is not valid JSON: send a JSON object."
     if location == ["body"] and first.get("type") in ("model_attributes_type", "dict_type"):
         return "The body must be a JSON object, sent with Content-Type: application/json."
+    if location == ["body"] and first.get("type") == "missing":
+        return "The body is missing: send a JSON object, with Content-Type: application/json."
     place = PLACES.get(location[0], location[0]) if location else "request"
     name = ".".join(location[1:])
-    message = str(first.get("msg", "is not valid")).rstrip(".")
+    # A validator's own sentence, without pydantic's "Value error, " before it.
+    message = str(first.get("msg", "is not valid")).removeprefix("Value error, ").rstrip(".")
     if not name:
         return f"Bad {place}: {message}."
     return f"Bad {place} {name[:64]!r}: {message}."

@@ -323,6 +323,8 @@ function applyFrame(frame) {
         bubble("you", frame.message).dataset.seq = String(frame.seq);
         showInUrl(conversationId);
         updateRegenerate();
+        // A new conversation is listed as its first question is asked, not once answered.
+        if (!conversations.summary(conversationId)) refreshList();
       } else if (reply) {
         reply.view.add(frame.message);
       }

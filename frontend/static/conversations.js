@@ -210,7 +210,7 @@ export class ConversationList {
       item = this.newItem(conversation.id);
       this.items.set(conversation.id, item);
     }
-    item.querySelector(".open").title = new Date(conversation.updated).toLocaleString();
+    item.dataset.updated = new Date(conversation.updated).toLocaleString();
     this.retitle(item, conversation.title);
     return item;
   }
@@ -238,7 +238,10 @@ export class ConversationList {
 
   retitle(item, title) {
     item.dataset.title = title;
-    item.querySelector(".open").textContent = title;
+    const open = item.querySelector(".open");
+    open.textContent = title;
+    // The whole title, which the list may cut short, and when it was last written in.
+    open.title = item.dataset.updated ? `${title}\n${item.dataset.updated}` : title;
     item.querySelector(".rename").setAttribute("aria-label", `Rename “${title}”`);
     item.querySelector(".delete").setAttribute("aria-label", `Delete “${title}”`);
     const summary = this.summaries.get(item.dataset.id);

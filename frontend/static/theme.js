@@ -26,6 +26,7 @@ export function setUpTheme(toggle) {
     if (toggle) {
       const other = theme === "dark" ? "light" : "dark";
       toggle.setAttribute("aria-label", `Use the ${other} theme`);
+      toggle.title = `Use the ${other} theme`;
       toggle.setAttribute("aria-pressed", theme === "dark" ? "true" : "false");
     }
   };
