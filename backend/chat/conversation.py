@@ -21,6 +21,7 @@ from typing import Any
 
 from langchain_core.messages import messages_from_dict
 
+from backend.chat.gate import Gate
 from backend.chat.outbox import Outbox
 from backend.chat.relay import RelayFactory
 from backend.config.settings import Settings
@@ -159,7 +160,7 @@ class Conversation:
         # A finished reply giving its turn back (see `Relay.release`).
         self._releasing: asyncio.Task[None] | None = None
         # Set when a client joins or leaves, for the resume grace to look again.
-        self._clients_changed = asyncio.Event()
+        self._clients_changed = Gate()
         self.idle_since = 0.0  # `time.monotonic()` when it last had no client and no reply
         self._background: set[asyncio.Task[Any]] = set()
         # Webhook events of replies that ended, to be stored with the next snapshot.
@@ -262,7 +263,7 @@ class Conversation:
         grace = self.services.settings.chat_resume_grace
         unwatched_since: float | None = None
         while True:
-            changed = self._clients_changed = asyncio.Event()
+            changed = self._clients_changed = Gate()
             wait: float | None = None
             if self.clients:
                 unwatched_since = None

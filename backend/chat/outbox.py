@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from backend.chat.gate import Gate
 from backend.protocol.errors import ClientGone
 from backend.speedups.eager import start_eagerly
 from schemas import ChatResponse
@@ -102,9 +103,9 @@ class Outbox:
         self._max_pending = max_pending
         self._pending: list[Pending] = []
         self._preloaded = 0
-        self._wake = asyncio.Event()
+        self._wake = Gate()
         self.state = State.OPEN
-        self.stopped = asyncio.Event()
+        self.stopped = Gate()
         # See `attach`.
         self._direct: SendText | None = None
         self.format_token: Callable[[str, int | None], str] = token_json

@@ -23,6 +23,7 @@ from websockets.frames import CONT, CTRL_OPCODES, Frame
 from websockets.http11 import Request
 from websockets.typing import ExtensionParameter
 
+from backend.chat.gate import Gate
 from backend.observe.logs import Throttled
 
 # httptools' own limit: it cannot parse a longer URL. A long question (`GET /stream?prompt=`
@@ -305,44 +306,6 @@ class Inbox:
         return self.items.pop(0)
 
 
-class Gate:
-    """An `asyncio.Event` (`set`, `clear`, `wait`) whose waiters' list exists only while
-    someone waits: the Event's deque is 760 bytes, for every socket, for a wait that happens
-    only when the client reads slower than the server writes."""
-
-    __slots__ = ("open", "waiters")
-
-    def __init__(self) -> None:
-        self.open = True
-        self.waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self.open
-
-    def set(self) -> None:
-        self.open = True
-        waiters, self.waiters = self.waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self.open = False
-
-    async def wait(self) -> None:
-        if self.open:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        if self.waiters is None:
-            self.waiters = []
-        self.waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if self.waiters is not None and waiter in self.waiters:
-                self.waiters.remove(waiter)
-
-
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, finishing the handshakes it leaves hanging, and
     holding less memory per open socket.
@@ -366,7 +329,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if self.config.ws_per_message_deflate:
             self.conn.available_extensions = EXTENSIONS
         self.queue = Inbox()  # type: ignore[assignment]
-        self.writable = Gate()  # type: ignore[assignment]
+        self.writable = Gate(open=True)  # type: ignore[assignment]
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

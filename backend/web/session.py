@@ -15,7 +15,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from backend.chat.conversation import Conversation, hello
 from backend.chat.conversations import Conversations
-from backend.chat.outbox import Close, Outbox
+from backend.chat.outbox import Close, Outbox, Pending
 from backend.config.settings import Settings
 from backend.observe import logs
 from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE, ChatError
@@ -36,18 +36,25 @@ async def write(outbox: Outbox, websocket: WebSocket, direct: bool = True) -> No
     `direct`, a lone token is sent by the reply's own task."""
     outbox.attach(websocket.send_text if direct else None)
     try:
-        while True:
-            for item in await outbox.take():
-                if isinstance(item, Close):
-                    await websocket.close(code=item.code, reason=item.reason)
-                    return
-                await websocket.send_text(item.to_json())
+        # Nothing sent is kept while the socket waits for more: an idle socket holds no frame.
+        while await send_all(await outbox.take(), websocket):
+            pass
     except (WebSocketDisconnect, OSError, RuntimeError) as exc:
         # Starlette raises WebSocketDisconnect for a peer that left, RuntimeError for a
         # socket already closed on our side.
         log.debug("socket writer stopped: %r", exc)
     finally:
         outbox.stop()
+
+
+async def send_all(items: list[Pending], websocket: WebSocket) -> bool:
+    """Send `items` in order; False once one was a `Close` (the socket is closed then)."""
+    for item in items:
+        if isinstance(item, Close):
+            await websocket.close(code=item.code, reason=item.reason)
+            return False
+        await websocket.send_text(item.to_json())
+    return True
 
 
 class ChatSession:
