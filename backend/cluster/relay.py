@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backend.chat.outbox import Outbox, Raw
 from backend.chat.relay import Directory
@@ -38,7 +38,7 @@ from backend.config.timings import (
     WATCH_TTL,
 )
 from backend.protocol.errors import SHARED_STATE_ERRORS, UNREACHABLE, ChatError, ClientGone
-from backend.store.records import TurnRecord
+from backend.store.records import ConversationRecord, TurnRecord
 from schemas import ChatResponse
 
 if TYPE_CHECKING:
@@ -291,6 +291,8 @@ class RedisRelay:
         self._turn_open = False
         self._publisher: Publisher | None = None
         self._lease: Lease | None = None
+        # The store's copy, read while the lease was being taken (see `_take_over`).
+        self._prefetched: asyncio.Future[ConversationRecord | None] | None = None
         # Telling every worker about a new conversation's id (see `announce`).
         self._announcing: asyncio.Task[None] | None = None
 
@@ -478,6 +480,11 @@ class RedisRelay:
     async def _take_over(self, admitted: Awaitable[None]) -> None:
         """Hold the lease, stopping the reply another worker runs if need be, once `admitted`
         (the quotas' answer) has come."""
+        # The store is read while the lease is taken: the first token waits for one round
+        # trip, not two (`_load` reads it again if it was read before the last turn was in).
+        store = self.conversation.services.writer.store
+        self._prefetched = asyncio.ensure_future(store.load(self.id))
+        self._prefetched.add_done_callback(_observed)
         lease = self.cluster.lease(self.id, self._lease_lost)
         deadline = time.monotonic() + TAKE_OVER_WITHIN
         asked = 0.0
@@ -498,14 +505,26 @@ class RedisRelay:
     async def _load(self) -> None:
         """The conversation as stored, and the last `seq` anyone used: the lease is ours now."""
         conversation = self.conversation
-        record = await conversation.services.writer.store.load(self.id)
+        store = conversation.services.writer.store
+        prefetched, self._prefetched = self._prefetched, None
+        lease = self._lease
+        seen = lease.seen if lease is not None else None
+        if seen is None:
+            record, (stored, streamed) = await asyncio.gather(
+                store.load(self.id), self.cluster.last_seqs(self.id)
+            )
+        else:
+            stored, streamed = seen
+            record = await (prefetched if prefetched is not None else store.load(self.id))
+            if record is not None and record.last_seq < stored:
+                # Read before the worker that held the lease last had stored its turn.
+                record = await store.load(self.id)
         if record is not None:
             conversation.turns = record.turns
             conversation.title = record.title
             conversation.created_at = record.created_at
             conversation.assistant = record.assistant or conversation.assistant
-        last_seq = await self.cluster.last_seq(self.id)
-        conversation.seq = max(record.last_seq if record else 0, last_seq)
+        conversation.seq = max(record.last_seq if record else 0, stored, streamed)
 
     def begin(self, record: TurnRecord, regenerate: bool) -> None:
         self._publisher = self.broadcaster.publisher(
@@ -637,6 +656,12 @@ class RedisRelay:
             if snapshot is not None:
                 await conversation.services.writer.store.save([snapshot])
             await self.cluster.set_last_seq(self.id, conversation.seq)
+
+
+def _observed(read: asyncio.Future[Any]) -> None:
+    """A read nobody may wait for (its turn was not taken): its failure is not left unseen."""
+    if not read.cancelled():
+        read.exception()
 
 
 def _open(record: TurnRecord | None) -> bool:

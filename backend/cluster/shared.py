@@ -221,17 +221,28 @@ class Lease:
         self.conversation_id = conversation_id
         self.key = Cluster.lease_key(conversation_id)
         self.on_lost = on_lost
+        # Once taken: the last `seq` stored, and the last in the stream (see `acquire`).
+        self.seen: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         held = self.cluster._held.get(self.conversation_id) is self
         return f"<Lease {self.conversation_id} {'held' if held else 'not held'}>"
 
     async def acquire(self) -> bool:
-        """Take the lease if nobody holds it, and keep renewing it; False if somebody does."""
+        """Take the lease if nobody holds it, and keep renewing it; False if somebody does.
+
+        In the same round trip, what Redis knows of the conversation's `seq` is read into
+        `seen`: the last one stored (the worker that held the lease last stored its turn,
+        then said so) and the last in the stream."""
         cluster = self.cluster
-        taken = cluster.redis.set(self.key, cluster.worker, nx=True, px=LEASE_MS)
-        if not await cast(Awaitable[Any], taken):
+        pipe = cluster.redis.pipeline(transaction=False)
+        pipe.set(self.key, cluster.worker, nx=True, px=LEASE_MS)
+        pipe.get(cluster.seq(self.conversation_id))
+        pipe.xrevrange(cluster.frames(self.conversation_id), count=1)
+        taken, stored, last = await pipe.execute()
+        if not taken:
             return False
+        self.seen = (int(stored or 0), Entry.decode(last[0]).seq if last else 0)
         cluster._held[self.conversation_id] = self
         return True
 
@@ -527,12 +538,16 @@ class Cluster:
 
     async def last_seq(self, conversation_id: str) -> int:
         """The last `seq` a conversation used, as far as Redis knows (0 if it does not)."""
+        return max(await self.last_seqs(conversation_id))
+
+    async def last_seqs(self, conversation_id: str) -> tuple[int, int]:
+        """The last `seq` stored, as the worker that stored it said, and the last in the
+        stream (0 for what Redis does not know)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(self.seq(conversation_id))
         pipe.xrevrange(self.frames(conversation_id), count=1)
         stored, last = await pipe.execute()
-        from_stream = Entry.decode(last[0]).seq if last else 0
-        return max(int(stored or 0), from_stream)
+        return int(stored or 0), Entry.decode(last[0]).seq if last else 0
 
     async def known(self, conversation_id: str) -> tuple[str, str | None] | None:
         """The owner of this conversation id, and its assistant, if any worker has handed it
