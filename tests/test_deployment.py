@@ -32,6 +32,7 @@ from tests.harness import (
     recv,
     text_of,
     until_end,
+    until_reply_text,
 )
 
 # What the drain drill relies on: replies in flight get this long to finish when a worker is
@@ -215,6 +216,31 @@ async def test_kill_9_mid_reply_with_nobody_watching_stores_what_the_stream_held
     finally:
         await database.dispose()
         runner.start()
+
+
+async def test_a_worker_starting_leaves_the_replies_of_others_alone(
+    own_deployment: Deployment, fake: FakeUpstream
+) -> None:
+    """A worker that starts (again) closes the turns a crash cut off, not the ones another
+    worker is streaming, which the store has as streaming too."""
+    runner, starting = own_deployment.workers
+    fake.then(Behaviour(tokens=[" r"] * 600, delay=0.01))
+    database = create_async_engine(runner.env["CHAT_DATABASE_URL"])
+    try:
+        async with connect(runner.ws) as ws:
+            conversation = conversation_of(ws)
+            await ws.send("a long first reply")
+            await until_reply_text(ws)
+            await asyncio.to_thread(starting.terminate)
+            await asyncio.to_thread(starting.start)
+            rows = await query(
+                database, "SELECT status FROM turns WHERE conversation_id = :id", id=conversation
+            )
+            assert [row.status for row in rows] == [None]  # still streaming, as it is
+            frames = await until_end(ws, within=UNIT * 10)
+        assert frames[-1]["status"] == "completed"
+    finally:
+        await database.dispose()
 
 
 async def ask_until_served(ws: ClientConnection, question: str) -> list[Frame]:

@@ -92,7 +92,9 @@ class Conversations:
 
     async def start(self) -> None:
         """Open the store (and the link to the other workers) and start writing."""
-        await self.store.start()
+        # Scaled out, a turn the store has as streaming may be another worker's, running; one
+        # whose worker died is ended from its stream (see `RedisRelays`), not closed here.
+        await self.store.start(self.relays.running if self.relays.shared else None)
         await self.relays.start(self)
         await self.quotas.start()
         self._writer_task = asyncio.create_task(self.writer.run(), name="store-writer")

@@ -194,6 +194,9 @@ class Relays(Protocol):
     def redis(self) -> SharedRedis | None:
         """The client for the rest of the shared state (quotas, tickets); None in-process."""
 
+    async def running(self, conversation_id: str) -> bool:
+        """Whether another worker runs the conversation's turn, or will end it."""
+
     def relay(self, conversation: Conversation) -> Relay:
         """The relay of a conversation being brought into memory."""
 
@@ -226,6 +229,9 @@ class LocalRelays:
 
     def relay(self, conversation: Conversation) -> LocalRelay:
         return LocalRelay(conversation)
+
+    async def running(self, conversation_id: str) -> bool:
+        return False  # no other worker
 
     async def start(self, directory: Directory) -> None:
         pass

@@ -172,6 +172,10 @@ class RedisRelays:
     async def ping(self) -> None:
         await self.cluster.ping()
 
+    async def running(self, conversation_id: str) -> bool:
+        """Whether a worker runs the conversation's turn, or will end it from its stream."""
+        return await self.cluster.running(conversation_id)
+
     async def begun_elsewhere(self, conversation_id: str) -> tuple[str, str | None] | None:
         """The owner and assistant of a conversation another worker has begun and the store
         may not have yet; None if no worker has."""

@@ -492,6 +492,15 @@ class Cluster:
             str | None, await cast(Awaitable[Any], self.redis.get(self.lease_key(conversation_id)))
         )
 
+    async def running(self, conversation_id: str) -> bool:
+        """Whether a worker holds the conversation's lease, or its stream has a turn not ended
+        (which a worker that sees its runner gone ends, from the stream)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.lease_key(conversation_id))
+        pipe.xrevrange(self.frames(conversation_id), count=1)
+        holder, last = await pipe.execute()
+        return holder is not None or (bool(last) and not Entry.decode(last[0]).ends_turn)
+
     async def released(self, conversation_id: str, within: float) -> bool:
         """Wait until nobody holds the conversation's lease; False if still held after `within`."""
         deadline = time.monotonic() + within

@@ -36,8 +36,9 @@ CRASH_GAP = 1_000_000
 class Store(Protocol):
     """Conversations at rest. Implementations must be safe to call from many tasks at once."""
 
-    async def start(self) -> None:
-        """Make the store ready: schema up to date, replies cut off by a crash closed."""
+    async def start(self, running: Running | None = None) -> None:
+        """Make the store ready: schema up to date, replies cut off by a crash closed (but
+        not those `running` says another worker still runs, or will end)."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -142,6 +143,10 @@ def _summary_from(row: Any) -> ConversationSummary:
     )
 
 
+# Whether another worker runs a conversation's turn, or will end it from its stream: then a
+# turn the store has as streaming was not cut off.
+Running = Callable[[str], Awaitable[bool]]
+
 # What a reply cut off by a crash tells webhooks: its conversation's id, owner and assistant,
 # and the turn as closed; the deliveries to store with it.
 CutOff = Callable[[str, str, str | None, TurnRecord], list[DeliveryRecord]]
@@ -163,9 +168,9 @@ class SqlStore:
         )
         self.cut_off = cut_off
 
-    async def start(self) -> None:
+    async def start(self, running: Running | None = None) -> None:
         await migrate(self.engine)
-        closed = await self._close_cut_off_replies()
+        closed = await self._close_cut_off_replies(running)
         if closed:
             log.warning("%d replies were cut off by a crash; stored as interrupted", closed)
 
@@ -366,13 +371,17 @@ class SqlStore:
             )
             return bool(result.rowcount)
 
-    async def _close_cut_off_replies(self) -> int:
+    async def _close_cut_off_replies(self, running: Running | None) -> int:
         """Store replies left streaming by a process that died as `interrupted`."""
         async with self.engine.begin() as connection:
             rows = (await connection.execute(select(turns).where(turns.c.status.is_(None)))).all()
+            closed = 0
             for row in rows:
+                if running is not None and await running(row.conversation_id):
+                    continue
                 await self._close_cut_off(connection, _turn_from(row), row.conversation_id)
-            return len(rows)
+                closed += 1
+            return closed
 
     async def _close_cut_off(
         self, connection: AsyncConnection, turn: TurnRecord, conversation_id: str
