@@ -233,6 +233,10 @@ class Postgres(Service):
         return f"postgresql+asyncpg://chat@127.0.0.1:{self.port}/{name}"
 
 
+# Logical databases a Redis started here has, each a keyspace of its own (see `fresh_url`).
+DATABASES = 256
+
+
 class Redis(Service):
     """A Redis server with no persistence; `url` for redis-py."""
 
@@ -249,14 +253,25 @@ class Redis(Service):
             "",
             "--appendonly",
             "no",
+            "--databases",
+            str(DATABASES),
         ]
 
     def __init__(self, folder: Path | None = None, port: int = 0) -> None:
         super().__init__("redis", folder, port)
+        self._used = 0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def fresh_url(self) -> str:
+        """The URL of a database of this Redis that no other `fresh_url` gave: a deployment
+        of its own shares its Redis with no other, as it shares its PostgreSQL database."""
+        self._used += 1
+        if self._used >= DATABASES:
+            raise RuntimeError(f"every one of the {DATABASES} Redis databases is in use")
+        return f"redis://127.0.0.1:{self.port}/{self._used}"
 
 
 def free_cluster_port() -> int:

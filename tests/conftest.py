@@ -98,7 +98,9 @@ def deployment_env(
         "CHAT_TIMEOUT": "3",
         "CHAT_RETRY_DELAY": "0.05",
         "CHAT_DATABASE_URL": postgres.database(),
-        "CHAT_REDIS_URL": redis.url,
+        # A deployment of its own: its own database, and its own keyspace (workers sharing a
+        # Redis are one deployment, and recover each other's turns into their database).
+        "CHAT_REDIS_URL": redis.fresh_url() if isinstance(redis, Redis) else redis.url,
     }
 
 

@@ -190,7 +190,7 @@ async def test_kill_9_mid_reply_with_nobody_watching_stores_what_the_stream_held
         seen: list[Frame] = []
         await read_text(asker, seen, 40)
     runner.kill()
-    shared = aioredis.from_url(redis_server.url, decode_responses=True)
+    shared = aioredis.from_url(runner.env["CHAT_REDIS_URL"], decode_responses=True)
     try:
         held = "".join(
             json.loads(fields["f"])["message"]
@@ -331,7 +331,9 @@ async def drain_drill(own_deployment: Deployment, fake: FakeUpstream, redis_serv
     leaving, staying = own_deployment.workers
     fake.default = REPLY
     sockets = 6
-    leases = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    leases = aioredis.Redis.from_url(
+        own_deployment.workers[0].env["CHAT_REDIS_URL"], decode_responses=True
+    )
     asked: list[str] = []
     try:
         async with asyncio.TaskGroup() as group:

@@ -223,7 +223,9 @@ class RedisRelays:
                         continue  # another worker recovers them
                     for conversation_id in conversations:
                         try:
-                            await directory.recover(conversation_id)
+                            # One that cannot be recovered does not hold up the others.
+                            async with asyncio.timeout(TAKE_OVER_WITHIN):
+                                await directory.recover(conversation_id)
                         except Exception:
                             log.exception("cannot recover a turn of a worker that died")
                     await self.cluster.recovered(worker)
