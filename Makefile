@@ -74,6 +74,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Measure latency and throughput (fake model server, then the embedded model); see docs/benchmarks.md.
+# The soak runs a minute; `make bench SOAK_FULL=1` runs it for 10 minutes with 1,000 sockets.
 bench: install
 	$(PY) -m bench.run
 	$(PY) -m bench.load
@@ -85,6 +86,7 @@ bench: install
 	$(PY) -m bench.page
 	$(PY) -m bench.sockets
 	$(PY) -m bench.distance
+	$(PY) -m bench.soak $(if $(SOAK_FULL),--full)
 	$(PY) -m bench.local
 
 # Rewrite schemas/*.schema.json from the models in schemas/, and README's settings table from

@@ -244,6 +244,25 @@ async def test_stop_while_the_socket_reconnects_still_stops(
     await page.close()
 
 
+async def test_a_question_asked_while_the_socket_opens_is_sent_once_it_is_open(
+    context: BrowserContext, page_server: LiveServer
+) -> None:
+    page = await context.new_page()
+
+    async def slowly(route: WebSocketRoute) -> None:
+        await asyncio.sleep(1.0)
+        route.connect_to_server()
+
+    await page.route_web_socket(lambda url: True, slowly)
+    await page.goto(f"{page_server.http}/")
+    await ask(page, "asked early")
+    await expect(page.locator("#status")).to_contain_text("Not connected yet")
+    await expect(last_reply(page)).to_have_text("You said: asked early")
+    await expect(page.locator("#question")).to_have_value("")
+    await expect(page.locator("#status")).not_to_contain_text("Not connected yet")
+    await page.close()
+
+
 async def test_a_new_conversation_is_listed_as_it_is_asked(
     context: BrowserContext, page_server: LiveServer, fake: FakeUpstream
 ) -> None:

@@ -360,7 +360,10 @@ async function connect() {
   }
   const current = new WebSocket(socketUrl(ticket));
   socket = current;
-  current.addEventListener("open", () => setConnection("open", "Connected"));
+  current.addEventListener("open", () => {
+    setConnection("open", "Connected");
+    if (waiting) form.requestSubmit(); // the question asked while the socket was opening
+  });
   current.addEventListener("message", (event) => {
     // Joined (a socket refused after its handshake is closed before any frame): the next
     // drop is retried soon again.
@@ -473,13 +476,21 @@ async function refreshList() {
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = input.value;
-  if (!text.trim()) return;
+  if (!text.trim()) {
+    waiting = false;
+    return;
+  }
   followBottom = true;
   const message = editing ? { type: "regenerate", message: text } : { type: "question", message: text };
   if (send(message)) {
+    waiting = false;
     input.value = "";
-    if (editing) statusLine.textContent = "";
+    if (editing || statusLine.textContent === WAITING) statusLine.textContent = "";
     stopEditing();
+  } else {
+    // Asked while the socket opens (a new assistant's, or a reconnection): it goes once open.
+    waiting = true;
+    statusLine.textContent = WAITING;
   }
 });
 
@@ -489,6 +500,10 @@ input.addEventListener("keydown", (event) => {
     form.requestSubmit();
   }
 });
+
+// A question that waits for the socket to open, said so in the status line.
+let waiting = false;
+const WAITING = "Not connected yet: your question is sent as soon as the connection opens.";
 
 /** Stop the reply: over the socket, or, while it is reconnecting, over HTTP, so a Stop is
  * never lost (the reply runs on the server whether or not this page is connected). */
