@@ -469,6 +469,9 @@ class Conversation:
         finally:
             if grace is not None:
                 grace.cancel()
+                # Kept until its cancellation is through, so it is not collected mid-way.
+                self._background.add(grace)
+                grace.add_done_callback(self._background.discard)
             self._streaming = None
             self.updated_at = now()
             self._changed.add(record.position)
