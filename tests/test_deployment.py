@@ -243,6 +243,28 @@ async def test_a_worker_starting_leaves_the_replies_of_others_alone(
         await database.dispose()
 
 
+async def test_a_conversation_deleted_mid_reply_elsewhere_stays_deleted(
+    own_deployment: Deployment, fake: FakeUpstream
+) -> None:
+    """Deleted through one worker while its reply runs on the other: the reply ends, and the
+    id is nobody's conversation on either worker from then on."""
+    runner, other = own_deployment.workers
+    fake.then(Behaviour(tokens=[" d"] * 400, delay=0.01))
+    async with connect(runner.ws) as ws:
+        conversation = conversation_of(ws)
+        await ws.send("a reply to delete")
+        await until_reply_text(ws)
+        async with httpx.AsyncClient(base_url=other.http, timeout=UNIT) as client:
+            assert (await client.delete(f"/api/conversations/{conversation}")).status_code == 204
+        assert (await close_of(ws))[0] == 1008
+    await asyncio.sleep(1.0)  # the reply's worker has given its turn back by now
+    for worker in (runner, other):
+        async with ws_connect(f"{worker.ws}?conversation={conversation}") as ws:
+            assert (await close_of(ws))[0] == 1008
+        async with httpx.AsyncClient(base_url=worker.http, timeout=UNIT) as client:
+            assert (await client.get(f"/api/conversations/{conversation}")).status_code == 404
+
+
 async def ask_until_served(ws: ClientConnection, question: str) -> list[Frame]:
     """Ask again every 0.2 s while the answer is an error (shared state still coming back)."""
     async with asyncio.timeout(UNIT * 5):

@@ -521,7 +521,9 @@ class Cluster:
     async def turn_stored(self, conversation_id: str, seq: int) -> None:
         """The turn this worker ran is stored, the conversation's last `seq` being `seq`."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24)
+        # Only over the one `announce` made: a conversation deleted meanwhile (its keys gone)
+        # is not made known again.
+        pipe.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24, xx=True)
         pipe.srem(self.turns_of(self.worker), conversation_id)
         await pipe.execute()
 
@@ -566,7 +568,8 @@ class Cluster:
         pipe.get(self.owner(conversation_id))
         pipe.get(self.assistant(conversation_id))
         count, owner, assistant = await pipe.execute()
-        return (str(owner or ""), assistant) if count else None
+        # Whose it is must be known: keys a worker wrote after a deletion say nobody's.
+        return (str(owner), assistant) if count and owner is not None else None
 
     async def announce(self, conversation_id: str, owner: str, assistant: str | None) -> None:
         """Make a new conversation's id, whose it is and which assistant answers it, known to
@@ -583,9 +586,9 @@ class Cluster:
         await self._forget_unused(keys=[self.seq(conversation_id), self.frames(conversation_id)])
 
     async def set_last_seq(self, conversation_id: str, seq: int) -> None:
-        await cast(
-            Awaitable[Any], self.redis.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24)
-        )
+        """Record the conversation's last `seq`, unless it was deleted (see `turn_stored`)."""
+        key = self.seq(conversation_id)
+        await cast(Awaitable[Any], self.redis.set(key, seq, ex=STREAM_TTL_S * 24, xx=True))
 
     # Frames.
 
