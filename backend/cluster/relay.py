@@ -522,8 +522,9 @@ class RedisRelay:
         else:
             stored, streamed = seen
             record = await (prefetched if prefetched is not None else store.load(self.id))
-            if record is not None and record.last_seq < stored:
-                # Read before the worker that held the lease last had stored its turn.
+            if (record.last_seq if record is not None else 0) < stored:
+                # Read before the worker that held the lease last had stored its turn (or
+                # the conversation's first row): read again, now that it is in.
                 record = await store.load(self.id)
         if record is not None:
             conversation.turns = record.turns
