@@ -626,11 +626,7 @@ class RedisRelay:
                 return
             log.warning("a worker died before it stored a turn; stored from the stream")
             await self._load()
-            conversation = self.conversation
-            conversation.adopt(record)
-            snapshot = conversation.snapshot()
-            if snapshot is not None:
-                await conversation.services.writer.store.save([snapshot])
+            await self._store_now(record)
 
     async def _recover_turn(self) -> None:
         # Nothing to end, and the lease left alone, unless the stream has a turn not ended: one
@@ -658,11 +654,16 @@ class RedisRelay:
                 entries.append(Entry(frame.seq, frame.to_json(), frame.type, record.position))
             record.status = "error"
             await self.cluster.publish(self.id, entries, fresh=False)
-            conversation.adopt(record)
-            snapshot = conversation.snapshot()
-            if snapshot is not None:
-                await conversation.services.writer.store.save([snapshot])
+            await self._store_now(record)
             await self.cluster.set_last_seq(self.id, conversation.seq)
+
+    async def _store_now(self, record: TurnRecord) -> None:
+        """Take `record`, read from the stream, as the conversation's turn, and store it now."""
+        conversation = self.conversation
+        conversation.adopt(record)
+        snapshot = conversation.snapshot()
+        if snapshot is not None:
+            await conversation.services.writer.store.save([snapshot])
 
 
 def _observed(read: asyncio.Future[Any]) -> None:

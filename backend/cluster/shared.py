@@ -202,6 +202,12 @@ def decode_entries(message: str) -> tuple[int, list[Entry]]:
     return int(before), entries
 
 
+def tagged(tag: str, name: str) -> str:
+    """A key whose hash tag is `tag` (a conversation's id, a worker's): on a Redis Cluster all
+    the keys with one tag are in one slot."""
+    return f"chat:{{{tag}}}:{name}"
+
+
 def script_fields(entries: Sequence[Entry]) -> list[str]:
     """Entries as the scripts that add them take them: id, frame, kind, for each."""
     return [value for entry in entries for value in (entry.id, entry.frame, entry.kind)]
@@ -237,12 +243,11 @@ class Lease:
         cluster = self.cluster
         pipe = cluster.redis.pipeline(transaction=False)
         pipe.set(self.key, cluster.worker, nx=True, px=LEASE_MS)
-        pipe.get(cluster.seq(self.conversation_id))
-        pipe.xrevrange(cluster.frames(self.conversation_id), count=1)
-        taken, stored, last = await pipe.execute()
+        cluster.read_seqs(pipe, self.conversation_id)
+        taken, *seqs = await pipe.execute()
         if not taken:
             return False
-        self.seen = (int(stored or 0), Entry.decode(last[0]).seq if last else 0)
+        self.seen = Cluster.seqs_read(*seqs)
         cluster._held[self.conversation_id] = self
         return True
 
@@ -308,37 +313,37 @@ class Cluster:
 
     @staticmethod
     def frames(conversation_id: str) -> str:
-        return f"chat:{{{conversation_id}}}:frames"
+        return tagged(conversation_id, "frames")
 
     @staticmethod
     def lease_key(conversation_id: str) -> str:
-        return f"chat:{{{conversation_id}}}:lease"
+        return tagged(conversation_id, "lease")
 
     @staticmethod
     def seq(conversation_id: str) -> str:
-        return f"chat:{{{conversation_id}}}:seq"
+        return tagged(conversation_id, "seq")
 
     @staticmethod
     def owner(conversation_id: str) -> str:
-        return f"chat:{{{conversation_id}}}:owner"
+        return tagged(conversation_id, "owner")
 
     @staticmethod
     def assistant(conversation_id: str) -> str:
-        return f"chat:{{{conversation_id}}}:assistant"
+        return tagged(conversation_id, "assistant")
 
     @staticmethod
     def watchers(conversation_id: str) -> str:
-        return f"chat:{{{conversation_id}}}:watchers"
+        return tagged(conversation_id, "watchers")
 
     @staticmethod
     def live(conversation_id: str) -> str:
         """The shard channel its new entries are sent on, on a cluster."""
-        return f"chat:{{{conversation_id}}}:live"
+        return tagged(conversation_id, "live")
 
     @staticmethod
     def turns_of(worker: str) -> str:
         """The conversations whose turn a worker runs and has not stored yet (a set)."""
-        return f"chat:{{{worker}}}:turns"
+        return tagged(worker, "turns")
 
     @staticmethod
     def conversation_of(key: str) -> str:
@@ -555,9 +560,17 @@ class Cluster:
         """The last `seq` stored, as the worker that stored it said, and the last in the
         stream (0 for what Redis does not know)."""
         pipe = self.redis.pipeline(transaction=False)
+        self.read_seqs(pipe, conversation_id)
+        return self.seqs_read(*await pipe.execute())
+
+    def read_seqs(self, pipe: ScriptClient, conversation_id: str) -> None:
+        """Queue on `pipe` the reads `seqs_read` makes sense of."""
         pipe.get(self.seq(conversation_id))
         pipe.xrevrange(self.frames(conversation_id), count=1)
-        stored, last = await pipe.execute()
+
+    @staticmethod
+    def seqs_read(stored: str | None, last: list[Any]) -> tuple[int, int]:
+        """The last `seq` stored and the last in the stream, from `read_seqs`' answers."""
         return int(stored or 0), Entry.decode(last[0]).seq if last else 0
 
     async def known(self, conversation_id: str) -> tuple[str, str | None] | None:
