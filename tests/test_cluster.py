@@ -323,9 +323,11 @@ class SlowAnnounce(Cluster):
     """A worker slow to tell Redis about a new conversation (its first connection, a busy
     Redis)."""
 
-    async def announce(self, conversation_id: str, owner: str, assistant: str | None) -> None:
+    async def announce(
+        self, conversation_id: str, owner: str, assistant: str | None, watched: bool = False
+    ) -> None:
         await asyncio.sleep(0.1)
-        await super().announce(conversation_id, owner, assistant)
+        await super().announce(conversation_id, owner, assistant, watched)
 
 
 async def test_a_new_conversation_is_joinable_on_the_other_worker_at_once(

@@ -67,6 +67,8 @@ class Publisher:
         self.guarded = False
         self.closing = False  # nothing more comes: done once the queue is sent
         self.done = asyncio.Event()
+        # Given the entries once the stream has them, if set.
+        self.delivered: Callable[[list[Entry]], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -123,6 +125,14 @@ class Publisher:
         stream only while it still holds this turn (the store keeps the reply either way)."""
         self.guarded = True
         self.restoring = False
+
+    def deliver(self, entries: list[Entry]) -> None:
+        """Entries the stream has now, to whoever takes them here."""
+        if self.delivered is not None and entries:
+            try:
+                self.delivered(entries)
+            except Exception:
+                log.exception("delivering a reply's frames failed")
 
     async def drain(self) -> None:
         """Send everything queued, then stop."""
@@ -195,6 +205,7 @@ class Broadcaster:
             )
             if written:
                 log.warning("a reply's stream that Redis had lost was written anew")
+                publisher.deliver(publisher.unsent)
             else:
                 log.warning("another worker took a conversation whose stream Redis had lost")
             publisher.restored(written)
@@ -243,6 +254,7 @@ class Broadcaster:
                 continue
             publisher.fresh = False
             publisher.published = publisher.unsent[-1].seq
+            publisher.deliver(publisher.unsent)
             publisher.unsent.clear()
 
     async def _drop_sent(self, publishers: list[Publisher]) -> None:

@@ -301,6 +301,12 @@ class RedisRelay:
         self._prefetched: asyncio.Future[ConversationRecord | None] | None = None
         # Telling every worker about a new conversation's id (see `announce`).
         self._announcing: asyncio.Task[None] | None = None
+        # A conversation made here whose first client has not joined: nothing to catch up on.
+        self._fresh = False
+        # The publisher of the reply this worker runs when it hands the frames it wrote to the
+        # stream straight to the clients here, rather than have the tail read them back: from
+        # the turn's beginning if every client here had all the stream held by then.
+        self._local: Publisher | None = None
 
     def __repr__(self) -> str:
         return f"<RedisRelay {self.id}: {len(self._followers)} following, {self._lease!r}>"
@@ -328,12 +334,16 @@ class RedisRelay:
     # Clients.
 
     def announce(self) -> None:
+        self._fresh = True
         self._announcing = asyncio.create_task(self._announce(), name=f"announce-{self.id}")
 
     async def _announce(self) -> None:
         try:
             conversation = self.conversation
-            await self.cluster.announce(self.id, conversation.owner, conversation.assistant)
+            # Said with the client it is being handed to watching it here (see `join`).
+            await self.cluster.announce(
+                self.id, conversation.owner, conversation.assistant, watched=True
+            )
         except SHARED_STATE_ERRORS as exc:
             log.warning("cannot make a new conversation known to the other workers (%s)", exc)
 
@@ -342,15 +352,23 @@ class RedisRelay:
             # A client learns the id from what it is sent once this returns, and may join on
             # another worker at once: that worker must know the id by then.
             await asyncio.shield(self._announcing)
-        # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
         follower = Follower(client, after)
         self._followers[client] = follower
-        if len(self._followers) == 1:
-            self.tail.follow(self.id, after, self._on_entries)
+        first = len(self._followers) == 1
+        if first:
             self._watchdog = asyncio.create_task(self._watch_runner(), name=f"watch-{self.id}")
-        follower.catching_up = asyncio.create_task(
-            self._catch_up(follower), name=f"catch-up-{self.id}"
-        )
+        if first and self._local is None:
+            self.tail.follow(self.id, after, self._on_entries)
+        fresh, self._fresh = self._fresh, False
+        if fresh:
+            follower.caught_up([])  # an id made here, that nobody else has had yet
+        else:
+            # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
+            follower.catching_up = asyncio.create_task(
+                self._catch_up(follower), name=f"catch-up-{self.id}"
+            )
+        if fresh:
+            return  # said watched with the id (`announce`)
         try:
             await self.cluster.watch([self.id])
         except SHARED_STATE_ERRORS as exc:  # said again within `WATCH_TTL / 3`
@@ -541,10 +559,37 @@ class RedisRelay:
             lambda: None if self.conversation.deleted else entries_of(record),
             self._taken_over,
         )
+        if self._caught_up_with_stream():
+            # What is written to the stream goes to the clients here as it is written.
+            self._local = self._publisher
+            self._publisher.delivered = self._on_entries
+            self.tail.unfollow(self.id)
         if regenerate:
             # A turn's stream begins with its question said back, a regenerated one's too
             # (its clients have that frame already).
             self._publisher.send(ChatResponse.echo(record.question, seq=record.echo_seq))
+
+    def _caught_up_with_stream(self) -> bool:
+        """Whether every client here has had all the stream held when the lease was taken
+        (then nothing but this worker's reply can come to them until it is given back)."""
+        seen = self._lease.seen if self._lease is not None else None
+        if seen is None:
+            return False
+        upto = max(seen)
+        return all(
+            follower.waiting is None and follower.last >= upto
+            for follower in self._followers.values()
+        )
+
+    def _feed_from_stream(self) -> None:
+        """Clients here are fed by the tail again, from where each is."""
+        local, self._local = self._local, None
+        if local is None:
+            return
+        local.delivered = None
+        if self._followers:
+            after = min(follower.last for follower in self._followers.values())
+            self.tail.follow(self.id, after, self._on_entries)
 
     async def release(self) -> None:
         """Publish what is left, store the turn, then give the lease back."""
@@ -555,6 +600,7 @@ class RedisRelay:
         async with lease:
             if publisher is not None:
                 await publisher.drain()
+            self._feed_from_stream()
             stored = True
             try:
                 await self.conversation.services.writer.flush()
@@ -582,12 +628,14 @@ class RedisRelay:
 
     def _taken_over(self) -> None:
         log.warning("another worker holds a conversation whose reply runs here; stopping it")
+        self._feed_from_stream()
         self._stop_here(ChatError("unavailable", TAKEN))
 
     def _lease_lost(self) -> None:
         log.warning("another worker took the lease of a conversation mid-reply; stopping it")
         if self._publisher is not None:
             self._publisher.guard()
+        self._feed_from_stream()
         self._stop_here(ChatError("unavailable", TAKEN))
 
     def _stop_here(self, because: ChatError) -> None:

@@ -584,14 +584,19 @@ class Cluster:
         # Whose it is must be known: keys a worker wrote after a deletion say nobody's.
         return (str(owner), assistant) if count and owner is not None else None
 
-    async def announce(self, conversation_id: str, owner: str, assistant: str | None) -> None:
+    async def announce(
+        self, conversation_id: str, owner: str, assistant: str | None, watched: bool = False
+    ) -> None:
         """Make a new conversation's id, whose it is and which assistant answers it, known to
-        every worker (for an hour, if unused; as long as its stream once used)."""
+        every worker (for an hour, if unused; as long as its stream once used); `watched`:
+        with this worker watching it (see `watch`)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.seq(conversation_id), 0, nx=True, ex=STREAM_TTL_S)
         pipe.set(self.owner(conversation_id), owner, ex=STREAM_TTL_S * 24)
         if assistant is not None:
             pipe.set(self.assistant(conversation_id), assistant, ex=STREAM_TTL_S * 24)
+        if watched:
+            self._watched(pipe, conversation_id, time.time() + WATCH_TTL)
         await pipe.execute()
 
     async def forget_unused(self, conversation_id: str) -> None:
@@ -672,9 +677,12 @@ class Cluster:
         until = time.time() + WATCH_TTL
         pipe = self.redis.pipeline(transaction=False)
         for conversation_id in conversation_ids:
-            pipe.zadd(self.watchers(conversation_id), {self.worker: until})
-            pipe.expire(self.watchers(conversation_id), int(WATCH_TTL) * 2)
+            self._watched(pipe, conversation_id, until)
         await pipe.execute()
+
+    def _watched(self, pipe: Any, conversation_id: str, until: float) -> None:
+        pipe.zadd(self.watchers(conversation_id), {self.worker: until})
+        pipe.expire(self.watchers(conversation_id), int(WATCH_TTL) * 2)
 
     async def unwatch(self, conversation_id: str) -> None:
         await cast(Awaitable[Any], self.redis.zrem(self.watchers(conversation_id), self.worker))
