@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from websockets.asyncio.client import ClientConnection, connect
 
 from backend.process.server import free_port
+from bench.cpu import cpu_seconds_tree
 from bench.run import (
     FAILURES,
-    cpu_seconds,
     fake_model,
     first_token,
     frame,
@@ -104,7 +104,7 @@ class Paced:
 
 async def paced(urls: list[str], pids: dict[str, int], sockets: int) -> Paced:
     """`sockets` streams at 20 tokens/s, spread over `urls`; CPU per token of each of `pids`."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = {name: cpu_seconds_tree(pid) for name, pid in pids.items()}
     shares = [sockets // len(urls) + (n < sockets % len(urls)) for n in range(len(urls))]
     runs = await asyncio.gather(
         *(
@@ -114,7 +114,7 @@ async def paced(urls: list[str], pids: dict[str, int], sockets: int) -> Paced:
     )
     late = [value for lateness, _ in runs for value in lateness]
     tokens = sockets * PACED_TOKENS
-    cpu = {name: (cpu_seconds(pid) - before[name]) / tokens for name, pid in pids.items()}
+    cpu = {name: (cpu_seconds_tree(pid) - before[name]) / tokens for name, pid in pids.items()}
     return Paced(percentile(late, 50), percentile(late, 99), sum(errors for _, errors in runs), cpu)
 
 

@@ -40,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from bench.cpu import cpu_seconds_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-langgraph"
 REQUIREMENTS = Path(__file__).with_name("langgraph-requirements.txt")
@@ -207,31 +209,6 @@ def wait_until_ready(proc: subprocess.Popen[str], port: int, log: Path) -> None:
         time.sleep(0.1)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
     raise RuntimeError(f"LangGraph's server did not come up on port {port}:\n{tail}")
-
-
-def cpu_seconds_tree(pid: int) -> float:
-    """User plus system CPU time of a process and all its descendants, from /proc.
-
-    Reaped children count too (through the waiting parent's cutime and cstime).
-    """
-    parents: dict[int, int] = {}
-    spent: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        child = int(stat.parent.name)
-        parents[child] = int(fields[1])
-        spent[child] = sum(int(value) for value in fields[11:15]) / tick
-    tree = {pid}
-    grown = True
-    while grown:
-        more = {child for child, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grown = bool(more)
-    return sum(spent.get(member, 0.0) for member in tree)
 
 
 async def reply(

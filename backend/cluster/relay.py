@@ -303,6 +303,8 @@ class RedisRelay:
         self._announcing: asyncio.Task[None] | None = None
         # A conversation made here whose first client has not joined: nothing to catch up on.
         self._fresh = False
+        # A conversation made here (see `_load`).
+        self._made_here = False
         # The publisher of the reply this worker runs when it hands the frames it wrote to the
         # stream straight to the clients here, rather than have the tail read them back: from
         # the turn's beginning if every client here had all the stream held by then.
@@ -334,7 +336,7 @@ class RedisRelay:
     # Clients.
 
     def announce(self) -> None:
-        self._fresh = True
+        self._fresh = self._made_here = True
         self._announcing = asyncio.create_task(self._announce(), name=f"announce-{self.id}")
 
     async def _announce(self) -> None:
@@ -507,8 +509,9 @@ class RedisRelay:
         # The store is read while the lease is taken: the first token waits for one round
         # trip, not two (`_load` reads it again if it was read before the last turn was in).
         store = self.conversation.services.writer.store
-        self._prefetched = asyncio.ensure_future(store.load(self.id))
-        self._prefetched.add_done_callback(_observed)
+        if not (self._made_here and self.conversation.seq == 0):
+            self._prefetched = asyncio.ensure_future(store.load(self.id))
+            self._prefetched.add_done_callback(_observed)
         lease = self.cluster.lease(self.id, self._lease_lost)
         deadline = time.monotonic() + TAKE_OVER_WITHIN
         asked = 0.0
@@ -537,6 +540,9 @@ class RedisRelay:
             record, (stored, streamed) = await asyncio.gather(
                 store.load(self.id), self.cluster.last_seqs(self.id)
             )
+        elif prefetched is None and self._made_here and lease is not None and lease.untouched:
+            # Made here, and nobody has asked anything in it since: nothing to read.
+            record, stored, streamed = None, 0, 0
         else:
             stored, streamed = seen
             record = await (prefetched if prefetched is not None else store.load(self.id))
@@ -611,7 +617,7 @@ class RedisRelay:
                 stored = False
             try:
                 if stored:
-                    await self.cluster.turn_stored(self.id, self.conversation.seq)
+                    await self.cluster.turn_stored(self.id, self.conversation.seq, lease)
                 else:
                     await self.cluster.set_last_seq(self.id, self.conversation.seq)
             except SHARED_STATE_ERRORS as exc:  # the stream has it too, while it lives

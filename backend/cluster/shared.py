@@ -229,6 +229,10 @@ class Lease:
         self.on_lost = on_lost
         # Once taken: the last `seq` stored, and the last in the stream (see `acquire`).
         self.seen: tuple[int, int] | None = None
+        # Once taken: whether nothing has happened in the conversation since it was announced
+        # (its `seq` is still the announced 0, its stream empty): the store cannot have it.
+        self.untouched = False
+        self.given_back = False
 
     def __repr__(self) -> str:
         held = self.cluster._held.get(self.conversation_id) is self
@@ -244,10 +248,11 @@ class Lease:
         pipe = cluster.redis.pipeline(transaction=False)
         pipe.set(self.key, cluster.worker, nx=True, px=LEASE_MS)
         cluster.read_seqs(pipe, self.conversation_id)
-        taken, *seqs = await pipe.execute()
+        taken, stored, last = await pipe.execute()
         if not taken:
             return False
-        self.seen = Cluster.seqs_read(*seqs)
+        self.seen = Cluster.seqs_read(stored, last)
+        self.untouched = stored == "0" and not last
         cluster._held[self.conversation_id] = self
         return True
 
@@ -260,8 +265,11 @@ class Lease:
         """Stop renewing the lease, then release it if this worker still holds it."""
         # In this order: a renewal on its way when the lease is released would take it again,
         # and is told apart (see `Cluster.renew`) by the lease no longer being renewed.
+        if self.given_back:
+            return
         self.stop_renewing()
         await self.cluster.release_lease(self.conversation_id)
+        self.given_back = True
 
     async def __aenter__(self) -> Lease:
         return self
@@ -523,14 +531,18 @@ class Cluster:
         pipe.sadd(key, conversation_id)
         pipe.expire(key, STREAM_TTL_S)
 
-    async def turn_stored(self, conversation_id: str, seq: int) -> None:
-        """The turn this worker ran is stored, the conversation's last `seq` being `seq`."""
+    async def turn_stored(self, conversation_id: str, seq: int, lease: Lease) -> None:
+        """The turn this worker ran is stored, the conversation's last `seq` being `seq`:
+        said, and `lease` given back after it, in one round trip."""
+        lease.stop_renewing()  # as `Lease.give_back` does
         pipe = self.redis.pipeline(transaction=False)
         # Only over the one `announce` made: a conversation deleted meanwhile (its keys gone)
         # is not made known again.
         pipe.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24, xx=True)
         pipe.srem(self.turns_of(self.worker), conversation_id)
+        await run_script(self._release_lease, [lease.key], [self.worker], pipe)
         await pipe.execute()
+        lease.given_back = True
 
     async def dead_workers(self, silent_for: float) -> list[str]:
         """Workers not heard from for `silent_for` seconds."""

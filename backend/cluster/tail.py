@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 # Longest a read blocks (then it is issued again).
 BLOCK_MS = 1000
+# How long a conversation newly followed waits to be read before the read in flight is woken
+# for it: long enough that a read issued meanwhile (one that returned), or the conversation
+# no longer being followed (its reply begun here), saves the wake; short against a reply.
+WAKE_AFTER = 0.01
 RETRY_AFTER = 0.5
 
 Handler = Callable[[list[Entry]], None]
@@ -42,6 +46,9 @@ class Tail:
         self._handlers: dict[str, Handler] = {}
         self._task: asyncio.Task[None] | None = None
         self._waking: set[asyncio.Task[None]] = set()
+        # Conversations followed since the read in flight was issued; a wake is due for them.
+        self._unread: set[str] = set()
+        self._wake_due: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster-tail")
@@ -56,7 +63,9 @@ class Tail:
         """Call `handler` with the conversation's entries after `after`, as they come."""
         self._positions[conversation_id] = after
         self._handlers[conversation_id] = handler
-        self._wake()
+        self._unread.add(conversation_id)
+        if self._wake_due is None:
+            self._wake_due = asyncio.get_running_loop().call_later(WAKE_AFTER, self._wake)
 
     def unfollow(self, conversation_id: str) -> None:
         self._positions.pop(conversation_id, None)
@@ -68,6 +77,9 @@ class Tail:
             self._positions[conversation_id] = seq
 
     def _wake(self) -> None:
+        self._wake_due = None
+        if not any(conversation_id in self._handlers for conversation_id in self._unread):
+            return
         task = asyncio.create_task(self._add_wake())
         self._waking.add(task)
         task.add_done_callback(self._waking.discard)
@@ -86,6 +98,7 @@ class Tail:
         woken = "0-0"
         while True:
             streams: dict[Any, Any] = {self.wake_key: woken}
+            self._unread.clear()
             for conversation_id, seq in self._positions.items():
                 streams[Cluster.frames(conversation_id)] = f"{seq}-0"
             try:
