@@ -12,6 +12,7 @@ is written anew, from the turn's first frame, before anything more is added to i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,11 @@ from schemas import ChatResponse
 log = logging.getLogger(__name__)
 
 RETRY_AFTER = 0.2
+# Rounds that carry only reply text go at most this often, so that under load each carries
+# more of it: a round costs the worker far more CPU than the tokens in it. Any other frame
+# (a question said back, a reply's start or end, an error), a reply's first token and a
+# drain go at once.
+ROUND_EVERY = 0.005
 # A stream's expiry is pushed back at most this often (and whenever a turn starts).
 EXPIRE_EVERY = 60.0
 
@@ -66,6 +72,7 @@ class Publisher:
         # that still holds this turn.
         self.guarded = False
         self.closing = False  # nothing more comes: done once the queue is sent
+        self.first_token = True
         self.done = asyncio.Event()
         # Given the entries once the stream has them, if set.
         self.delivered: Callable[[list[Entry]], None] | None = None
@@ -78,7 +85,7 @@ class Publisher:
 
     def send(self, frame: ChatResponse) -> None:
         self.queued.append(frame)
-        self.broadcaster.ready(self)
+        self.broadcaster.ready(self, urgent=True)
 
     def token(self, text: str, seq: int) -> None:
         queued = self.queued
@@ -88,7 +95,8 @@ class Publisher:
             run.seq = seq
         else:
             queued.append(TokenRun([text], seq))
-        self.broadcaster.ready(self)
+        self.broadcaster.ready(self, urgent=self.first_token)
+        self.first_token = False
 
     def take(self) -> list[Entry]:
         """Everything queued since the last call, with what failed to go last time first."""
@@ -137,7 +145,7 @@ class Publisher:
     async def drain(self) -> None:
         """Send everything queued, then stop."""
         self.closing = True
-        self.broadcaster.ready(self)
+        self.broadcaster.ready(self, urgent=True)
         await self.done.wait()
 
 
@@ -148,6 +156,8 @@ class Broadcaster:
         self.cluster = cluster
         self._ready: dict[Publisher, None] = {}  # in the order they became ready
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # something is ready that goes at once
+        self._began = 0.0  # when the last round began (`loop.time()`)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -168,14 +178,24 @@ class Broadcaster:
     ) -> Publisher:
         return Publisher(self, conversation_id, position, first, so_far, taken)
 
-    def ready(self, publisher: Publisher) -> None:
+    def ready(self, publisher: Publisher, urgent: bool = False) -> None:
         self._ready[publisher] = None
         self._wake.set()
+        if urgent:
+            self._urgent.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
+            pause = self._began + ROUND_EVERY - loop.time()
+            if pause > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._urgent.wait()
+            self._began = loop.time()
             self._wake.clear()
+            self._urgent.clear()
             ready, self._ready = list(self._ready), {}
             for publisher in ready:
                 publisher.take()
@@ -193,7 +213,7 @@ class Broadcaster:
                 continue
             for publisher in ready:
                 if publisher.restoring:  # found lost: written anew next round
-                    self.ready(publisher)
+                    self.ready(publisher, urgent=True)
                 elif publisher.closing and publisher not in self._ready:
                     publisher.done.set()
 

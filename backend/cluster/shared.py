@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from backend.config.redis_clients import (
     ScriptClient,
@@ -540,8 +540,14 @@ class Cluster:
         # is not made known again.
         pipe.set(self.seq(conversation_id), seq, ex=STREAM_TTL_S * 24, xx=True)
         pipe.srem(self.turns_of(self.worker), conversation_id)
-        await run_script(self._release_lease, [lease.key], [self.worker], pipe)
-        await pipe.execute()
+        if self.sharded:
+            await run_script(self._release_lease, [lease.key], [self.worker], pipe)
+        else:  # by its hash, not asking first whether Redis has it (another round trip)
+            pipe.evalsha(self._release_lease.sha, 1, lease.key, self.worker)
+        try:
+            await pipe.execute()
+        except NoScriptError:  # Redis restarted meanwhile: the rest went through
+            await self.release_lease(conversation_id)
         lease.given_back = True
 
     async def dead_workers(self, silent_for: float) -> list[str]:
