@@ -301,6 +301,8 @@ class RedisRelay:
         self._prefetched: asyncio.Future[ConversationRecord | None] | None = None
         # Telling every worker about a new conversation's id (see `announce`).
         self._announcing: asyncio.Task[None] | None = None
+        # Publishing a frame outside any turn (see `send`): the next turn waits for it.
+        self._alone: asyncio.Task[None] | None = None
         # A conversation made here whose first client has not joined: nothing to catch up on.
         self._fresh = False
         # A conversation made here (see `_load`).
@@ -319,19 +321,23 @@ class RedisRelay:
         if self._publisher is not None:
             self._publisher.send(frame)
         else:  # the reset acknowledgement of a conversation nothing ran in yet
-            self.conversation.background(self._publish_alone(frame))
+            self._alone = asyncio.create_task(self._publish_alone(frame), name=f"alone-{self.id}")
 
     def token(self, text: str, seq: int) -> None:
         if self._publisher is not None:
             self._publisher.token(text, seq)
 
     async def _publish_alone(self, frame: ChatResponse) -> None:
+        """Publish a frame outside any turn; the clients here have it once the stream does."""
         seq = frame.seq or 0
+        entry = Entry(seq, frame.to_json(), frame.type, 0)
         try:
-            await self.cluster.publish(self.id, [Entry(seq, frame.to_json(), frame.type, 0)], True)
+            await self.cluster.publish(self.id, [entry], True)
             await self.cluster.set_last_seq(self.id, seq)
         except SHARED_STATE_ERRORS as exc:
             log.warning("cannot publish a frame of a conversation at rest (%s)", exc)
+            return
+        self._on_entries([entry])
 
     # Clients.
 
@@ -508,6 +514,10 @@ class RedisRelay:
         (the quotas' answer) has come."""
         # The store is read while the lease is taken: the first token waits for one round
         # trip, not two (`_load` reads it again if it was read before the last turn was in).
+        if self._alone is not None:
+            # Its frame goes to the stream, and to the clients here, before the turn's do.
+            await asyncio.shield(self._alone)
+            self._alone = None
         store = self.conversation.services.writer.store
         if not (self._made_here and self.conversation.seq == 0):
             self._prefetched = asyncio.ensure_future(store.load(self.id))
@@ -555,7 +565,8 @@ class RedisRelay:
             conversation.title = record.title
             conversation.created_at = record.created_at
             conversation.assistant = record.assistant or conversation.assistant
-        conversation.seq = max(record.last_seq if record else 0, stored, streamed)
+        # Never below what this worker numbered itself (a frame published outside any turn).
+        conversation.seq = max(conversation.seq, record.last_seq if record else 0, stored, streamed)
 
     def begin(self, record: TurnRecord, regenerate: bool) -> None:
         self._publisher = self.broadcaster.publisher(
@@ -565,7 +576,7 @@ class RedisRelay:
             lambda: None if self.conversation.deleted else entries_of(record),
             self._taken_over,
         )
-        if self._caught_up_with_stream():
+        if self._caught_up_with_stream(record):
             # What is written to the stream goes to the clients here as it is written.
             self._local = self._publisher
             self._publisher.delivered = self._on_entries
@@ -575,15 +586,14 @@ class RedisRelay:
             # (its clients have that frame already).
             self._publisher.send(ChatResponse.echo(record.question, seq=record.echo_seq))
 
-    def _caught_up_with_stream(self) -> bool:
-        """Whether every client here has had all the stream held when the lease was taken
-        (then nothing but this worker's reply can come to them until it is given back)."""
-        seen = self._lease.seen if self._lease is not None else None
-        if seen is None:
-            return False
-        upto = max(seen)
+    def _caught_up_with_stream(self, record: TurnRecord) -> bool:
+        """Whether every client here has had every frame before this turn's (then nothing but
+        this worker's reply can come to them until it is given back)."""
+        seq = self.conversation.seq
+        # The turn's question said back is numbered already, unless it is regenerated.
+        before = record.echo_seq - 1 if record.echo_seq == seq else seq
         return all(
-            follower.waiting is None and follower.last >= upto
+            follower.waiting is None and follower.last >= before
             for follower in self._followers.values()
         )
 
