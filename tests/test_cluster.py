@@ -15,7 +15,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from backend.cluster.relay import RedisRelays
+from backend.chat.outbox import Outbox
+from backend.cluster.relay import Follower, RedisRelays
 from backend.cluster.shared import Cluster, Entry
 from backend.config.timings import LEASE_MS
 from deploy.services import Addressed, Postgres, Redis
@@ -84,6 +85,30 @@ async def test_a_turn_asked_on_one_worker_is_replayed_on_the_other(
         "You said: hello",
         "again",
     ]
+
+
+async def test_the_opening_frame_counts_the_turns_other_workers_ran(
+    workers: list[LiveServer], fake: FakeUpstream
+) -> None:
+    """A client joining on a worker that has not stored the first turn yet, or that did not
+    run the latest turns (and still has the conversation in memory as it was), is told how
+    many turns the conversation has: all of them."""
+    one, two = workers
+    fake.then(Behaviour(tokens=[" x"] * 200, delay=0.005))
+    async with connect(one.ws) as asker:
+        conversation = conversation_of(asker)
+        await asker.send("go on")
+        await until_reply_text(asker)
+        async with ws_connect(join_url(two, conversation)) as ws:
+            assert (await recv(ws))["message"] == "Joined a conversation of 1 turn."
+        await until_end(asker)
+    async with ws_connect(join_url(two, conversation)) as ws:
+        await recv(ws)
+        await until_end(ws)
+        await ask(ws, "second")
+        await ask(ws, "third")
+    async with ws_connect(join_url(one, conversation)) as ws:
+        assert (await recv(ws))["message"] == "Joined a conversation of 3 turns."
 
 
 async def test_rejoin_mid_reply_on_the_other_worker_is_exact(
@@ -352,3 +377,24 @@ async def join_new_conversations(workers: list[LiveServer]) -> None:
             conversation = conversation_of(first)
             async with connect(join_url(joining, conversation)) as second:
                 assert conversation_of(second) == conversation
+
+
+def test_a_turn_whose_stream_replaced_frames_not_read_yet_is_caught_up_first() -> None:
+    """Entries that begin a turn after frames this worker's clients were not sent (the stream
+    was written anew for the turn before the tail read the end of the one before) are held
+    for a catch-up, not sent over the gap; entries that follow on are sent."""
+    echo = ChatResponse.echo("next", seq=10).to_json()
+    behind = Follower(Outbox(), after=3)
+    behind.waiting = None
+    assert behind.take([Entry(10, echo, "stream", 1)]) is True
+    assert behind.waiting is not None
+    assert behind.last == 3
+    end = ChatResponse.bot("end", status="completed")
+    end.seq = 9
+    behind.caught_up([end])
+    assert behind.last == 10
+    assert behind.waiting is None
+    up_to_date = Follower(Outbox(), after=9)
+    up_to_date.waiting = None
+    assert up_to_date.take([Entry(10, echo, "stream", 1)]) is False
+    assert up_to_date.last == 10

@@ -227,6 +227,11 @@ class Conversation:
         """The last `seq` any client of the conversation can have been sent, wherever."""
         return max(self.seq, await self.relay.last_seq())
 
+    async def turns_known(self) -> int:
+        """How many turns it has, wherever they ran (those run elsewhere may not be in memory
+        here yet)."""
+        return max(len(self.turns), await self.relay.turns_elsewhere())
+
     def drop_if_idle(self) -> None:
         """A request that held the conversation without joining it is done with it."""
         if self.idle:
@@ -584,10 +589,10 @@ class Conversation:
         self._deliveries[:0] = record.deliveries
 
 
-def hello(conversation: Conversation) -> ChatResponse:
+async def hello(conversation: Conversation) -> ChatResponse:
     """The first frame on every socket: which conversation it is in."""
-    if conversation.stored:
-        turns = len(conversation.turns)
+    turns = await conversation.turns_known()
+    if conversation.stored or turns:
         text = f"Joined a conversation of {turns} turn{'s' if turns != 1 else ''}."
     else:
         text = "New conversation."

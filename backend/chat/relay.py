@@ -74,6 +74,10 @@ class Relay(Protocol):
     async def last_seq(self) -> int:
         """The last `seq` the conversation used elsewhere (0 if nowhere else)."""
 
+    async def turns_elsewhere(self) -> int:
+        """How many turns the conversation has as far as the worker that ran its latest one
+        knows (0 if none ran elsewhere), which the store may not have yet."""
+
     # The turn.
 
     async def hold(self, admitted: Awaitable[None]) -> None:
@@ -144,6 +148,9 @@ class LocalRelay:
         return None
 
     async def last_seq(self) -> int:
+        return 0
+
+    async def turns_elsewhere(self) -> int:
         return 0
 
     async def hold(self, admitted: Awaitable[None]) -> None:

@@ -255,10 +255,16 @@ class Follower:
         self.waiting: list[Entry] | None = []
         self.catching_up: asyncio.Task[None] | None = None
 
-    def take(self, entries: list[Entry]) -> None:
+    def take(self, entries: list[Entry], look_for_gaps: bool = True) -> bool:
+        """Send the entries not sent yet. True if, instead, they begin a turn after frames this
+        client was not sent (its stream written anew for that turn before they were read): a
+        catch-up is due, and they wait for it."""
         if self.waiting is not None:
             self.waiting.extend(entries)
-            return
+            return False
+        if look_for_gaps and self._after_a_gap(entries):
+            self.waiting = list(entries)
+            return True
         fresh = []
         last = self.last
         for entry in entries:  # the tail and a catch-up may both bring an entry
@@ -269,12 +275,24 @@ class Follower:
             for frame in replayed(fresh, self.last):
                 self.client.send(frame)
             self.last = last
+        return False
+
+    def _after_a_gap(self, entries: list[Entry]) -> bool:
+        last = self.last
+        for entry in entries:
+            # A question said back is its turn's first frame, numbered right after the frames
+            # before it.
+            if entry.kind == "stream" and entry.seq - 1 > last:
+                return True
+            last = max(last, entry.seq)
+        return False
 
     def caught_up(self, frames: list[ChatResponse | Raw]) -> None:
         self.client.preload(frames)
         self.last = max([self.last, *(frame.seq or 0 for frame in frames)])
         waiting, self.waiting = self.waiting or [], None
-        self.take(waiting)
+        # What the catch-up could not find is nowhere to be found: no looking for it again.
+        self.take(waiting, look_for_gaps=False)
 
 
 class RedisRelay:
@@ -372,9 +390,7 @@ class RedisRelay:
             follower.caught_up([])  # an id made here, that nobody else has had yet
         else:
             # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
-            follower.catching_up = asyncio.create_task(
-                self._catch_up(follower), name=f"catch-up-{self.id}"
-            )
+            self._start_catch_up(follower)
         if fresh:
             return  # said watched with the id (`announce`)
         try:
@@ -419,6 +435,16 @@ class RedisRelay:
     async def last_seq(self) -> int:
         return await self.cluster.last_seq(self.id)
 
+    async def turns_elsewhere(self) -> int:
+        if self._fresh:
+            return 0  # made here, and nobody else has had its id yet
+        try:
+            position = await self.cluster.latest_position(self.id)
+        except SHARED_STATE_ERRORS as exc:
+            log.warning("cannot read how many turns a conversation has (%s)", exc)
+            return 0
+        return 0 if position is None else position + 1
+
     async def _left_here(self, forget: bool) -> None:
         """Tell the other workers this one has no client of the conversation any more."""
         try:
@@ -442,9 +468,15 @@ class RedisRelay:
         self._turn_open = not entries[-1].ends_turn
         for follower in tuple(self._followers.values()):
             try:
-                follower.take(entries)
+                if follower.take(entries):
+                    self._start_catch_up(follower)
             except ClientGone:
                 self.conversation.leave(follower.client)
+
+    def _start_catch_up(self, follower: Follower) -> None:
+        follower.catching_up = asyncio.create_task(
+            self._catch_up(follower), name=f"catch-up-{self.id}"
+        )
 
     async def _catch_up(self, follower: Follower) -> None:
         """Replay what the follower missed after its `after`, then let live entries through."""
@@ -576,26 +608,27 @@ class RedisRelay:
             lambda: None if self.conversation.deleted else entries_of(record),
             self._taken_over,
         )
-        if self._caught_up_with_stream(record):
-            # What is written to the stream goes to the clients here as it is written.
-            self._local = self._publisher
-            self._publisher.delivered = self._on_entries
-            self.tail.unfollow(self.id)
+        self._catch_up_those_behind(record)
+        # What is written to the stream goes to the clients here as it is written.
+        self._local = self._publisher
+        self._publisher.delivered = self._on_entries
+        self.tail.unfollow(self.id)
         if regenerate:
             # A turn's stream begins with its question said back, a regenerated one's too
             # (its clients have that frame already).
             self._publisher.send(ChatResponse.echo(record.question, seq=record.echo_seq))
 
-    def _caught_up_with_stream(self, record: TurnRecord) -> bool:
-        """Whether every client here has had every frame before this turn's (then nothing but
-        this worker's reply can come to them until it is given back)."""
+    def _catch_up_those_behind(self, record: TurnRecord) -> None:
+        """Clients here that the tail has not given every frame before this turn's yet (the
+        turn before ran elsewhere) are caught up from the store, where that turn is now, and
+        the stream: the tail stops reading the stream for them as the turn begins."""
         seq = self.conversation.seq
         # The turn's question said back is numbered already, unless it is regenerated.
         before = record.echo_seq - 1 if record.echo_seq == seq else seq
-        return all(
-            follower.waiting is None and follower.last >= before
-            for follower in self._followers.values()
-        )
+        for follower in self._followers.values():
+            if follower.waiting is None and follower.last < before:
+                follower.waiting = []
+                self._start_catch_up(follower)
 
     def _feed_from_stream(self) -> None:
         """Clients here are fed by the tail again, from where each is."""

@@ -671,6 +671,14 @@ class Cluster:
             return None, []
         return Entry.decode(first[0]).turn, [Entry.decode(raw) for raw in rest]
 
+    async def latest_position(self, conversation_id: str) -> int | None:
+        """The position of the turn in the stream (the latest any worker ran); None if none."""
+        raws = await cast(Awaitable[Any], self.redis.xrange(self.frames(conversation_id), count=1))
+        if not raws:
+            return None
+        first = Entry.decode(raws[0])
+        return None if first.kind == "info" else first.turn  # a reset's acknowledgement
+
     async def whole_turn(self, conversation_id: str) -> list[Entry]:
         """Every frame in the stream."""
         raws = await cast(Awaitable[Any], self.redis.xrange(self.frames(conversation_id)))

@@ -134,7 +134,7 @@ async def joined_events(
 ) -> AsyncIterator[str]:
     """A conversation's frames after `after`, then live, as SSE, until the client leaves."""
     outbox = Outbox()
-    outbox.send(hello(conversation))
+    outbox.send(await hello(conversation))
     await conversation.join(outbox, after)
     open_streams = metrics.connections.labels("sse")
     open_streams.inc()

@@ -78,7 +78,7 @@ class ChatSession:
         """Serve the socket until the client leaves; its conversation carries on without it."""
         self.conversation = conversation
         logs.conversation_id.set(conversation.id)
-        self.outbox.send(hello(conversation))
+        self.outbox.send(await hello(conversation))
         await conversation.join(self.outbox, after)
         writer = asyncio.create_task(
             write(self.outbox, self.websocket, self.settings.chat_speedups), name="chat-writer"
