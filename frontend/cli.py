@@ -40,12 +40,18 @@ def read_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]
 class Terminal:
     """One connection's conversation, shown on a terminal."""
 
-    def __init__(self, ws: ClientConnection, out: TextIO, err: TextIO, interactive: bool) -> None:
+    def __init__(
+        self, ws: ClientConnection, url: str, out: TextIO, err: TextIO, interactive: bool
+    ) -> None:
         self.ws = ws
+        self.url = url
         self.out = out
         self.err = err
         self.interactive = interactive
         self.replying = False
+        # The question sent and not said back yet: an `end` before it is not its reply's (a
+        # turn replayed to a client that joined a conversation).
+        self.asked: str | None = None
         self.reply_done = asyncio.Event()
         self.reply_done.set()
         self.quit = asyncio.Event()
@@ -62,18 +68,31 @@ class Terminal:
         if kind == "stream" and frame.get("sender") == "bot":
             self.out.write(message)
             self.out.flush()
+        elif kind == "stream" and self.asked is not None and message.strip() == self.asked.strip():
+            self.asked = None  # the question said back: its reply follows
         elif kind == "info":
             self.err.write(f"[{message}]\n")
+            if frame.get("conversation"):
+                joining = f"{self.url.split('?')[0]}?conversation={frame['conversation']}"
+                self.err.write(f"[to come back to it: {joining}]\n")
         elif kind == "error":
             self.err.write(f"error: {message}\n")
+            if self.asked is not None and frame.get("seq") is None:  # the question was refused
+                self.done()
         elif kind == "end":
             self.out.write("\n")
             self.out.flush()
             if frame.get("status") == "interrupted":
                 self.err.write("[stopped]\n")
-            self.replying = False
-            self.reply_done.set()
+            if self.asked is None:
+                self.done()
         self.err.flush()
+
+    def done(self) -> None:
+        """The reply to the question asked is over (or the question was refused)."""
+        self.asked = None
+        self.replying = False
+        self.reply_done.set()
 
     async def receive(self) -> None:
         async for raw in self.ws:
@@ -102,7 +121,7 @@ class Terminal:
             if text == "/reset":
                 await self.ws.send(json.dumps({"type": "reset"}))
                 continue
-            self.replying = True
+            self.replying, self.asked = True, line
             self.reply_done.clear()
             await self.ws.send(json.dumps({"type": "question", "message": line}))
             await self.reply_done.wait()
@@ -126,7 +145,7 @@ async def run(url: str, token: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     threading.Thread(target=read_lines, args=(loop, lines), daemon=True).start()
-    terminal = Terminal(ws, sys.stdout, sys.stderr, interactive=sys.stdin.isatty())
+    terminal = Terminal(ws, url, sys.stdout, sys.stderr, interactive=sys.stdin.isatty())
     loop.add_signal_handler(signal.SIGINT, terminal.interrupt)
     receiver = asyncio.create_task(terminal.receive())
     conversation = asyncio.create_task(terminal.converse(lines))

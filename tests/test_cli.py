@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -87,6 +88,24 @@ async def test_piped_questions_are_asked_in_turn(server: Addressed, fake: FakeUp
         "second",
     ]
     assert [m["role"] for m in fake.requests[2].messages] == ["system", "user"]
+
+
+async def test_a_conversation_is_rejoined_with_the_url_the_client_gives(
+    server: Addressed, fake: FakeUpstream
+) -> None:
+    """The client says how to come back to its conversation. Come back that way, it replays
+    the conversation, then waits for the reply to its own question, not for the replayed
+    turn's end."""
+    cli = await start_cli(server.ws)
+    out, err = await asyncio.wait_for(cli.communicate(b"hello\n"), UNIT * 5)
+    assert out.decode() == "You said: hello\n"
+    shown = re.search(r"\[to come back to it: (\S+)\]", err.decode())
+    assert shown is not None, err
+    again = await start_cli(shown.group(1))
+    out, err = await asyncio.wait_for(again.communicate(b"again\n"), UNIT * 5)
+    assert again.returncode == 0, err
+    assert out.decode() == "You said: hello\nYou said: again\n"
+    assert "[Joined a conversation of 1 turn.]" in err.decode()
 
 
 async def test_ctrl_c_stops_the_reply_and_the_client_stays(
