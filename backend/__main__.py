@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from backend.config.settings import Settings
+from backend.config.table import for_help
 from backend.model.assistants import ChainImportError, check_importable
 from backend.observe import logs
 from backend.process.server import chat_server
@@ -36,7 +37,12 @@ def settings_problems(invalid: ValidationError | SettingsError) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line, read settings once, and serve until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m backend",
+        description=__doc__,
+        epilog=for_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     parser.add_argument(

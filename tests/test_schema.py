@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import jsonschema
@@ -10,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from backend.config import table as settings_table
+from backend.config.settings import Settings
 from deploy.services import Addressed
 from fakes.openai_server import Behaviour, FakeUpstream
 from schemas.export import SCHEMA_DIR, SCHEMA_FILES, render
@@ -84,3 +87,11 @@ def test_schema_rejects_unknown_client_type() -> None:
 def test_readme_settings_table_is_current() -> None:
     readme = settings_table.README.read_text()
     assert readme == settings_table.rewritten(readme), "README's settings table: `make schemas`"
+
+
+def test_help_lists_every_setting() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "backend", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in Settings.model_fields:
+        assert f"\n  {name.upper()} (default: " in shown

@@ -228,6 +228,34 @@ async def test_the_migrations_make_the_tables_the_code_describes(store: SqlStore
         assert await connection.run_sync(differences) == []
 
 
+async def test_finished_deliveries_are_deleted_once_kept_long_enough(store: SqlStore) -> None:
+    """Pruning deletes delivered and failed deliveries last attempted before the cut-off, in
+    batches, and leaves pending ones and recent ones."""
+    old, moment = now() - timedelta(days=8), now()
+    deliveries = [
+        DeliveryRecord(f"msg_{n}", "bot", "reply.completed", "a" * 32, "", "{}", created)
+        for n, created in enumerate([old, old, old, old, moment])
+    ]
+    record = conversation("a", [turn(0, "q", "a", 1, ended=True)])
+    record.deliveries = deliveries
+    await store.save([record])
+    queue = DeliveryQueue(store.engine)
+    claimed = await queue.claim(10, lease=60)
+    assert len(claimed) == 5
+    await queue.delivered("msg_0", 204)
+    await queue.failed("msg_1", 410, "gone")
+    await queue.delivered("msg_4", 204)
+    await queue.release(["msg_2", "msg_3"])  # still pending
+    cut_off = now() + timedelta(seconds=1)  # every attempt above was made before it
+    assert await queue.prune(cut_off, limit=1) == 1
+    assert await queue.prune(cut_off, limit=10) == 2
+    assert await queue.prune(cut_off, limit=10) == 0
+    left = {delivery.id: delivery.status for delivery in await queue.recent(10)}
+    assert left == {"msg_2": "pending", "msg_3": "pending"}
+    await queue.delivered("msg_2", 204)
+    assert await queue.prune(now() - timedelta(days=1)) == 0  # attempted just now: kept
+
+
 async def test_deliveries_are_stored_with_the_turn_once_and_claimed_once(store: SqlStore) -> None:
     """A delivery saved twice (a snapshot saved again) is one row; a claimed one is not
     claimed again until its claim runs out or is given back."""

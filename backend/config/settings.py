@@ -223,6 +223,12 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds a webhook delivery is retried for before it is kept as failed",
     )
+    chat_webhook_keep_for: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="seconds a finished webhook delivery (delivered or failed) is kept, for the "
+        "deliveries log and redelivery, after its last attempt; then it is deleted",
+    )
     chat_webhook_first_retry: float = Field(
         default=5.0,
         gt=0,

@@ -6,6 +6,7 @@ a test fails when the README is behind the code.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from pydantic.fields import FieldInfo
@@ -40,6 +41,17 @@ def render() -> str:
             raise ValueError(f"Settings.{name} has no description")
         lines.append(f"| `{name.upper()}` | {shown_default(field)} | {field.description} |")
     lines.append(END)
+    return "\n".join(lines)
+
+
+def for_help() -> str:
+    """The same variables as plain text, for `python -m backend --help`."""
+    lines = ["settings, from the environment (or a .env file):"]
+    for name, field in Settings.model_fields.items():
+        default = shown_default(field).replace("`", "")
+        lines.append(f"  {name.upper()} (default: {default})")
+        text = (field.description or "").replace("`", "").replace("**", "")
+        lines.extend(textwrap.wrap(text, 88, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 
 

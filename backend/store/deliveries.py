@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.store.db import webhook_deliveries as table
@@ -117,6 +117,21 @@ class DeliveryQueue:
             await connection.execute(
                 update(table).where(table.c.id == delivery_id).values(claimed_until=None, **values)
             )
+
+    async def prune(self, before: datetime, limit: int = 1000) -> int:
+        """Delete up to `limit` finished deliveries (delivered or failed) last attempted, or
+        made, before `before`; how many were deleted."""
+        finished = (
+            select(table.c.id)
+            .where(
+                table.c.status.in_(("delivered", "failed")),
+                func.coalesce(table.c.last_attempt_at, table.c.created_at) < before,
+            )
+            .limit(limit)
+        )
+        async with self.engine.begin() as connection:
+            result = await connection.execute(delete(table).where(table.c.id.in_(finished)))
+        return int(result.rowcount or 0)
 
     async def release(self, delivery_ids: list[str]) -> None:
         """Give back claims whose attempts were cancelled: they are due again at once."""

@@ -38,6 +38,10 @@ IDLE_LOOK = 5.0
 # attempted again.
 CLAIM_MARGIN = 5.0
 STORE_RETRY = 1.0
+# Seconds between deletions of the deliveries kept long enough (as a worker starts, then
+# about this often): in batches, until none is left.
+PRUNE_EVERY = 600.0
+PRUNE_BATCH = 1000
 
 
 def backoff(attempts: int, first: float) -> float:
@@ -58,6 +62,7 @@ class Deliverer:
         self.concurrency = settings.chat_webhook_concurrency
         self.first_retry = settings.chat_webhook_first_retry
         self.retry_for = settings.chat_webhook_retry_for
+        self.keep_for = settings.chat_webhook_keep_for
         self.lease = settings.chat_webhook_timeout + CLAIM_MARGIN
         self.sender = Sender(
             settings.chat_webhook_timeout,
@@ -68,9 +73,11 @@ class Deliverer:
         # Attempts in flight, and the delivery each is for.
         self._attempts: dict[asyncio.Task[None], str] = {}
         self._loop: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._run(), name="webhook-deliverer")
+        self._pruning = asyncio.create_task(self._prune(), name="webhook-pruning")
 
     def wake(self) -> None:
         """Look for due deliveries now (new ones were stored, or one was redelivered)."""
@@ -79,10 +86,11 @@ class Deliverer:
     async def close(self) -> None:
         """Stop claiming; attempts in flight are cancelled and their claims given back, so
         another worker (or this one, restarted) attempts them again."""
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        for task in (self._loop, self._pruning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         cancelled = dict(self._attempts)
         for attempt in cancelled:
             attempt.cancel()
@@ -113,6 +121,19 @@ class Deliverer:
             if len(claimed) == room:
                 continue  # there may be more due
             await self._sleep()
+
+    async def _prune(self) -> None:
+        """Delete the finished deliveries kept long enough, now and every `PRUNE_EVERY` s."""
+        while True:
+            try:
+                while (
+                    await self.queue.prune(now() - timedelta(seconds=self.keep_for), PRUNE_BATCH)
+                    == PRUNE_BATCH
+                ):
+                    pass
+            except (SQLAlchemyError, OSError) as failed:
+                log.warning("could not delete old webhook deliveries: %s; will retry", failed)
+            await asyncio.sleep(PRUNE_EVERY * random.uniform(0.5, 1.5))
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._attempts.pop(task, None)
