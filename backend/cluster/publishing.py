@@ -244,11 +244,10 @@ class Broadcaster:
         await self._drop_sent([publisher for publisher in publishers if publisher.retrying])
         publishers = [publisher for publisher in publishers if publisher.unsent]
         now = time.monotonic()
-        # All or nothing, so a batch that failed can be sent again as it is. A cluster runs
-        # a transaction in one slot only: there, each node is sent its part, and a batch that
-        # failed is sent again less what its streams got (`_drop_sent`).
-        sharded = self.cluster.sharded
-        pipe = self.cluster.redis.pipeline(transaction=not sharded)
+        # Not a transaction (which costs the worker a reply to parse for every command, and
+        # on a cluster could span one slot only): a batch that failed is sent again less what
+        # its streams got (`_drop_sent`).
+        pipe = self.cluster.redis.pipeline(transaction=False)
         firsts = []  # where each publisher's first entry is among the answers
         for publisher in publishers:
             key = Cluster.frames(publisher.conversation_id)
