@@ -5,8 +5,9 @@ SQLite (the default deployment), and two workers on Redis and PostgreSQL, then m
 
 - stop sent through one worker → `end` there, while the reply runs on the other;
 - rejoin with `after` on the other worker → first missed frame;
-- relay throughput and 200 x 20 tokens/s added latency, one worker on Redis + PostgreSQL
-  against the single process on SQLite;
+- relay throughput, and CPU per token with 50 and 200 sockets at 20 tokens/s (40-token
+  replies), one worker on Redis + PostgreSQL (their CPU included, PostgreSQL's backends too)
+  against the single process on SQLite, in pairs run back to back;
 - capacity: the most streams at 20 tokens/s held with p99 added latency under 100 ms, for
   one worker and for two (the clients spread their sockets over the workers as a load
   balancer would), with the CPU each part spent per token relayed.
@@ -118,6 +119,31 @@ async def paced(urls: list[str], pids: dict[str, int], sockets: int) -> Paced:
     return Paced(percentile(late, 50), percentile(late, 99), sum(errors for _, errors in runs), cpu)
 
 
+async def paired_cost(
+    single: Worker, one: Worker, shared: dict[str, int], sockets: int, pairs: int
+) -> None:
+    """The same paced load on the single process and on one worker (with its Redis and
+    PostgreSQL), back to back, `pairs` times: the distributed path's CPU per token over the
+    single process's, each pair measured under the same load from the rest of the machine."""
+    ratios = []
+    for _ in range(pairs):
+        alone = await paced([single.url], {"server": single.pid}, sockets)
+        spread = await paced([one.url], {"worker": one.pid, **shared}, sockets)
+        ratio = sum(spread.cpu.values()) / alone.cpu["server"]
+        ratios.append(ratio)
+        print(
+            f"{sockets} sockets x 20 tok/s, CPU per token: single process on SQLite "
+            f"{cpu_text(alone.cpu)} (p99 added delay {ms(alone.p99)}); one worker on Redis + "
+            f"PostgreSQL {cpu_text(spread.cpu)} (p99 {ms(spread.p99)}); ratio {ratio:.2f}; "
+            f"errors {alone.errors + spread.errors}"
+        )
+        await asyncio.sleep(1)
+    print(
+        f"{sockets} sockets: distributed / single CPU per token, median of {pairs} pairs: "
+        f"{statistics.median(ratios):.2f}  (target <= 1.3)"
+    )
+
+
 def cpu_text(cpu: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds * 1e6:.0f} µs" for name, seconds in cpu.items())
 
@@ -176,18 +202,8 @@ async def measure(
         f"ratio {spread / alone:.2f}  (target >= 0.8)"
     )
 
-    sockets = 50 if quick else 200
-    for name, server, pids in (
-        ("single process on SQLite", single, {"server": single.pid}),
-        ("one worker on Redis + PostgreSQL", one, {"worker": one.pid, **shared}),
-    ):
-        result = await paced([server.url], pids, sockets)
-        print(
-            f"{sockets} sockets x 20 tok/s, {name}: added delay p50 {ms(result.p50)}, "
-            f"p99 {ms(result.p99)}, errors {result.errors}, CPU per token: "
-            f"{cpu_text(result.cpu)}"
-        )
-        await asyncio.sleep(1)
+    for sockets in (50, 200):
+        await paired_cost(single, one, shared, sockets, 3)
 
     steps = [50, 100, 200] if quick else [50, 100, 150, 200, 300, 400, 600, 800]
     print("capacity: streams at 20 tokens/s with p99 added latency < 100 ms")
