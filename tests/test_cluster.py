@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from backend.chat.outbox import Outbox
+from backend.cluster.publishing import Broadcaster
 from backend.cluster.relay import Follower, RedisRelays
 from backend.cluster.shared import Cluster, Entry
 from backend.config.timings import LEASE_MS
@@ -398,3 +399,31 @@ def test_a_turn_whose_stream_replaced_frames_not_read_yet_is_caught_up_first() -
     up_to_date.waiting = None
     assert up_to_date.take([Entry(10, echo, "stream", 1)]) is False
     assert up_to_date.last == 10
+
+
+async def test_a_batch_sent_again_after_a_failure_reaches_the_clients_here_whole(
+    redis_server: Redis,
+) -> None:
+    """After a send whose outcome is unknown (a failover, a dropped connection), the entries
+    the stream got anyway are not sent again, and the clients here are handed them all the
+    same, then the rest once it is sent."""
+    cluster = Cluster(redis_server.url)
+    await cluster.start()
+    try:
+        conversation = uuid.uuid4().hex
+        entries = [
+            Entry(seq, ChatResponse.tokens(f" w{seq}", seq=seq).to_json(), "text", 0)
+            for seq in range(1, 6)
+        ]
+        await cluster.publish(conversation, entries[:3], fresh=True)  # got before the failure
+        handed: list[int] = []
+        publisher = Broadcaster(cluster).publisher(conversation, 0, 1, lambda: None, lambda: None)
+        publisher.fresh = False
+        publisher.delivered = lambda got: handed.extend(entry.seq for entry in got)
+        publisher.unsent = list(entries)
+        publisher.retrying = True
+        await publisher.broadcaster._send([publisher])
+        assert handed == [1, 2, 3, 4, 5]
+        assert [entry.seq for entry in await cluster.whole_turn(conversation)] == [1, 2, 3, 4, 5]
+    finally:
+        await cluster.close()

@@ -290,4 +290,6 @@ class Broadcaster:
             if publisher.fresh or not last:
                 continue
             sent = Entry.decode(last[0]).seq
+            # What the stream has already goes to the clients here now, the rest once sent.
+            publisher.deliver([entry for entry in publisher.unsent if entry.seq <= sent])
             publisher.unsent[:] = [entry for entry in publisher.unsent if entry.seq > sent]
