@@ -325,9 +325,9 @@ class RedisRelay:
         self._fresh = False
         # A conversation made here (see `_load`).
         self._made_here = False
-        # The publisher of the reply this worker runs when it hands the frames it wrote to the
-        # stream straight to the clients here, rather than have the tail read them back: from
-        # the turn's beginning if every client here had all the stream held by then.
+        # The publisher of the reply this worker runs, while it hands the frames it wrote to
+        # the stream straight to the clients here rather than have the tail read them back:
+        # from the turn's beginning until it is given back (or taken over).
         self._local: Publisher | None = None
 
     def __repr__(self) -> str:
@@ -387,12 +387,12 @@ class RedisRelay:
             self.tail.follow(self.id, after, self._on_entries)
         fresh, self._fresh = self._fresh, False
         if fresh:
-            follower.caught_up([])  # an id made here, that nobody else has had yet
-        else:
-            # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
-            self._start_catch_up(follower)
-        if fresh:
-            return  # said watched with the id (`announce`)
+            # An id made here, that nobody else has had yet: nothing to catch up on, and said
+            # watched with the id (`announce`).
+            follower.caught_up([])
+            return
+        # Live entries wait behind the replay; whatever both bring is sent once (by `seq`).
+        self._start_catch_up(follower)
         try:
             await self.cluster.watch([self.id])
         except SHARED_STATE_ERRORS as exc:  # said again within `WATCH_TTL / 3`
