@@ -385,7 +385,10 @@ class RedisRelay:
             self._watchdog = asyncio.create_task(self._watch_runner(), name=f"watch-{self.id}")
         if first and self._local is None:
             self.tail.follow(self.id, after, self._on_entries)
-        fresh, self._fresh = self._fresh, False
+        # Only while nothing is numbered in it yet: a turn may have begun before its first
+        # client joined (a question asked over HTTP), and its frames are in the stream.
+        fresh = self._fresh and self.conversation.seq == 0
+        self._fresh = False
         if fresh:
             # An id made here, that nobody else has had yet: nothing to catch up on, and said
             # watched with the id (`announce`).
